@@ -1,0 +1,1 @@
+//! Criterion benchmarks for Portless; see `benches/`.
