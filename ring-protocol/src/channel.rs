@@ -552,9 +552,12 @@ impl Endpoint<Guest> {
         // `HostEndpoint::begin_reset` (see there).
         mem.store(offsets::GUEST_EPOCH, epoch, Release);
         mem.fence(SeqCst);
-        // Ordering: Relaxed: ordered by the fence.
-        if mem.load(offsets::HOST_READY, Relaxed) != 1 || mem.load(offsets::EPOCH, Relaxed) != epoch
-        {
+        // Ordering: the fence orders this load after our GUEST_EPOCH store. Acquire, because
+        // the value seen may be the HOST_READY = 1 of a reset that finished meanwhile: then
+        // the EPOCH load below must see that reset's new epoch, not ours (loom found this).
+        let ready = mem.load(offsets::HOST_READY, Acquire);
+        // Ordering: Relaxed: ordered by the Acquire load above.
+        if ready != 1 || mem.load(offsets::EPOCH, Relaxed) != epoch {
             detach(mem);
             return Err(AttachError::NotReady);
         }

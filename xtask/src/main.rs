@@ -1,4 +1,60 @@
-//! `cargo xtask`: the one entry point for automation.
+//! `cargo xtask`: the one entry point for automation (checks, tests, fuzzing; later images,
+//! VMs and benches). Run `cargo xtask help` for the list.
 #![forbid(unsafe_code)]
 
-fn main() {}
+mod fuzz;
+mod test;
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+
+const HELP: &str = "\
+cargo xtask <command> [options]
+
+commands:
+  test [--quick]         everything CI checks: fmt, clippy -D warnings, all tests, the loom
+                         model, the no_std builds for thumbv7em-none-eabihf and a short fuzz
+                         run (--quick skips loom and fuzzing)
+  fuzz [--seconds N]     run every fuzz target for N seconds each (default 30)
+  help                   this text
+";
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let cmd = args.next().unwrap_or_else(|| "help".to_owned());
+    let rest: Vec<String> = args.collect();
+    let sh = xshell::Shell::new()?;
+    sh.change_dir(project_root());
+    match cmd.as_str() {
+        "test" => test::run(&sh, &test::Options::parse(&rest)?),
+        "fuzz" => fuzz::run(&sh, parse_seconds(&rest, 30)?),
+        "help" | "--help" | "-h" => {
+            print!("{HELP}");
+            Ok(())
+        }
+        other => bail!("unknown command `{other}`\n\n{HELP}"),
+    }
+}
+
+/// The workspace root (the parent of this crate).
+pub(crate) fn project_root() -> PathBuf {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    PathBuf::from(dir).parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(dir))
+}
+
+/// `--seconds N` from `args`, or `default`.
+pub(crate) fn parse_seconds(args: &[String], default: u64) -> Result<u64> {
+    match args {
+        [] => Ok(default),
+        [flag, n] if flag == "--seconds" => {
+            n.parse().map_err(|_| anyhow::anyhow!("--seconds takes a whole number, not `{n}`"))
+        }
+        _ => bail!("unexpected arguments {args:?} (expected `--seconds N`)"),
+    }
+}
+
+/// Prints a step banner so that CI logs show where time goes.
+pub(crate) fn step(name: &str) {
+    println!("\n==> {name}");
+}

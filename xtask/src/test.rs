@@ -1,0 +1,58 @@
+//! `cargo xtask test`: every check CI runs, in the order that fails fastest.
+
+use anyhow::{Result, bail};
+use xshell::{Shell, cmd};
+
+use crate::step;
+
+/// What `cargo xtask test` runs.
+pub(crate) struct Options {
+    /// Skip the slow parts (loom model, fuzzing).
+    quick: bool,
+}
+
+impl Options {
+    pub(crate) fn parse(args: &[String]) -> Result<Self> {
+        let mut quick = false;
+        for a in args {
+            match a.as_str() {
+                "--quick" => quick = true,
+                other => bail!("unknown option `{other}` for `test`"),
+            }
+        }
+        Ok(Self { quick })
+    }
+}
+
+/// The bare-metal target that proves the guest-side crates are `no_std` without `alloc`.
+const BARE_METAL: &str = "thumbv7em-none-eabihf";
+
+pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
+    let started = std::time::Instant::now();
+    step("cargo fmt --check");
+    cmd!(sh, "cargo fmt --all -- --check").run()?;
+
+    step("cargo clippy -D warnings");
+    cmd!(sh, "cargo clippy --workspace --all-targets --locked -- -D warnings").run()?;
+
+    step("cargo test");
+    cmd!(sh, "cargo test --workspace --locked").run()?;
+
+    step(&format!("no_std build for {BARE_METAL}"));
+    cmd!(sh, "cargo build --locked -p ring-protocol -p agent-core --target {BARE_METAL}").run()?;
+
+    if !opts.quick {
+        step("loom model of the notify/sleep race");
+        let _flags = sh.push_env("RUSTFLAGS", "--cfg loom");
+        let _dir = sh.push_env("CARGO_TARGET_DIR", "target/loom");
+        cmd!(sh, "cargo test --locked --release -p ring-protocol --test loom").run()?;
+    }
+
+    if !opts.quick {
+        step("fuzzing (30 s per target)");
+        crate::fuzz::run(sh, 30)?;
+    }
+
+    println!("\nall checks passed in {:.0?}", started.elapsed());
+    Ok(())
+}
