@@ -269,6 +269,25 @@ impl core::ops::Deref for HeapRegion {
 }
 
 #[cfg(any(test, feature = "std"))]
+impl SharedMemory for HeapRegion {
+    fn len(&self) -> usize {
+        self.region.len()
+    }
+    fn load(&self, offset: usize, order: Ordering) -> u32 {
+        self.region.load(offset, order)
+    }
+    fn store(&self, offset: usize, value: u32, order: Ordering) {
+        self.region.store(offset, value, order);
+    }
+    fn read(&self, offset: usize, dst: &mut [u8]) {
+        self.region.read(offset, dst);
+    }
+    fn write(&self, offset: usize, src: &[u8]) {
+        self.region.write(offset, src);
+    }
+}
+
+#[cfg(any(test, feature = "std"))]
 // SAFETY: the region is only accessed atomically or volatilely (see `MappedRegion`).
 unsafe impl Send for HeapRegion {}
 #[cfg(any(test, feature = "std"))]
