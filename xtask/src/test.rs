@@ -33,19 +33,31 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
     cmd!(sh, "cargo fmt --all -- --check").run()?;
 
     step("cargo clippy -D warnings");
-    cmd!(sh, "cargo clippy --workspace --all-targets --locked -- -D warnings").run()?;
+    cmd!(
+        sh,
+        "cargo clippy --workspace --all-targets --locked -- -D warnings"
+    )
+    .run()?;
 
     step("cargo test");
     cmd!(sh, "cargo test --workspace --locked").run()?;
 
     step(&format!("no_std build for {BARE_METAL}"));
-    cmd!(sh, "cargo build --locked -p ring-protocol -p agent-core --target {BARE_METAL}").run()?;
+    cmd!(
+        sh,
+        "cargo build --locked -p ring-protocol -p agent-core --target {BARE_METAL}"
+    )
+    .run()?;
 
     if !opts.quick {
         step("loom model of the notify/sleep race");
         let _flags = sh.push_env("RUSTFLAGS", "--cfg loom");
         let _dir = sh.push_env("CARGO_TARGET_DIR", "target/loom");
-        cmd!(sh, "cargo test --locked --release -p ring-protocol --test loom").run()?;
+        cmd!(
+            sh,
+            "cargo test --locked --release -p ring-protocol --test loom"
+        )
+        .run()?;
     }
 
     if !opts.quick {
