@@ -146,8 +146,13 @@ pub enum AttachError {
     NotReady,
     /// The header is invalid.
     Layout(LayoutError),
-    /// The ring indices are corrupt: ask for a reset.
-    Ring(RingError),
+    /// The ring indices of `epoch` are corrupt: ask for a reset and refuse that epoch.
+    Corrupt {
+        /// What is wrong.
+        error: RingError,
+        /// The epoch not to attach to again.
+        epoch: u32,
+    },
 }
 
 impl core::fmt::Display for AttachError {
@@ -155,7 +160,7 @@ impl core::fmt::Display for AttachError {
         match self {
             Self::NotReady => f.write_str("host has not made the region ready"),
             Self::Layout(e) => e.fmt(f),
-            Self::Ring(e) => e.fmt(f),
+            Self::Corrupt { error, epoch } => write!(f, "rings of epoch {epoch}: {error}"),
         }
     }
 }
@@ -175,7 +180,7 @@ pub struct Endpoint<R: Role> {
     frames_in: u64,
     frames_out: u64,
     resetting: bool,
-    seen_reset_requests: u32,
+    reset_ack: u32,
     _role: PhantomData<R>,
 }
 
@@ -207,8 +212,8 @@ impl<R: Role> Endpoint<R> {
             frames_in: 0,
             frames_out: 0,
             resetting: false,
-            // Ordering: Relaxed: only compared, to notice new requests.
-            seen_reset_requests: mem.load(offsets::GUEST_RESET_REQUEST, Relaxed),
+            // Ordering: Relaxed: a word the host writes; only compared.
+            reset_ack: mem.load(offsets::HOST_RESET_ACK, Relaxed),
             _role: PhantomData,
         })
     }
@@ -374,41 +379,66 @@ impl<R: Role> Endpoint<R> {
 }
 
 impl Endpoint<Host> {
-    /// Initialises the region from scratch: layout, zeroed rings, a new epoch. Any guest
-    /// attached before is detached and attaches again.
+    /// Initialises the region from scratch: layout, zeroed rings, a new epoch.
+    ///
+    /// A guest still attached to the region (this host restarted and could not
+    /// [`resume`](Self::resume)) is told to detach first: the endpoint then stays in reset
+    /// until the guest has detached; poll [`try_finish_reset`](Self::try_finish_reset), with
+    /// `force` once the guest has had long enough. Otherwise it is ready at once.
     pub fn create(
         mem: &(impl SharedMemory + ?Sized),
         generation: u32,
     ) -> Result<Self, LayoutError> {
         let layout = Layout::for_region(mem.len())?;
-        let previous_epoch = if layout::read_magic(mem) {
-            // Ordering: Relaxed: only to choose a different epoch.
-            mem.load(offsets::EPOCH, Relaxed)
-        } else {
-            0
-        };
-        // Ordering: Release on the magic: a guest that still sees the old magic may read old
-        // words; one that sees it cleared stops. Everything after is published by the final
-        // Release store of the magic.
-        mem.store(offsets::MAGIC0, 0, Release);
+        // Ordering: Relaxed: only used to pick the epochs (see below).
+        let old_epoch = mem.load(offsets::EPOCH, Relaxed);
+        let guest_epoch = mem.load(offsets::GUEST_EPOCH, Relaxed);
+        // Ordering: Relaxed stores then a SeqCst fence, as in `begin_reset`: a guest that
+        // re-checks after this sees HOST_READY = 0 (or no magic) and detaches.
+        mem.store(offsets::HOST_READY, 0, Relaxed);
+        mem.store(offsets::MAGIC0, 0, Relaxed);
         mem.fence(SeqCst);
         let mut off = 4;
         while off < layout::HEADER_SIZE {
-            // Ordering: Relaxed: published by the Release store of the magic below.
-            mem.store(off, 0, Relaxed);
+            if off != offsets::GUEST_EPOCH {
+                // Ordering: Relaxed: published by the Release store of the magic below.
+                mem.store(off, 0, Relaxed);
+            }
             off += 4;
         }
         layout.write(mem);
-        let epoch = next_epoch(previous_epoch);
+        // Until the guest detaches, keep the epoch it is attached to: `try_finish_reset`
+        // waits for it to leave that epoch, then moves to the next one.
+        let epoch = if guest_epoch != 0 { guest_epoch } else { old_epoch };
         // Ordering: Relaxed: published by the Release store of the magic below.
         mem.store(offsets::EPOCH, epoch, Relaxed);
         mem.store(offsets::HOST_GENERATION, generation, Relaxed);
-        mem.store(offsets::HOST_READY, 1, Relaxed);
         mem.store(offsets::MAGIC1, layout::MAGIC1, Relaxed);
         // Ordering: Release: everything above is visible to a guest that loads the magic
-        // with Acquire.
+        // with Acquire (it still waits for HOST_READY = 1).
         mem.store(offsets::MAGIC0, layout::MAGIC0, Release);
-        Self::new(mem, layout, epoch, Start::Resume).map_err(|_| LayoutError::BadMagic)
+        let mut ep = Self::fresh(layout, epoch);
+        ep.begin_reset(mem);
+        ep.try_finish_reset(mem, false);
+        Ok(ep)
+    }
+
+    /// An endpoint over rings whose indices are (about to be) zero.
+    fn fresh(layout: Layout, epoch: u32) -> Self {
+        Self {
+            layout,
+            epoch,
+            tx: Producer::fresh(&layout, Host::TX),
+            rx: Consumer::fresh(&layout, Host::RX),
+            kick: false,
+            peer_doorbell: 0,
+            heartbeat: 0,
+            frames_in: 0,
+            frames_out: 0,
+            resetting: false,
+            reset_ack: 0,
+            _role: PhantomData,
+        }
     }
 
     /// Takes over a region that a previous host process set up, continuing from its indices:
@@ -427,7 +457,8 @@ impl Endpoint<Host> {
             return Err(AttachError::NotReady);
         }
         let epoch = mem.load(offsets::EPOCH, Relaxed);
-        let ep = Self::new(mem, layout, epoch, Start::Resume).map_err(AttachError::Ring)?;
+        let ep = Self::new(mem, layout, epoch, Start::Resume)
+            .map_err(|error| AttachError::Corrupt { error, epoch })?;
         // Ordering: Relaxed: informational for the guest.
         mem.store(offsets::HOST_GENERATION, generation, Relaxed);
         Ok(ep)
@@ -447,18 +478,22 @@ impl Endpoint<Host> {
         !self.resetting && mem.load(offsets::GUEST_EPOCH, Acquire) == self.epoch
     }
 
-    /// Whether the guest asked for a reset since the last call.
-    pub fn reset_requested(&mut self, mem: &(impl SharedMemory + ?Sized)) -> bool {
-        // Ordering: Relaxed: a counter only compared.
-        let now = mem.load(offsets::GUEST_RESET_REQUEST, Relaxed);
-        now != core::mem::replace(&mut self.seen_reset_requests, now)
+    /// Whether the guest has asked for a reset that no host has carried out yet (requests
+    /// made while no host ran count too).
+    pub fn reset_requested(&self, mem: &(impl SharedMemory + ?Sized)) -> bool {
+        // Ordering: Relaxed: a counter only compared with the last one acted on.
+        !self.resetting && mem.load(offsets::GUEST_RESET_REQUEST, Relaxed) != self.reset_ack
     }
 
     /// Starts a reset: tells the guest to detach. Sending and receiving fail with
     /// [`SendError::Detached`] / [`ChannelError::Detached`] until
-    /// [`try_finish_reset`](Self::try_finish_reset) returns `true`.
+    /// [`try_finish_reset`](Self::try_finish_reset) returns `true`. Every reset request the
+    /// guest has made so far is answered by this reset.
     pub fn begin_reset(&mut self, mem: &(impl SharedMemory + ?Sized)) {
         self.resetting = true;
+        // Ordering: Relaxed: only compared.
+        self.reset_ack = mem.load(offsets::GUEST_RESET_REQUEST, Relaxed);
+        mem.store(offsets::HOST_RESET_ACK, self.reset_ack, Relaxed);
         // Ordering: Relaxed store then a SeqCst fence before `try_finish_reset` loads
         // GUEST_EPOCH; the guest stores GUEST_EPOCH, fences, and re-loads HOST_READY when it
         // attaches. Either it sees 0 and backs off, or we see it attached and wait for it.
@@ -469,14 +504,16 @@ impl Endpoint<Host> {
 
     /// Finishes a reset once the guest has detached, or at once if `force` (the guest is not
     /// responding). Returns whether the reset is done; the caller then wakes the guest
-    /// ([`take_kick`](Self::take_kick)) so that it attaches again.
+    /// ([`take_kick`](Self::take_kick)) so that it attaches again. The host learns that the
+    /// guest detached only by calling this again: poll it on a timer while resetting.
     pub fn try_finish_reset(&mut self, mem: &(impl SharedMemory + ?Sized), force: bool) -> bool {
         if !self.resetting {
             return true;
         }
         // Ordering: Acquire pairs with the guest's Release store of GUEST_EPOCH when it
         // detaches: its last ring writes happened before.
-        if !force && mem.load(offsets::GUEST_EPOCH, Acquire) == self.epoch {
+        let guest_epoch = mem.load(offsets::GUEST_EPOCH, Acquire);
+        if !force && guest_epoch != 0 && guest_epoch == self.epoch {
             return false;
         }
         for off in [
@@ -492,26 +529,20 @@ impl Endpoint<Host> {
             // Ordering: Relaxed: published by the Release store of HOST_READY below.
             mem.store(off, 0, Relaxed);
         }
-        self.epoch = next_epoch(self.epoch);
+        // Never the epoch a (late) guest may still think it is attached to.
+        let mut epoch = next_epoch(self.epoch);
+        if epoch == guest_epoch {
+            epoch = next_epoch(epoch);
+        }
         // Ordering: Relaxed: published by the Release store of HOST_READY below.
-        mem.store(offsets::EPOCH, self.epoch, Relaxed);
+        mem.store(offsets::EPOCH, epoch, Relaxed);
         // Ordering: Release: a guest that sees HOST_READY = 1 with Acquire sees the zeroed
         // indices and the new epoch.
         mem.store(offsets::HOST_READY, 1, Release);
-        match Self::new(mem, self.layout, self.epoch, Start::Resume) {
-            Ok(fresh) => {
-                let (heartbeat, doorbell) = (self.heartbeat, self.peer_doorbell);
-                *self = fresh;
-                self.heartbeat = heartbeat;
-                self.peer_doorbell = doorbell;
-            }
-            // The guest wrote its indices after we zeroed them (we gave up waiting for it):
-            // start over.
-            Err(_) => {
-                self.begin_reset(mem);
-                return false;
-            }
-        }
+        self.epoch = epoch;
+        self.tx = Producer::fresh(&self.layout, Host::TX);
+        self.rx = Consumer::fresh(&self.layout, Host::RX);
+        self.resetting = false;
         self.kick = true;
         true
     }
@@ -545,7 +576,8 @@ impl Endpoint<Guest> {
         if epoch == 0 || Some(epoch) == refuse_epoch {
             return Err(AttachError::NotReady);
         }
-        let ep = Self::new(mem, layout, epoch, start).map_err(AttachError::Ring)?;
+        let corrupt = |error| AttachError::Corrupt { error, epoch };
+        let mut ep = Self::new(mem, layout, epoch, Start::Resume).map_err(corrupt)?;
         // Ordering: Relaxed: published by the Release store of GUEST_EPOCH.
         mem.store(offsets::GUEST_GENERATION, generation, Relaxed);
         // Ordering: Release, then a SeqCst fence before re-checking HOST_READY: pairs with
@@ -560,6 +592,11 @@ impl Endpoint<Guest> {
         if ready != 1 || mem.load(offsets::EPOCH, Relaxed) != epoch {
             detach(mem);
             return Err(AttachError::NotReady);
+        }
+        // Only now that the attach stands may we write an index: before, a reset could have
+        // zeroed the rings under us.
+        if start == Start::SkipPending {
+            ep.rx.skip_pending(mem).map_err(corrupt)?;
         }
         Ok(ep)
     }
@@ -586,12 +623,16 @@ impl Endpoint<Guest> {
     }
 }
 
-/// Detaches a guest that has no endpoint (it could not attach) and asks for a reset.
+/// Detaches a guest that has no endpoint (it could not attach) and asks for a reset. Bumps
+/// the host's doorbell counter; the caller then raises the host's eventfd, if it has one.
 pub fn request_reset(mem: &(impl SharedMemory + ?Sized)) {
     detach(mem);
-    // Ordering: Relaxed: the host only compares the counter; it is our own word.
+    // Ordering: Relaxed loads: our own words, only counted on.
     let n = mem.load(offsets::GUEST_RESET_REQUEST, Relaxed);
+    let bell = mem.load(offsets::HOST_DOORBELL, Relaxed);
+    // Ordering: Release: the detach above is visible to a host that sees the new count.
     mem.store(offsets::GUEST_RESET_REQUEST, n.wrapping_add(1), Release);
+    mem.store(offsets::HOST_DOORBELL, bell.wrapping_add(1), Release);
 }
 
 fn detach(mem: &(impl SharedMemory + ?Sized)) {

@@ -68,6 +68,9 @@ pub mod offsets {
     pub const HOST_GENERATION: usize = L + 8;
     /// Host heartbeat counter.
     pub const HOST_HEARTBEAT: usize = L + 12;
+    /// The `GUEST_RESET_REQUEST` value the host has last acted on; a request is pending while
+    /// the two differ, across host restarts too.
+    pub const HOST_RESET_ACK: usize = L + 16;
 
     /// Epoch the guest is attached to, 0 when detached.
     pub const GUEST_EPOCH: usize = 2 * L;
@@ -199,8 +202,10 @@ pub enum LayoutError {
         /// What this side mapped.
         mapped: usize,
     },
-    /// A ring's data area is misplaced, too small, not a power of two or overlaps something.
+    /// A ring's data area is misplaced, too small or not a power of two.
     BadRing(Direction),
+    /// The two rings' data areas overlap.
+    Overlap,
     /// The header's frame limit differs from this side's.
     BadFrameLimit(u32),
 }
@@ -221,6 +226,7 @@ impl core::fmt::Display for LayoutError {
                 )
             }
             Self::BadRing(d) => write!(f, "invalid {d:?} ring placement in header"),
+            Self::Overlap => f.write_str("the two rings overlap"),
             Self::BadFrameLimit(v) => write!(f, "header frame limit {v} differs from ours"),
         }
     }
@@ -316,7 +322,7 @@ impl Layout {
         let overlap = u64::from(a.offset) < u64::from(b.offset) + u64::from(b.size)
             && u64::from(b.offset) < u64::from(a.offset) + u64::from(a.size);
         if overlap {
-            return Err(LayoutError::BadRing(Direction::GuestToHost));
+            return Err(LayoutError::Overlap);
         }
         Ok(())
     }
@@ -450,6 +456,7 @@ mod tests {
             offsets::EPOCH,
             offsets::HOST_GENERATION,
             offsets::HOST_HEARTBEAT,
+            offsets::HOST_RESET_ACK,
             offsets::GUEST_EPOCH,
             offsets::GUEST_GENERATION,
             offsets::GUEST_HEARTBEAT,

@@ -72,6 +72,9 @@ pub struct Hello<'a> {
     pub config_revision: u32,
     /// Name and version of the sending software, for logs.
     pub software: &'a str,
+    /// Whether this hello answers the peer's. A side answers every hello that is not itself
+    /// an answer, so each (re)attach costs at most one hello each way plus one answer.
+    pub reply: bool,
 }
 
 impl Hello<'_> {
@@ -435,7 +438,8 @@ pub enum AgentToHost<'a> {
     },
     /// 5: a request was refused.
     Rejected {
-        /// The request (exec, status, cancel or metrics id, or push id).
+        /// The request (exec, list, status, cancel or metrics); pushes are answered with
+        /// [`AgentToHost::PushResult`] instead.
         request_id: u64,
         /// Why.
         reason: Rejection,

@@ -133,6 +133,18 @@ fn fill(prod: u32, cons: u32, size: u32) -> Result<u32, RingError> {
     Ok(used)
 }
 
+/// Indices taken over from the region must be frame-aligned; after that each side advances
+/// its own by whole frames and the fill check keeps the peer's aligned, so every index of a
+/// valid ring is 8-aligned and a frame header never wraps.
+fn check_aligned(prod: u32, cons: u32) -> Result<(), RingError> {
+    let align = frame::FRAME_ALIGN as u32;
+    if prod.is_multiple_of(align) && cons.is_multiple_of(align) {
+        Ok(())
+    } else {
+        Err(RingError::BadIndices { prod, cons })
+    }
+}
+
 /// Where in the region the byte of free-running index `index` lives, and how many bytes
 /// follow it before the data area wraps.
 fn position(area: RingArea, index: u32) -> (usize, usize) {
@@ -187,8 +199,14 @@ impl Producer {
         let prod = mem.load(words.prod, Relaxed);
         // Ordering: Acquire pairs with the consumer's Release store of `cons`.
         let cons = mem.load(words.cons, Acquire);
+        check_aligned(prod, cons)?;
         fill(prod, cons, area.size)?;
         Ok(Self { area, words, prod })
+    }
+
+    /// The producing end of a ring whose indices were just zeroed (by the host's reset).
+    pub(crate) fn fresh(layout: &Layout, dir: Direction) -> Self {
+        Self { area: layout.area(dir), words: dir.words(), prod: 0 }
     }
 
     /// Our producer index (as last published).
@@ -335,14 +353,31 @@ impl Consumer {
         let prod = mem.load(words.prod, Acquire);
         // Ordering: Relaxed: our own index, last written by us or our predecessor.
         let cons = mem.load(words.cons, Relaxed);
+        check_aligned(prod, cons)?;
         fill(prod, cons, area.size)?;
         let mut c = Self { area, words, cons };
-        if start == Start::SkipPending && cons != prod {
-            c.cons = prod;
-            // Ordering: Release, as for every publication of `cons`.
-            mem.store(words.cons, prod, Release);
+        if start == Start::SkipPending {
+            c.skip_pending(mem)?;
         }
         Ok(c)
+    }
+
+    /// The consuming end of a ring whose indices were just zeroed (by the host's reset).
+    pub(crate) fn fresh(layout: &Layout, dir: Direction) -> Self {
+        Self { area: layout.area(dir), words: dir.words(), cons: 0 }
+    }
+
+    /// Drops every frame published so far (they were meant for a predecessor).
+    pub fn skip_pending<M: SharedMemory + ?Sized>(&mut self, mem: &M) -> Result<(), RingError> {
+        // Ordering: Acquire, as in `available`.
+        let prod = mem.load(self.words.prod, Acquire);
+        fill(prod, self.cons, self.area.size)?;
+        if prod != self.cons {
+            self.cons = prod;
+            // Ordering: Release, as for every publication of `cons`.
+            mem.store(self.words.cons, prod, Release);
+        }
+        Ok(())
     }
 
     /// Our consumer index (as last published).

@@ -26,6 +26,7 @@ fn hello(generation: u32, software: &str) -> Hello<'_> {
         generation,
         config_revision: 0,
         software,
+        reply: false,
     }
 }
 
@@ -68,10 +69,9 @@ fn guest_waits_for_the_host_then_both_say_hello() {
 #[test]
 fn a_restarted_host_loses_nothing_the_guest_published() {
     let mem = HeapRegion::new(SIZE);
-    let host = HostEndpoint::create(&*mem, 1).expect("valid");
+    let mut host = HostEndpoint::create(&*mem, 1).expect("valid");
     let mut guest = GuestEndpoint::attach(&*mem, 3, Start::SkipPending, None).expect("ready");
     let mut buf = frame_buf();
-    let mut host = host;
     // The old host reads one reply, then dies with three unread.
     for nonce in 0..4 {
         guest
@@ -82,7 +82,7 @@ fn a_restarted_host_loses_nothing_the_guest_published() {
         host.recv(&*mem, &mut buf),
         Ok(Some(AgentToHost::Pong { nonce: 0 }))
     );
-    drop(host);
+    // The old host process is gone; its endpoint is never used again.
 
     let mut host = HostEndpoint::open(&*mem, 2).expect("resumes");
     assert!(
@@ -110,11 +110,10 @@ fn a_restarted_guest_chooses_whether_to_see_old_requests() {
     let guest = GuestEndpoint::attach(&*mem, 1, Start::SkipPending, None).expect("ready");
     host.send(&*mem, &ping(1)).expect("room");
     host.send(&*mem, &ping(2)).expect("room");
-    drop(guest);
+    let _old_agent_is_gone = guest;
     let mut buf = frame_buf();
     let mut resumed = GuestEndpoint::attach(&*mem, 2, Start::Resume, None).expect("ready");
     assert_eq!(resumed.recv(&*mem, &mut buf), Ok(Some(ping(1))));
-    drop(resumed);
     let mut fresh = GuestEndpoint::attach(&*mem, 3, Start::SkipPending, None).expect("ready");
     assert_eq!(
         fresh.recv(&*mem, &mut buf),
@@ -145,8 +144,9 @@ fn a_guest_that_finds_corruption_gets_fresh_rings() {
         "the guest does not re-attach to the epoch it asked to reset"
     );
     assert!(host.reset_requested(&*mem));
-    assert!(!host.reset_requested(&*mem), "one request, one reset");
+    assert!(host.reset_requested(&*mem), "pending until carried out");
     host.begin_reset(&*mem);
+    assert!(!host.reset_requested(&*mem), "this reset answers it");
     assert_eq!(host.send(&*mem, &ping(0)), Err(SendError::Detached));
     assert!(
         host.try_finish_reset(&*mem, false),
@@ -177,6 +177,58 @@ fn a_host_reset_waits_for_the_attached_guest_to_detach() {
     host.begin_reset(&*mem);
     assert!(host.try_finish_reset(&*mem, true));
     assert!(!host.guest_attached(&*mem));
+}
+
+#[test]
+fn a_reset_request_made_while_no_host_runs_is_carried_out_by_the_next() {
+    let mem = HeapRegion::new(SIZE);
+    let _old_host = HostEndpoint::create(&*mem, 1).expect("valid");
+    let guest = GuestEndpoint::attach(&*mem, 1, Start::SkipPending, None).expect("ready");
+    let before = mem.load(offsets::HOST_DOORBELL, Relaxed);
+    let refused = guest.request_reset(&*mem);
+    assert_eq!(mem.load(offsets::HOST_DOORBELL, Relaxed), before.wrapping_add(1), "host rung");
+    // The host process died before it saw the request; a new one resumes.
+    let mut host = HostEndpoint::resume(&*mem, 2).expect("header intact");
+    assert!(host.reset_requested(&*mem));
+    host.begin_reset(&*mem);
+    assert!(host.try_finish_reset(&*mem, false));
+    let guest = GuestEndpoint::attach(&*mem, 1, Start::SkipPending, Some(refused));
+    assert!(guest.is_ok_and(|g| g.epoch() != refused));
+}
+
+#[test]
+fn create_over_an_attached_guest_waits_for_it_to_detach() {
+    let mem = HeapRegion::new(SIZE);
+    let _old_host = HostEndpoint::create(&*mem, 1).expect("valid");
+    let mut guest = GuestEndpoint::attach(&*mem, 1, Start::SkipPending, None).expect("ready");
+    let old_epoch = guest.epoch();
+    guest.send(&*mem, &AgentToHost::Pong { nonce: 1 }).expect("room");
+    // A new host that starts from scratch while the guest is busy.
+    let mut host = HostEndpoint::create(&*mem, 2).expect("valid");
+    assert!(host.is_resetting(), "the guest is still attached");
+    // The busy guest writes once more before it notices.
+    let _ = guest.send(&*mem, &AgentToHost::Pong { nonce: 2 });
+    assert!(!host.try_finish_reset(&*mem, false));
+    assert_eq!(guest.check_session(&*mem), Err(ChannelError::Detached));
+    assert!(host.try_finish_reset(&*mem, false));
+    let mut guest = GuestEndpoint::attach(&*mem, 1, Start::SkipPending, None).expect("ready");
+    assert_ne!(guest.epoch(), old_epoch);
+    let mut buf = frame_buf();
+    assert_eq!(host.recv(&*mem, &mut buf), Ok(None), "nothing stale is read as new");
+    guest.send(&*mem, &AgentToHost::Pong { nonce: 3 }).expect("room");
+    assert_eq!(host.recv(&*mem, &mut buf), Ok(Some(AgentToHost::Pong { nonce: 3 })));
+}
+
+#[test]
+fn misaligned_indices_are_refused_at_attach() {
+    let mem = HeapRegion::new(SIZE);
+    let _host = HostEndpoint::create(&*mem, 1).expect("valid");
+    mem.store(offsets::H2G_PROD, 4, Relaxed);
+    mem.store(offsets::H2G_CONS, 4, Relaxed);
+    assert!(matches!(
+        GuestEndpoint::attach(&*mem, 1, Start::Resume, None),
+        Err(AttachError::Corrupt { .. })
+    ));
 }
 
 #[test]

@@ -44,6 +44,7 @@ impl LoomRegion {
             offsets::EPOCH,
             offsets::HOST_GENERATION,
             offsets::HOST_HEARTBEAT,
+            offsets::HOST_RESET_ACK,
             offsets::GUEST_EPOCH,
             offsets::GUEST_GENERATION,
             offsets::GUEST_HEARTBEAT,

@@ -62,6 +62,7 @@ impl Pool {
             generation: self.n[3] as u32,
             config_revision: self.n[4] as u32,
             software: self.s(0),
+            reply: self.flag,
         }
     }
     fn rejection(&self) -> Rejection {
