@@ -409,7 +409,11 @@ impl Endpoint<Host> {
         layout.write(mem);
         // Until the guest detaches, keep the epoch it is attached to: `try_finish_reset`
         // waits for it to leave that epoch, then moves to the next one.
-        let epoch = if guest_epoch != 0 { guest_epoch } else { old_epoch };
+        let epoch = if guest_epoch != 0 {
+            guest_epoch
+        } else {
+            old_epoch
+        };
         // Ordering: Relaxed: published by the Release store of the magic below.
         mem.store(offsets::EPOCH, epoch, Relaxed);
         mem.store(offsets::HOST_GENERATION, generation, Relaxed);
@@ -457,6 +461,9 @@ impl Endpoint<Host> {
             return Err(AttachError::NotReady);
         }
         let epoch = mem.load(offsets::EPOCH, Relaxed);
+        if epoch == 0 {
+            return Err(AttachError::NotReady);
+        }
         let ep = Self::new(mem, layout, epoch, Start::Resume)
             .map_err(|error| AttachError::Corrupt { error, epoch })?;
         // Ordering: Relaxed: informational for the guest.
@@ -569,6 +576,9 @@ impl Endpoint<Guest> {
         let layout = Layout::read(mem).map_err(AttachError::Layout)?;
         // Ordering: Acquire pairs with the host's Release store of HOST_READY after a reset.
         if mem.load(offsets::HOST_READY, Acquire) != 1 {
+            // We are not attached: say so, in case a predecessor that died attached left its
+            // epoch there and a resetting host is waiting for it to leave.
+            detach(mem);
             return Err(AttachError::NotReady);
         }
         // Ordering: Relaxed: ordered by the Acquire load above.
@@ -595,8 +605,11 @@ impl Endpoint<Guest> {
         }
         // Only now that the attach stands may we write an index: before, a reset could have
         // zeroed the rings under us.
-        if start == Start::SkipPending {
-            ep.rx.skip_pending(mem).map_err(corrupt)?;
+        if start == Start::SkipPending
+            && let Err(error) = ep.rx.skip_pending(mem)
+        {
+            detach(mem);
+            return Err(corrupt(error));
         }
         Ok(ep)
     }

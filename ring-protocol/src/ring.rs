@@ -206,7 +206,11 @@ impl Producer {
 
     /// The producing end of a ring whose indices were just zeroed (by the host's reset).
     pub(crate) fn fresh(layout: &Layout, dir: Direction) -> Self {
-        Self { area: layout.area(dir), words: dir.words(), prod: 0 }
+        Self {
+            area: layout.area(dir),
+            words: dir.words(),
+            prod: 0,
+        }
     }
 
     /// Our producer index (as last published).
@@ -364,7 +368,11 @@ impl Consumer {
 
     /// The consuming end of a ring whose indices were just zeroed (by the host's reset).
     pub(crate) fn fresh(layout: &Layout, dir: Direction) -> Self {
-        Self { area: layout.area(dir), words: dir.words(), cons: 0 }
+        Self {
+            area: layout.area(dir),
+            words: dir.words(),
+            cons: 0,
+        }
     }
 
     /// Drops every frame published so far (they were meant for a predecessor).

@@ -186,7 +186,11 @@ fn a_reset_request_made_while_no_host_runs_is_carried_out_by_the_next() {
     let guest = GuestEndpoint::attach(&*mem, 1, Start::SkipPending, None).expect("ready");
     let before = mem.load(offsets::HOST_DOORBELL, Relaxed);
     let refused = guest.request_reset(&*mem);
-    assert_eq!(mem.load(offsets::HOST_DOORBELL, Relaxed), before.wrapping_add(1), "host rung");
+    assert_eq!(
+        mem.load(offsets::HOST_DOORBELL, Relaxed),
+        before.wrapping_add(1),
+        "host rung"
+    );
     // The host process died before it saw the request; a new one resumes.
     let mut host = HostEndpoint::resume(&*mem, 2).expect("header intact");
     assert!(host.reset_requested(&*mem));
@@ -202,7 +206,9 @@ fn create_over_an_attached_guest_waits_for_it_to_detach() {
     let _old_host = HostEndpoint::create(&*mem, 1).expect("valid");
     let mut guest = GuestEndpoint::attach(&*mem, 1, Start::SkipPending, None).expect("ready");
     let old_epoch = guest.epoch();
-    guest.send(&*mem, &AgentToHost::Pong { nonce: 1 }).expect("room");
+    guest
+        .send(&*mem, &AgentToHost::Pong { nonce: 1 })
+        .expect("room");
     // A new host that starts from scratch while the guest is busy.
     let mut host = HostEndpoint::create(&*mem, 2).expect("valid");
     assert!(host.is_resetting(), "the guest is still attached");
@@ -214,9 +220,37 @@ fn create_over_an_attached_guest_waits_for_it_to_detach() {
     let mut guest = GuestEndpoint::attach(&*mem, 1, Start::SkipPending, None).expect("ready");
     assert_ne!(guest.epoch(), old_epoch);
     let mut buf = frame_buf();
-    assert_eq!(host.recv(&*mem, &mut buf), Ok(None), "nothing stale is read as new");
-    guest.send(&*mem, &AgentToHost::Pong { nonce: 3 }).expect("room");
-    assert_eq!(host.recv(&*mem, &mut buf), Ok(Some(AgentToHost::Pong { nonce: 3 })));
+    assert_eq!(
+        host.recv(&*mem, &mut buf),
+        Ok(None),
+        "nothing stale is read as new"
+    );
+    guest
+        .send(&*mem, &AgentToHost::Pong { nonce: 3 })
+        .expect("room");
+    assert_eq!(
+        host.recv(&*mem, &mut buf),
+        Ok(Some(AgentToHost::Pong { nonce: 3 }))
+    );
+}
+
+#[test]
+fn a_new_agent_releases_its_dead_predecessors_epoch() {
+    let mem = HeapRegion::new(SIZE);
+    let mut host = HostEndpoint::create(&*mem, 1).expect("valid");
+    let _dead = GuestEndpoint::attach(&*mem, 1, Start::SkipPending, None).expect("ready");
+    host.begin_reset(&*mem);
+    assert!(
+        !host.try_finish_reset(&*mem, false),
+        "waits for the attached agent"
+    );
+    // The agent died attached; its successor tries to attach while the host resets.
+    assert_eq!(
+        GuestEndpoint::attach(&*mem, 2, Start::SkipPending, None).err(),
+        Some(AttachError::NotReady)
+    );
+    assert!(host.try_finish_reset(&*mem, false), "no need to force");
+    assert!(GuestEndpoint::attach(&*mem, 2, Start::SkipPending, None).is_ok());
 }
 
 #[test]

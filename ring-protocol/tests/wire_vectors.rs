@@ -91,11 +91,34 @@ fn host_hello() {
         generation: 300,
         config_revision: 0,
         software: "host",
+        reply: false,
     });
     check_h2a(
         &msg,
         &[
-            0x00, 0x01, 0x01, 0x04, 0xac, 0x02, 0x00, 0x04, 0x68, 0x6f, 0x73, 0x74,
+            0x00, 0x01, 0x01, 0x04, 0xac, 0x02, 0x00, 0x04, 0x68, 0x6f, 0x73, 0x74, 0x00,
+        ],
+    );
+}
+
+// Example 15: the agent's answer to a hello; the reply flag is the last byte.
+#[test]
+fn agent_hello_reply() {
+    let msg = AgentToHost::Hello(Hello {
+        min_version: 1,
+        max_version: 1,
+        capabilities: Capabilities::PUSH
+            .union(Capabilities::METRICS)
+            .union(Capabilities::CANCEL),
+        generation: 7,
+        config_revision: 2,
+        software: "agent",
+        reply: true,
+    });
+    check_a2h(
+        &msg,
+        &[
+            0x00, 0x01, 0x01, 0x0b, 0x07, 0x02, 0x05, 0x61, 0x67, 0x65, 0x6e, 0x74, 0x01,
         ],
     );
 }
@@ -244,6 +267,7 @@ fn version_negotiation() {
         generation: 1,
         config_revision: 0,
         software: "",
+        reply: false,
     };
     assert_eq!(hello(1, 3).negotiate(&hello(2, 5)), Some(3));
     assert_eq!(hello(2, 5).negotiate(&hello(1, 3)), Some(3));
@@ -270,6 +294,7 @@ fn header_offsets_and_constants() {
         (offsets::EPOCH, 0x044),
         (offsets::HOST_GENERATION, 0x048),
         (offsets::HOST_HEARTBEAT, 0x04c),
+        (offsets::HOST_RESET_ACK, 0x050),
         (offsets::GUEST_EPOCH, 0x080),
         (offsets::GUEST_GENERATION, 0x084),
         (offsets::GUEST_HEARTBEAT, 0x088),
@@ -349,6 +374,11 @@ fn ping_frame_in_a_fresh_region() {
     assert_eq!(region.load(offsets::EPOCH, Relaxed), 1);
     assert_eq!(region.load(offsets::HOST_GENERATION, Relaxed), 1);
     assert_eq!(region.load(offsets::GUEST_EPOCH, Relaxed), 0);
+    assert_eq!(region.load(offsets::HOST_RESET_ACK, Relaxed), 0);
+    assert!(!host.is_resetting(), "no guest attached: ready at once");
+    // Creating the region is a reset: its end rings the guest once.
+    assert!(host.take_kick(&*region));
+    assert_eq!(region.load(offsets::GUEST_DOORBELL, Relaxed), 1);
 
     host.send(&*region, &HostToAgent::Ping { nonce: 1 })
         .expect("room");
@@ -365,9 +395,9 @@ fn ping_frame_in_a_fresh_region() {
     );
     assert_eq!(region.load(offsets::H2G_PROD, Relaxed), 16);
     assert_eq!(region.load(offsets::H2G_CONS, Relaxed), 0);
-    // No guest is waiting: no doorbell.
+    // No guest is waiting: the frame rings nobody.
     assert!(!host.take_kick(&*region));
-    assert_eq!(region.load(offsets::GUEST_DOORBELL, Relaxed), 0);
+    assert_eq!(region.load(offsets::GUEST_DOORBELL, Relaxed), 1);
 
     // A guest attaches, publishes its epoch and reads the frame back.
     let mut guest = GuestEndpoint::attach(&*region, 7, Start::Resume, None).expect("host is ready");
@@ -384,6 +414,10 @@ fn ping_frame_in_a_fresh_region() {
 fn doorbell_counter_moves_when_a_waiting_guest_is_rung() {
     let region = HeapRegion::new(64 * 1024);
     let mut host = HostEndpoint::create(&*region, 1).expect("valid region");
+    assert!(
+        host.take_kick(&*region),
+        "the reset that creates the region rings"
+    );
     let mut guest = GuestEndpoint::attach(&*region, 7, Start::Resume, None).expect("ready");
     assert_eq!(guest.prepare_wait(&*region, None), Ok(true));
     assert_eq!(region.load(offsets::H2G_DATA_WANTED, Relaxed), 1);
@@ -394,8 +428,8 @@ fn doorbell_counter_moves_when_a_waiting_guest_is_rung() {
         .expect("room");
     assert!(host.take_kick(&*region), "first frame after the wait rings");
     assert!(!host.take_kick(&*region), "nothing new to ring for");
-    assert_eq!(region.load(offsets::GUEST_DOORBELL, Relaxed), 1);
-    assert_eq!(guest.doorbell(&*region), 1);
+    assert_eq!(region.load(offsets::GUEST_DOORBELL, Relaxed), 2);
+    assert_eq!(guest.doorbell(&*region), 2);
 
     guest.end_wait(&*region);
     assert_eq!(region.load(offsets::H2G_DATA_WANTED, Relaxed), 0);
@@ -403,6 +437,96 @@ fn doorbell_counter_moves_when_a_waiting_guest_is_rung() {
     assert!(matches!(
         guest.recv(&*region, &mut buf),
         Ok(Some(HostToAgent::Ping { nonce: 1 }))
+    ));
+}
+
+// Sections 5.1 and 5.5: how the host picks epochs. Creating the region over an attached guest
+// keeps the guest's epoch until it detaches; the next epoch skips 0 and the epoch the guest
+// word names.
+#[test]
+fn epochs_chosen_by_create_and_reset() {
+    use ring_protocol::ChannelError;
+
+    // EPOCH is read whatever the region holds; next_epoch(0xFFFF_FFFF) = 1.
+    let region = HeapRegion::new(64 * 1024);
+    region.store(offsets::EPOCH, u32::MAX, Relaxed);
+    let _host = HostEndpoint::create(&*region, 1).expect("valid region");
+    assert_eq!(region.load(offsets::EPOCH, Relaxed), 1);
+    assert_eq!(region.load(offsets::HOST_READY, Relaxed), 1);
+
+    let guest = GuestEndpoint::attach(&*region, 7, Start::Resume, None).expect("ready");
+    // A new host process creates the region while the guest is attached to epoch 1.
+    let mut host = HostEndpoint::create(&*region, 2).expect("valid region");
+    assert!(host.is_resetting(), "waits for the guest");
+    assert_eq!(region.load(offsets::MAGIC0, Relaxed), layout::MAGIC0);
+    assert_eq!(region.load(offsets::HOST_READY, Relaxed), 0);
+    assert_eq!(
+        region.load(offsets::EPOCH, Relaxed),
+        1,
+        "the guest's epoch, kept"
+    );
+    assert_eq!(region.load(offsets::GUEST_EPOCH, Relaxed), 1, "not zeroed");
+    assert!(!host.try_finish_reset(&*region, false));
+    assert_eq!(guest.check_session(&*region), Err(ChannelError::Detached));
+    assert_eq!(region.load(offsets::GUEST_EPOCH, Relaxed), 0);
+    assert!(host.try_finish_reset(&*region, false));
+    assert_eq!(region.load(offsets::HOST_READY, Relaxed), 1);
+    assert_eq!(region.load(offsets::EPOCH, Relaxed), 2);
+
+    // A GUEST_EPOCH that is not the current epoch does not hold the reset up, and the new
+    // epoch is never the one it names.
+    host.begin_reset(&*region);
+    region.store(offsets::GUEST_EPOCH, 3, Relaxed);
+    assert!(host.try_finish_reset(&*region, false));
+    assert_eq!(region.load(offsets::EPOCH, Relaxed), 4);
+}
+
+// Section 5.5: a reset request rings the host and stays pending, across host restarts, until
+// a reset acknowledges it in HOST_RESET_ACK.
+#[test]
+fn reset_request_and_acknowledgement_words() {
+    let region = HeapRegion::new(64 * 1024);
+    let _old_host = HostEndpoint::create(&*region, 1).expect("valid region");
+    let guest = GuestEndpoint::attach(&*region, 7, Start::Resume, None).expect("ready");
+    assert_eq!(guest.request_reset(&*region), 1, "the epoch to refuse");
+    assert_eq!(region.load(offsets::GUEST_EPOCH, Relaxed), 0);
+    assert_eq!(region.load(offsets::GUEST_RESET_REQUEST, Relaxed), 1);
+    assert_eq!(region.load(offsets::HOST_DOORBELL, Relaxed), 1);
+    assert_eq!(region.load(offsets::HOST_RESET_ACK, Relaxed), 0);
+
+    // The host that was running dies; the next one resumes and finds the request pending.
+    let mut host = HostEndpoint::resume(&*region, 2).expect("header intact");
+    assert!(host.reset_requested(&*region));
+    host.begin_reset(&*region);
+    assert_eq!(region.load(offsets::HOST_RESET_ACK, Relaxed), 1);
+    assert_eq!(region.load(offsets::HOST_READY, Relaxed), 0);
+    assert!(host.try_finish_reset(&*region, false));
+    assert!(!host.reset_requested(&*region));
+    assert_eq!(region.load(offsets::EPOCH, Relaxed), 2);
+}
+
+// Sections 1.4 and 5.2: at attach, every index must be a multiple of 8; the error names the
+// epoch to refuse, and the guest has not attached.
+#[test]
+fn misaligned_indices_are_corruption_at_attach() {
+    use ring_protocol::{AttachError, RingError};
+
+    let region = HeapRegion::new(64 * 1024);
+    let _host = HostEndpoint::create(&*region, 1).expect("valid region");
+    // The fill level (0) is valid; the indices are not.
+    region.store(offsets::G2H_PROD, 4, Relaxed);
+    region.store(offsets::G2H_CONS, 4, Relaxed);
+    assert_eq!(
+        GuestEndpoint::attach(&*region, 7, Start::Resume, None).err(),
+        Some(AttachError::Corrupt {
+            error: RingError::BadIndices { prod: 4, cons: 4 },
+            epoch: 1,
+        })
+    );
+    assert_eq!(region.load(offsets::GUEST_EPOCH, Relaxed), 0);
+    assert!(matches!(
+        HostEndpoint::resume(&*region, 2),
+        Err(AttachError::Corrupt { epoch: 1, .. })
     ));
 }
 

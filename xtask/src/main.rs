@@ -13,9 +13,10 @@ const HELP: &str = "\
 cargo xtask <command> [options]
 
 commands:
-  test [--quick]         everything CI checks: fmt, clippy -D warnings, all tests, the loom
-                         model, the no_std builds for thumbv7em-none-eabihf and a short fuzz
-                         run (--quick skips loom and fuzzing)
+  test [--quick]         everything CI checks: fmt, clippy -D warnings, all tests, the no_std
+                         build for thumbv7em-none-eabihf, the loom model, miri (when a nightly
+                         toolchain with miri is installed) and a short fuzz run (--quick
+                         skips loom, miri and fuzzing)
   fuzz [--seconds N]     run every fuzz target for N seconds each (default 30)
   help                   this text
 ";
@@ -40,16 +41,19 @@ fn main() -> Result<()> {
 /// The workspace root (the parent of this crate).
 pub(crate) fn project_root() -> PathBuf {
     let dir = env!("CARGO_MANIFEST_DIR");
-    PathBuf::from(dir).parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(dir))
+    PathBuf::from(dir)
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(dir))
 }
 
 /// `--seconds N` from `args`, or `default`.
 pub(crate) fn parse_seconds(args: &[String], default: u64) -> Result<u64> {
     match args {
         [] => Ok(default),
-        [flag, n] if flag == "--seconds" => {
-            n.parse().map_err(|_| anyhow::anyhow!("--seconds takes a whole number, not `{n}`"))
-        }
+        [flag, n] if flag == "--seconds" => n
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--seconds takes a whole number, not `{n}`")),
         _ => bail!("unexpected arguments {args:?} (expected `--seconds N`)"),
     }
 }

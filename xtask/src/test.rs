@@ -61,10 +61,37 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
     }
 
     if !opts.quick {
+        miri(sh)?;
+    }
+
+    if !opts.quick {
         step("fuzzing (30 s per target)");
         crate::fuzz::run(sh, 30)?;
     }
 
     println!("\nall checks passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+/// Runs the ring-protocol unit tests (the region accessors, the rings, a two-thread stream)
+/// under miri, which checks the `unsafe` code and reports data races. Miri needs a nightly
+/// toolchain; where none with miri is installed this step says so and is skipped.
+fn miri(sh: &Shell) -> Result<()> {
+    step("miri on ring-protocol's unsafe code and rings");
+    if cmd!(sh, "cargo +nightly miri --version")
+        .quiet()
+        .ignore_stdout()
+        .ignore_stderr()
+        .run()
+        .is_err()
+    {
+        println!(
+            "skipped: no nightly toolchain with miri \
+             (`rustup toolchain install nightly --profile minimal -c miri,rust-src`)"
+        );
+        return Ok(());
+    }
+    let _dir = sh.push_env("CARGO_TARGET_DIR", "target/miri");
+    cmd!(sh, "cargo +nightly miri test -p ring-protocol --lib").run()?;
     Ok(())
 }
