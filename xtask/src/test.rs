@@ -31,6 +31,11 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
     let started = std::time::Instant::now();
     step("cargo fmt --check");
     cmd!(sh, "cargo fmt --all -- --check").run()?;
+    cmd!(
+        sh,
+        "cargo fmt --manifest-path fuzz/Cargo.toml --all -- --check"
+    )
+    .run()?;
 
     step("cargo clippy -D warnings");
     cmd!(
@@ -41,6 +46,16 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
 
     step("cargo test");
     cmd!(sh, "cargo test --workspace --locked").run()?;
+
+    // The fuzz harness is a workspace of its own: lint and test it here, so that an API change
+    // breaks the build at once rather than at the fuzzing step.
+    step("fuzz harness: clippy and tests");
+    cmd!(
+        sh,
+        "cargo clippy --manifest-path fuzz/Cargo.toml --all-targets --locked -- -D warnings"
+    )
+    .run()?;
+    cmd!(sh, "cargo test --manifest-path fuzz/Cargo.toml --locked").run()?;
 
     step(&format!("no_std build for {BARE_METAL}"));
     cmd!(
