@@ -380,6 +380,7 @@ pub enum HostToAgent<'a> {
         /// Byte offset of `data` in the program; chunks come in order.
         offset: u64,
         /// The bytes.
+        #[serde(serialize_with = "bytes")]
         data: &'a [u8],
     },
     /// 8: all chunks sent: verify, store, and run if asked.
@@ -453,6 +454,7 @@ pub enum AgentToHost<'a> {
         /// Offset of `data` in the stream.
         offset: u64,
         /// The bytes.
+        #[serde(serialize_with = "bytes")]
         data: &'a [u8],
     },
     /// 7: an execution ended. No output of it follows.
@@ -492,6 +494,13 @@ pub enum AgentToHost<'a> {
     },
     /// 12: protocol error.
     Error(ProtocolError<'a>),
+}
+
+/// Serialises a byte string as one block (postcard: length, then a single copy) rather than
+/// as a sequence of `u8` elements, which postcard would push one at a time. The bytes on the
+/// wire are the same; decoding `&[u8]` already borrows them in one piece.
+fn bytes<S: serde::Serializer>(data: &&[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_bytes(data)
 }
 
 /// A message failed to decode.
