@@ -3,8 +3,9 @@
 //!
 //! - [`config`]: the allow-list, parsed from a strict subset of TOML into a fixed-size value,
 //!   and the checks every exec request passes through.
-//!
-//! The rest of the state machine is being built.
+//! - [`platform`]: what the agent needs from the operating system, as a trait.
+//! - [`agent`]: the state machine, driven by [`Agent::poll`] with the time, the channel and
+//!   the platform passed in.
 #![no_std]
 #![forbid(unsafe_code)]
 #![cfg_attr(
@@ -20,6 +21,10 @@
 #[cfg(test)]
 extern crate std;
 
+pub mod agent;
 pub mod config;
+pub mod platform;
+
+pub use agent::{Activity, Agent};
 
 pub use ring_protocol;

@@ -1,0 +1,602 @@
+//! The agent's contact with the kernel: small safe wrappers over the libc calls it needs. All
+//! of the binary's `unsafe` lives here. Nothing here allocates on the Rust heap, so the
+//! steady-state loop stays allocation-free.
+
+use std::ffi::{CStr, c_char, c_int};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+
+use ring_protocol::MappedRegion;
+
+/// The calling thread's `errno`.
+pub(crate) fn errno() -> i32 {
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+fn check(ret: c_int) -> io::Result<c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// A shared mapping of a file (a memory-backend file, a PCI BAR's sysfs `resourceN`).
+pub(crate) struct Mapping {
+    region: MappedRegion,
+    len: usize,
+}
+
+impl Mapping {
+    /// Maps `len` bytes of the file at `path` (NUL-terminated) read-write and shared.
+    pub(crate) fn map(path: &CStr, len: usize) -> io::Result<Self> {
+        // SAFETY: `path` is a valid NUL-terminated string; `open` has no other preconditions.
+        let fd = check(unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })?;
+        // SAFETY: `fd` was just returned by `open` and is owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Self::map_fd(fd.as_raw_fd(), len, 0)
+    }
+
+    /// Maps `len` bytes of `fd` at `offset` read-write and shared.
+    pub(crate) fn map_fd(fd: RawFd, len: usize, offset: i64) -> io::Result<Self> {
+        // SAFETY: a fresh mapping chosen by the kernel (address NULL) cannot alias any Rust
+        // object; the arguments are plain values and errors are reported as MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                offset,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
+        // SAFETY: the mapping stays until `Drop` unmaps it, which happens only after the
+        // `MappedRegion` (a field of `self`) can no longer be used; nothing in this program
+        // makes references into it.
+        let region = unsafe { MappedRegion::new(base, len) }
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        Ok(Self { region, len })
+    }
+
+    /// The mapping as shared memory.
+    pub(crate) fn region(&self) -> &MappedRegion {
+        &self.region
+    }
+
+    /// Writes a 32-bit device register (a volatile store, as MMIO wants).
+    pub(crate) fn write_register(&self, offset: usize, value: u32) {
+        if !offset.is_multiple_of(4) || offset + 4 > self.len {
+            return;
+        }
+        let reg = self.region.as_ptr().wrapping_add(offset).cast::<u32>();
+        // SAFETY: `offset + 4 <= len` and 4-aligned inside a page-aligned mapping; a register
+        // is written with a single volatile 32-bit store.
+        unsafe { reg.write_volatile(value) };
+    }
+
+    /// Reads a 32-bit device register.
+    pub(crate) fn read_register(&self, offset: usize) -> u32 {
+        if !offset.is_multiple_of(4) || offset + 4 > self.len {
+            return 0;
+        }
+        let reg = self.region.as_ptr().wrapping_add(offset).cast::<u32>();
+        // SAFETY: as in `write_register`.
+        unsafe { reg.read_volatile() }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the range `map_fd` mapped; `self.region` is dropped with
+        // `self` right after and is never used again.
+        unsafe { libc::munmap(self.region.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Reads up to `buf.len()` bytes from a non-blocking descriptor.
+pub(crate) enum ReadResult {
+    Data(usize),
+    WouldBlock,
+    Closed,
+}
+
+pub(crate) fn read(fd: RawFd, buf: &mut [u8]) -> ReadResult {
+    loop {
+        // SAFETY: `buf` is valid for `buf.len()` bytes of writes for the duration of the call.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        match n {
+            0 => return ReadResult::Closed,
+            n if n > 0 => return ReadResult::Data(n.unsigned_abs()),
+            _ => match errno() {
+                libc::EINTR => continue,
+                libc::EAGAIN => return ReadResult::WouldBlock,
+                _ => return ReadResult::Closed,
+            },
+        }
+    }
+}
+
+/// Writes all of `data` to a blocking descriptor.
+pub(crate) fn write_all(fd: RawFd, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        // SAFETY: `data` is valid for `data.len()` bytes of reads for the duration of the call.
+        let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+        if n < 0 {
+            if errno() == libc::EINTR {
+                continue;
+            }
+            return Err(io::Error::last_os_error());
+        }
+        data = data.get(n.unsigned_abs()..).unwrap_or_default();
+    }
+    Ok(())
+}
+
+/// A pipe with both ends close-on-exec; the read end non-blocking if asked.
+pub(crate) fn pipe(nonblocking_read: bool) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors `pipe2` writes.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: the descriptor was just created by `pipe2` and is owned by nothing else.
+    let r = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    // SAFETY: as above.
+    let w = unsafe { OwnedFd::from_raw_fd(fds[1]) };
+    if nonblocking_read {
+        set_nonblocking(r.as_raw_fd())?;
+    }
+    Ok((r, w))
+}
+
+pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no pointers involved.
+    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+    Ok(())
+}
+
+/// NUL-terminated strings and the pointer arrays `execve` wants, built in fixed buffers
+/// before `fork` (the child may not allocate).
+pub(crate) struct ExecImage {
+    bytes: [u8; Self::BYTES],
+    used: usize,
+    argv: [*const c_char; Self::PTRS],
+    argc: usize,
+    envp: [*const c_char; Self::PTRS],
+    envc: usize,
+    program: usize,
+    cwd: Option<usize>,
+}
+
+impl ExecImage {
+    const BYTES: usize = 32 * 1024;
+    const PTRS: usize = 64;
+
+    pub(crate) fn new() -> Self {
+        Self {
+            bytes: [0; Self::BYTES],
+            used: 0,
+            argv: [std::ptr::null(); Self::PTRS],
+            argc: 0,
+            envp: [std::ptr::null(); Self::PTRS],
+            envc: 0,
+            program: 0,
+            cwd: None,
+        }
+    }
+
+    /// Copies `s` with a NUL; returns its offset. Fails with E2BIG when full, EINVAL on an
+    /// interior NUL.
+    fn push_str(&mut self, s: &str) -> Result<usize, i32> {
+        if s.as_bytes().contains(&0) {
+            return Err(libc::EINVAL);
+        }
+        let start = self.used;
+        let end = start + s.len() + 1;
+        let dst = self.bytes.get_mut(start..end).ok_or(libc::E2BIG)?;
+        let (body, nul) = dst.split_at_mut(s.len());
+        body.copy_from_slice(s.as_bytes());
+        nul.fill(0);
+        self.used = end;
+        Ok(start)
+    }
+
+    /// Fills the image: program, `argv[1..]`, environment, working directory.
+    pub(crate) fn build(
+        &mut self,
+        program: &str,
+        args: &[&str],
+        env: &[&str],
+        cwd: Option<&str>,
+    ) -> Result<(), i32> {
+        self.used = 0;
+        self.argc = 0;
+        self.envc = 0;
+        self.program = self.push_str(program)?;
+        let mut arg_offsets = [0usize; Self::PTRS];
+        if args.len() + 2 > Self::PTRS || env.len() + 1 > Self::PTRS {
+            return Err(libc::E2BIG);
+        }
+        arg_offsets[0] = self.program;
+        for (slot, a) in arg_offsets.iter_mut().skip(1).zip(args) {
+            *slot = self.push_str(a)?;
+        }
+        let mut env_offsets = [0usize; Self::PTRS];
+        for (slot, e) in env_offsets.iter_mut().zip(env) {
+            *slot = self.push_str(e)?;
+        }
+        self.cwd = cwd.map(|c| self.push_str(c)).transpose()?;
+        let base = self.bytes.as_ptr().cast::<c_char>();
+        self.argc = args.len() + 1;
+        for (p, off) in self.argv.iter_mut().zip(&arg_offsets[..self.argc]) {
+            *p = base.wrapping_add(*off);
+        }
+        self.argv[self.argc] = std::ptr::null();
+        self.envc = env.len();
+        for (p, off) in self.envp.iter_mut().zip(&env_offsets[..self.envc]) {
+            *p = base.wrapping_add(*off);
+        }
+        self.envp[self.envc] = std::ptr::null();
+        Ok(())
+    }
+}
+
+/// A started child: its pid (also its process group) and the read ends of its output.
+pub(crate) struct Child {
+    pub(crate) pid: libc::pid_t,
+    pub(crate) stdout: OwnedFd,
+    pub(crate) stderr: OwnedFd,
+}
+
+/// Forks and executes `image` in a new process group, as `uid`/`gid` if given, with stdin on
+/// /dev/null and stdout/stderr on fresh non-blocking pipes. Returns the exec failure's errno
+/// if the program could not be started.
+pub(crate) fn spawn(image: &ExecImage, uid: Option<u32>, gid: Option<u32>) -> Result<Child, i32> {
+    let io = |e: io::Error| e.raw_os_error().unwrap_or(libc::EIO);
+    let (out_r, out_w) = pipe(true).map_err(io)?;
+    let (err_r, err_w) = pipe(true).map_err(io)?;
+    let (status_r, status_w) = pipe(false).map_err(io)?;
+    // SAFETY: the path is a NUL-terminated literal.
+    let null =
+        check(unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) })
+            .map_err(io)?;
+    // SAFETY: `null` was just opened and is owned by nothing else.
+    let null = unsafe { OwnedFd::from_raw_fd(null) };
+    let base = image.bytes.as_ptr().cast::<c_char>();
+    let program = base.wrapping_add(image.program);
+    let cwd = image.cwd.map(|c| base.wrapping_add(c));
+    // SAFETY: this program is single-threaded when it spawns, so the child may run any
+    // code; still, it only makes async-signal-safe calls with pointers into `image`, which
+    // the fork copied, and never returns from this function (it `execve`s or `_exit`s).
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(errno());
+    }
+    if pid == 0 {
+        // SAFETY: in the child; see `child_exec`.
+        unsafe {
+            child_exec(
+                program,
+                image.argv.as_ptr(),
+                image.envp.as_ptr(),
+                cwd,
+                uid,
+                gid,
+                [null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+                status_w.as_raw_fd(),
+            )
+        }
+    }
+    drop((out_w, err_w, status_w, null));
+    // The status pipe closes on a successful exec (CLOEXEC) or carries the errno.
+    let mut buf = [0u8; 4];
+    let mut got = 0;
+    while got < buf.len() {
+        match read(status_r.as_raw_fd(), buf.get_mut(got..).unwrap_or_default()) {
+            ReadResult::Data(n) => got += n,
+            ReadResult::Closed | ReadResult::WouldBlock => break,
+        }
+    }
+    if got == buf.len() {
+        let code = i32::from_ne_bytes(buf);
+        // Reap the child that failed to exec.
+        let mut status = 0;
+        // SAFETY: waiting for our own child; `status` is a valid out-pointer.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        return Err(code);
+    }
+    Ok(Child {
+        pid,
+        stdout: out_r,
+        stderr: err_r,
+    })
+}
+
+/// The child's side of `spawn`: only async-signal-safe calls, then `execve` or `_exit`.
+/// One `unsafe` block covers the sequence: every call in it has the same justification.
+///
+/// # Safety
+///
+/// Must be called in a freshly forked child, with pointers to NUL-terminated strings and
+/// NULL-terminated pointer arrays that stay valid (the fork copied them).
+#[allow(clippy::too_many_arguments, clippy::multiple_unsafe_ops_per_block)]
+unsafe fn child_exec(
+    program: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+    cwd: Option<*const c_char>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    stdio: [RawFd; 3],
+    status: RawFd,
+) -> ! {
+    let fail = |status: RawFd| -> ! {
+        let code = errno().to_ne_bytes();
+        // SAFETY: `code` is 4 readable bytes; `write` is async-signal-safe.
+        unsafe { libc::write(status, code.as_ptr().cast(), code.len()) };
+        // SAFETY: `_exit` is async-signal-safe and ends the child at once.
+        unsafe { libc::_exit(127) }
+    };
+    // SAFETY: every call below is async-signal-safe and takes plain values or the pointers
+    // this function's contract guarantees.
+    unsafe {
+        if libc::setpgid(0, 0) != 0 {
+            fail(status);
+        }
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        for sig in [
+            libc::SIGCHLD,
+            libc::SIGHUP,
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGPIPE,
+        ] {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+        if let Some(gid) = gid
+            && (libc::setgroups(1, &gid) != 0 || libc::setgid(gid) != 0)
+        {
+            fail(status);
+        }
+        if let Some(uid) = uid {
+            if gid.is_none() && libc::setgroups(0, std::ptr::null()) != 0 {
+                fail(status);
+            }
+            if libc::setuid(uid) != 0 {
+                fail(status);
+            }
+        }
+        if let Some(cwd) = cwd
+            && libc::chdir(cwd) != 0
+        {
+            fail(status);
+        }
+        for (target, fd) in stdio.into_iter().enumerate() {
+            #[allow(clippy::cast_possible_wrap, clippy::cast_possible_truncation)]
+            if libc::dup2(fd, target as c_int) < 0 {
+                fail(status);
+            }
+        }
+        libc::execve(program, argv, envp);
+        fail(status)
+    }
+}
+
+/// How a reaped child ended.
+pub(crate) enum WaitStatus {
+    Exited(i32),
+    Signaled(i32),
+}
+
+/// Reaps `pid` if it has ended; never blocks.
+pub(crate) fn try_wait(pid: libc::pid_t) -> Option<WaitStatus> {
+    let mut status = 0;
+    // SAFETY: `status` is a valid out-pointer; WNOHANG never blocks.
+    let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    if r != pid {
+        return None;
+    }
+    if libc::WIFEXITED(status) {
+        Some(WaitStatus::Exited(libc::WEXITSTATUS(status)))
+    } else if libc::WIFSIGNALED(status) {
+        Some(WaitStatus::Signaled(libc::WTERMSIG(status)))
+    } else {
+        None
+    }
+}
+
+/// Sends `sig` to the process group `pgid`.
+pub(crate) fn kill_group(pgid: libc::pid_t, sig: c_int) {
+    // SAFETY: `kill` takes plain values; a negative pid addresses the group.
+    unsafe { libc::kill(-pgid, sig) };
+}
+
+/// Blocks `signals` for the process and returns a signalfd that reports them.
+#[allow(clippy::multiple_unsafe_ops_per_block)] // one sequence, one justification
+pub(crate) fn signalfd(signals: &[c_int]) -> io::Result<OwnedFd> {
+    // SAFETY: `set` is initialised by `sigemptyset` before use; the pointers are valid.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in signals {
+            libc::sigaddset(&mut set, *s);
+        }
+        check(libc::sigprocmask(
+            libc::SIG_BLOCK,
+            &set,
+            std::ptr::null_mut(),
+        ))?;
+        let fd = check(libc::signalfd(
+            -1,
+            &set,
+            libc::SFD_NONBLOCK | libc::SFD_CLOEXEC,
+        ))?;
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Reads the next pending signal number from a signalfd, if any.
+pub(crate) fn next_signal(fd: RawFd) -> Option<u32> {
+    let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+    match read(fd, &mut info) {
+        ReadResult::Data(n) if n == info.len() => {
+            let [a, b, c, d, ..] = info;
+            Some(u32::from_ne_bytes([a, b, c, d]))
+        }
+        _ => None,
+    }
+}
+
+/// Ignores SIGPIPE so that a closed pipe is an error, not death.
+pub(crate) fn ignore_sigpipe() {
+    // SAFETY: setting a standard disposition for a signal; no handler code is installed.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
+/// Waits until one of `fds` is ready or `timeout_ns` passes (`None`: forever). Returns the
+/// number of ready descriptors; `revents` is filled in.
+pub(crate) fn poll(fds: &mut [libc::pollfd], timeout_ns: Option<u64>) -> usize {
+    let ts = timeout_ns.map(|ns| libc::timespec {
+        tv_sec: libc::time_t::try_from(ns / 1_000_000_000).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::try_from(ns % 1_000_000_000).unwrap_or(0),
+    });
+    let tsp = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `fds` is valid for `fds.len()` entries; `tsp` is NULL or points to `ts`, which
+    // lives until the call returns; the signal mask pointer is NULL (unchanged).
+    let n = unsafe {
+        libc::ppoll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            tsp,
+            std::ptr::null(),
+        )
+    };
+    usize::try_from(n).unwrap_or(0)
+}
+
+/// Monotonic nanoseconds.
+pub(crate) fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// Monotonic milliseconds.
+pub(crate) fn now_ms() -> u64 {
+    now_ns() / 1_000_000
+}
+
+/// The system page size.
+pub(crate) fn page_size() -> u64 {
+    // SAFETY: `sysconf` takes a plain value.
+    u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
+
+/// Opens `path` (NUL-terminated) with `flags` and `mode`.
+pub(crate) fn open(path: &CStr, flags: c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
+    // SAFETY: `path` is NUL-terminated; `mode` is passed as the variadic third argument.
+    let fd = check(unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC, mode) })?;
+    // SAFETY: `fd` was just returned by `open`.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads as much of the file at `path` as fits in `buf`; returns the length read.
+pub(crate) fn read_file(path: &CStr, buf: &mut [u8]) -> io::Result<usize> {
+    let fd = open(path, libc::O_RDONLY, 0)?;
+    let mut got = 0;
+    while got < buf.len() {
+        match read(fd.as_raw_fd(), buf.get_mut(got..).unwrap_or_default()) {
+            ReadResult::Data(n) => got += n,
+            ReadResult::Closed | ReadResult::WouldBlock => break,
+        }
+    }
+    Ok(got)
+}
+
+/// Counts the numeric entries of /proc (the processes) with `getdents64` into a stack
+/// buffer: no allocation, not even libc's.
+pub(crate) fn count_processes() -> u32 {
+    let Ok(dir) = open(c"/proc", libc::O_RDONLY | libc::O_DIRECTORY, 0) else {
+        return 0;
+    };
+    let mut buf = [0u8; 8192];
+    let mut count = 0u32;
+    loop {
+        // SAFETY: `buf` is valid for `buf.len()` bytes of writes.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                dir.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        let Ok(n) = usize::try_from(n) else { break };
+        if n == 0 {
+            break;
+        }
+        let mut off = 0;
+        // struct linux_dirent64 { u64 ino; i64 off; u16 reclen; u8 type; char name[]; }
+        while off + 19 < n {
+            let reclen = buf
+                .get(off + 16..off + 18)
+                .map_or(0, |b| u16::from_ne_bytes([b[0], b[1]]));
+            if reclen == 0 {
+                break;
+            }
+            if buf.get(off + 19).is_some_and(u8::is_ascii_digit) {
+                count += 1;
+            }
+            off += usize::from(reclen);
+        }
+    }
+    count
+}
+
+/// Ensures `dir` (NUL-terminated) exists with mode 0700, creating the last component.
+pub(crate) fn ensure_dir(dir: &CStr) -> io::Result<()> {
+    // SAFETY: `dir` is NUL-terminated.
+    if unsafe { libc::mkdir(dir.as_ptr(), 0o700) } == 0 || errno() == libc::EEXIST {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `fsync` then `fchmod`.
+pub(crate) fn sync_and_chmod(fd: RawFd, mode: libc::mode_t) -> io::Result<()> {
+    // SAFETY: plain calls on a descriptor we own.
+    check(unsafe { libc::fsync(fd) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::fchmod(fd, mode) })?;
+    Ok(())
+}
+
+/// `rename(from, to)`.
+pub(crate) fn rename(from: &CStr, to: &CStr) -> io::Result<()> {
+    // SAFETY: both paths are NUL-terminated.
+    check(unsafe { libc::rename(from.as_ptr(), to.as_ptr()) }).map(|_| ())
+}
+
+/// `unlink(path)`, ignoring errors.
+pub(crate) fn unlink(path: &CStr) {
+    // SAFETY: `path` is NUL-terminated.
+    unsafe { libc::unlink(path.as_ptr()) };
+}
