@@ -1,0 +1,224 @@
+//! `portless-agent --shm-file` against a test host over a real shared file, with real
+//! processes: exit codes, signals, large output with nothing lost, concurrent executions,
+//! timeouts, cancellation, config reload, restarts.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{CONFIG, Event, Harness};
+use ring_protocol::message::{ArgProblem, HostToAgent, Outcome, Rejection, Stream};
+
+#[test]
+fn exit_codes_signals_and_stderr() {
+    let mut h = Harness::start("exit-codes", CONFIG);
+    h.hello();
+    let run = h.run("true", &[]);
+    assert_eq!(run.outcome(), Outcome::Exited(0));
+    let run = h.run("fail", &[]);
+    assert_eq!(run.outcome(), Outcome::Exited(3));
+    assert_eq!(run.stderr, b"failing\n");
+    assert!(run.stdout.is_empty());
+    let run = h.run("killed", &[]);
+    assert_eq!(run.outcome(), Outcome::Signaled(9));
+    let run = h.run("nothere", &[]);
+    assert_eq!(run.outcome(), Outcome::FailedToStart(libc::ENOENT));
+}
+
+#[test]
+fn requests_outside_the_allow_list_are_rejected() {
+    let mut h = Harness::start("rejections", CONFIG);
+    h.hello();
+    assert_eq!(
+        h.exec("rm", &["-rf", "/"], None),
+        Err(Rejection::UnknownCommand)
+    );
+    assert_eq!(
+        h.exec("sleep", &["1; reboot"], None),
+        Err(Rejection::InvalidArgument {
+            index: 0,
+            problem: ArgProblem::NotInteger
+        })
+    );
+    assert_eq!(
+        h.exec("sleep", &["0"], None),
+        Err(Rejection::InvalidArgument {
+            index: 0,
+            problem: ArgProblem::OutOfRange
+        })
+    );
+    assert_eq!(
+        h.exec("sleep", &[], None),
+        Err(Rejection::InvalidArgument {
+            index: 0,
+            problem: ArgProblem::Missing
+        })
+    );
+}
+
+#[test]
+fn a_clean_environment_and_the_configured_directory() {
+    let mut h = Harness::start("environment", CONFIG);
+    h.hello();
+    let run = h.run("env", &[]);
+    assert_eq!(run.outcome(), Outcome::Exited(0));
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout),
+        "ONLY=this\n",
+        "nothing inherited"
+    );
+}
+
+#[test]
+fn large_output_arrives_byte_for_byte() {
+    let mut h = Harness::start("large-output", CONFIG);
+    h.hello();
+    let count = 2_000_000;
+    let run = h.run("seq", &[&count.to_string()]);
+    assert_eq!(run.outcome(), Outcome::Exited(0));
+    let mut expected = String::new();
+    for i in 1..=count {
+        expected.push_str(&i.to_string());
+        expected.push('\n');
+    }
+    assert_eq!(run.stdout.len(), expected.len());
+    assert!(run.stdout == expected.as_bytes(), "output differs");
+}
+
+#[test]
+fn output_over_the_limit_is_counted_but_not_sent() {
+    let mut h = Harness::start("output-limit", CONFIG);
+    h.hello();
+    let run = h.run("seq-capped", &[]);
+    let finished = run.finished.expect("finished");
+    assert_eq!(
+        finished.outcome,
+        Outcome::Exited(0),
+        "the process was not blocked or killed"
+    );
+    assert!(finished.truncated);
+    assert_eq!(run.stdout.len(), 1000);
+    let full: usize = (1..=100_000).map(|i: u32| i.to_string().len() + 1).sum();
+    assert_eq!(finished.stdout_bytes, full as u64);
+}
+
+#[test]
+fn concurrent_executions_all_finish() {
+    let mut h = Harness::start("concurrent", CONFIG);
+    h.hello();
+    let ids: Vec<_> = (0..6)
+        .map(|k| {
+            h.exec("seq", &[&(10_000 * (k + 1)).to_string()], None)
+                .expect("accepted")
+        })
+        .collect();
+    for (k, id) in ids.into_iter().enumerate() {
+        let run = h.collect(id, Duration::from_secs(60));
+        assert_eq!(run.outcome(), Outcome::Exited(0));
+        let lines = run.stdout.iter().filter(|b| **b == b'\n').count();
+        assert_eq!(lines, 10_000 * (k + 1));
+    }
+}
+
+#[test]
+fn timeouts_kill_the_whole_group_even_if_it_ignores_term() {
+    let mut h = Harness::start("timeouts", CONFIG);
+    h.hello();
+    // A request can shorten the command's timeout.
+    let id = h.exec("sleep", &["30"], Some(300)).expect("accepted");
+    let run = h.collect(id, Duration::from_secs(10));
+    assert_eq!(run.outcome(), Outcome::TimedOut);
+    let ms = run.finished.expect("finished").duration_ms;
+    assert!((300..5000).contains(&ms), "took {ms} ms");
+    // TERM is ignored: KILL follows after the grace period.
+    let id = h.exec("stubborn", &[], None).expect("accepted");
+    let run = h.collect(id, Duration::from_secs(10));
+    assert_eq!(run.outcome(), Outcome::TimedOut);
+    assert_eq!(run.stdout, b"ready\n");
+    let ms = run.finished.expect("finished").duration_ms;
+    assert!(ms >= 300 + 500, "killed before the grace period: {ms} ms");
+}
+
+#[test]
+fn cancel_stops_an_execution() {
+    let mut h = Harness::start("cancel", CONFIG);
+    h.hello();
+    let id = h.exec("sleep", &["30"], None).expect("accepted");
+    let request_id = h.request_id();
+    h.send(&HostToAgent::Cancel {
+        request_id,
+        execution: id,
+    });
+    let run = h.collect(id, Duration::from_secs(10));
+    assert_eq!(run.outcome(), Outcome::Cancelled);
+}
+
+#[test]
+fn config_reload_applies_good_configs_and_keeps_the_old_one_on_errors() {
+    let mut h = Harness::start("reload", CONFIG);
+    h.hello();
+    let extended = format!(
+        "{CONFIG}\n[[command]]\nname = \"echo\"\nprogram = \"/bin/echo\"\nargs = [\"reloaded\"]\n"
+    );
+    common::write_config(&h.config, &extended);
+    h.signal(libc::SIGHUP);
+    let ev = h.wait_for(Duration::from_secs(10), |e| {
+        matches!(e, Event::CommandsChanged(_))
+    });
+    assert_eq!(ev, Event::CommandsChanged(2));
+    let run = h.run("echo", &[]);
+    assert_eq!(run.stdout, b"reloaded\n");
+    // A broken file: reported, and the last good allow-list stays in force.
+    common::write_config(
+        &h.config,
+        "[[command]]\nname = \"x\"\nprogram = \"relative\"\n",
+    );
+    h.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !h.log().contains("not reloaded") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reload error logged:\n{}",
+            h.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        h.log().contains("line 3"),
+        "the error names the line:\n{}",
+        h.log()
+    );
+    let run = h.run("echo", &[]);
+    assert_eq!(run.stdout, b"reloaded\n");
+}
+
+#[test]
+fn a_restarted_agent_greets_with_a_new_generation_and_stops_cleanly() {
+    let mut h = Harness::start("restart", CONFIG);
+    let first = h.hello();
+    let id = h.exec("sleep", &["30"], None).expect("accepted");
+    let status = h.stop_agent();
+    assert!(status.success(), "SIGTERM is a clean stop: {status:?}");
+    h.spawn_agent();
+    let second = h.hello();
+    assert_ne!(
+        first, second,
+        "execution ids of the new agent cannot collide"
+    );
+    assert_ne!(id.generation, second);
+    h.send(&HostToAgent::Ping { nonce: 42 });
+    h.wait_for(Duration::from_secs(10), |e| *e == Event::Pong(42));
+}
+
+#[test]
+fn stderr_and_stdout_are_kept_apart() {
+    let config = format!(
+        "{CONFIG}\n[[command]]\nname = \"both\"\nprogram = \"/bin/sh\"\nargs = [\"-c\", \"echo out; echo err >&2; echo out2\"]\n"
+    );
+    let mut h = Harness::start("streams", &config);
+    h.hello();
+    let run = h.run("both", &[]);
+    assert_eq!(run.stdout, b"out\nout2\n");
+    assert_eq!(run.stderr, b"err\n");
+    let _ = Stream::Stdout;
+}

@@ -1,0 +1,501 @@
+//! A test host for `portless-agent --shm-file`: maps the shared file, plays the host's end of
+//! the channel, and starts and stops the real agent binary.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::ptr::NonNull;
+use std::time::{Duration, Instant};
+
+use ring_protocol::message::{
+    AgentToHost, ExecRequest, ExecutionId, Finished, HostToAgent, Outcome, PushOutcome, Rejection,
+    Stream,
+};
+use ring_protocol::{HostEndpoint, MappedRegion, frame_buf};
+
+/// Region size used by the tests.
+pub const REGION: usize = 1 << 20;
+
+/// A shared-memory file mapped into the test.
+pub struct SharedFile {
+    region: MappedRegion,
+    len: usize,
+}
+
+impl SharedFile {
+    pub fn create(path: &Path, len: usize) -> Self {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .expect("create shm file");
+        file.set_len(len as u64).expect("size shm file");
+        // SAFETY: a fresh shared mapping of a file we just sized; nothing else in this process
+        // refers to the memory, which stays mapped until `drop`.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED, "mmap failed");
+        let base = NonNull::new(ptr.cast::<u8>()).expect("non-null mapping");
+        // SAFETY: the mapping lives until `drop`, and is only used through the region.
+        let region = unsafe { MappedRegion::new(base, len) }.expect("aligned mapping");
+        Self { region, len }
+    }
+}
+
+impl std::ops::Deref for SharedFile {
+    type Target = MappedRegion;
+    fn deref(&self) -> &MappedRegion {
+        &self.region
+    }
+}
+
+impl Drop for SharedFile {
+    fn drop(&mut self) {
+        // SAFETY: unmaps what `create` mapped; the region is not used after this.
+        unsafe { libc::munmap(self.region.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A message from the agent, owned.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Hello {
+        generation: u32,
+        reply: bool,
+        config_revision: u32,
+    },
+    Pong(u64),
+    Command {
+        index: u16,
+        name: String,
+    },
+    CommandsEnd {
+        total: u16,
+        next: Option<u16>,
+    },
+    Accepted {
+        request_id: u64,
+        execution: ExecutionId,
+    },
+    Rejected {
+        request_id: u64,
+        reason: Rejection,
+    },
+    Output {
+        execution: ExecutionId,
+        stream: Stream,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Exit {
+        execution: ExecutionId,
+        finished: Finished,
+    },
+    Status,
+    PushResult {
+        push_id: u64,
+        outcome: PushOutcome,
+    },
+    Metrics {
+        rss_kib: u64,
+        processes: u32,
+    },
+    CommandsChanged(u32),
+    Error(String),
+}
+
+impl Event {
+    fn from(msg: &AgentToHost<'_>) -> Self {
+        match msg {
+            AgentToHost::Hello(h) => Self::Hello {
+                generation: h.generation,
+                reply: h.reply,
+                config_revision: h.config_revision,
+            },
+            AgentToHost::Pong { nonce } => Self::Pong(*nonce),
+            AgentToHost::Command { index, info, .. } => Self::Command {
+                index: *index,
+                name: info.name.to_owned(),
+            },
+            AgentToHost::CommandsEnd { total, next, .. } => Self::CommandsEnd {
+                total: *total,
+                next: *next,
+            },
+            AgentToHost::Accepted {
+                request_id,
+                execution,
+            } => Self::Accepted {
+                request_id: *request_id,
+                execution: *execution,
+            },
+            AgentToHost::Rejected { request_id, reason } => Self::Rejected {
+                request_id: *request_id,
+                reason: *reason,
+            },
+            AgentToHost::Output {
+                execution,
+                stream,
+                offset,
+                data,
+            } => Self::Output {
+                execution: *execution,
+                stream: *stream,
+                offset: *offset,
+                data: data.to_vec(),
+            },
+            AgentToHost::Exit {
+                execution,
+                finished,
+            } => Self::Exit {
+                execution: *execution,
+                finished: *finished,
+            },
+            AgentToHost::Status { .. } => Self::Status,
+            AgentToHost::PushResult { push_id, outcome } => Self::PushResult {
+                push_id: *push_id,
+                outcome: *outcome,
+            },
+            AgentToHost::Metrics { metrics, .. } => Self::Metrics {
+                rss_kib: metrics.agent_rss_kib,
+                processes: metrics.processes,
+            },
+            AgentToHost::CommandsChanged { config_revision } => {
+                Self::CommandsChanged(*config_revision)
+            }
+            AgentToHost::Error(e) => Self::Error(e.detail.to_owned()),
+        }
+    }
+}
+
+/// Everything an execution produced.
+#[derive(Debug, Default)]
+pub struct Run {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub finished: Option<Finished>,
+}
+
+impl Run {
+    pub fn outcome(&self) -> Outcome {
+        self.finished.expect("finished").outcome
+    }
+}
+
+/// The test's host: a scratch directory, the shared file, the agent process.
+pub struct Harness {
+    pub dir: PathBuf,
+    pub shm: SharedFile,
+    pub host: HostEndpoint,
+    pub agent: Option<Child>,
+    pub config: PathBuf,
+    next_request: u64,
+    /// Events received but not yet asked for.
+    pub backlog: Vec<Event>,
+}
+
+/// A fresh scratch directory under the target directory.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let dir = base.join(format!("{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+impl Harness {
+    /// Sets up the region and starts the agent with `config` as its allow-list.
+    pub fn start(name: &str, config: &str) -> Self {
+        let dir = scratch_dir(name);
+        let shm_path = dir.join("region");
+        let shm = SharedFile::create(&shm_path, REGION);
+        let host = HostEndpoint::create(&*shm, 1).expect("valid region");
+        let config_path = dir.join("allow-list.toml");
+        fs::write(&config_path, config).expect("write config");
+        let mut h = Self {
+            dir,
+            shm,
+            host,
+            agent: None,
+            config: config_path,
+            next_request: 1,
+            backlog: Vec::new(),
+        };
+        h.spawn_agent();
+        h
+    }
+
+    /// Starts (or restarts) the agent process.
+    pub fn spawn_agent(&mut self) {
+        let log = File::create(self.dir.join("agent.log")).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_portless-agent"))
+            .arg("--shm-file")
+            .arg(self.dir.join("region"))
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start portless-agent");
+        self.agent = Some(child);
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = File::open(self.dir.join("agent.log")) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Sends a signal to the agent.
+    pub fn signal(&self, sig: i32) {
+        let pid = self.agent.as_ref().expect("agent running").id();
+        // SAFETY: `kill` takes plain values.
+        unsafe { libc::kill(pid as libc::pid_t, sig) };
+    }
+
+    pub fn request_id(&mut self) -> u64 {
+        self.next_request += 1;
+        self.next_request
+    }
+
+    /// Sends a message, waiting for room.
+    pub fn send(&mut self, msg: &HostToAgent<'_>) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.host.send(&*self.shm, msg) {
+                Ok(()) => return,
+                Err(ring_protocol::SendError::Full { .. }) => {
+                    self.pump();
+                    assert!(Instant::now() < deadline, "ring stayed full");
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                Err(e) => panic!("send: {e}"),
+            }
+        }
+    }
+
+    /// Moves whatever the agent sent into the backlog.
+    pub fn pump(&mut self) -> bool {
+        let mut buf = frame_buf();
+        let mut any = false;
+        loop {
+            match self.host.recv(&*self.shm, &mut buf) {
+                Ok(Some(msg)) => {
+                    self.backlog.push(Event::from(&msg));
+                    any = true;
+                }
+                Ok(None) => return any,
+                Err(e) => panic!("recv: {e}"),
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the first event matching `want`, removing it (and keeping
+    /// the others).
+    pub fn wait_for(&mut self, timeout: Duration, mut want: impl FnMut(&Event) -> bool) -> Event {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.backlog.iter().position(&mut want) {
+                return self.backlog.remove(i);
+            }
+            if !self.pump() {
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out; backlog: {:?}\nagent log:\n{}",
+                    self.backlog.iter().take(5).collect::<Vec<_>>(),
+                    self.log()
+                );
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+
+    /// Waits for the agent's hello.
+    pub fn hello(&mut self) -> u32 {
+        match self.wait_for(Duration::from_secs(10), |e| {
+            matches!(e, Event::Hello { reply: false, .. })
+        }) {
+            Event::Hello { generation, .. } => generation,
+            _ => unreachable!(),
+        }
+    }
+
+    /// Runs `command` with `args`; returns the request's answer.
+    pub fn exec(
+        &mut self,
+        command: &str,
+        args: &[&str],
+        timeout_ms: Option<u32>,
+    ) -> Result<ExecutionId, Rejection> {
+        let request_id = self.request_id();
+        let args = args.iter().copied().collect();
+        self.send(&HostToAgent::Exec(ExecRequest {
+            request_id,
+            command,
+            args,
+            timeout_ms,
+        }));
+        match self.wait_for(Duration::from_secs(10), |e| {
+            matches!(e, Event::Accepted { request_id: r, .. } | Event::Rejected { request_id: r, .. } if *r == request_id)
+        }) {
+            Event::Accepted { execution, .. } => Ok(execution),
+            Event::Rejected { reason, .. } => Err(reason),
+            _ => unreachable!(),
+        }
+    }
+
+    /// Collects an execution's output until its exit.
+    pub fn collect(&mut self, id: ExecutionId, timeout: Duration) -> Run {
+        let mut run = Run::default();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ev = self.wait_for(left, |e| {
+                matches!(e, Event::Output { execution, .. } | Event::Exit { execution, .. } if *execution == id)
+            });
+            match ev {
+                Event::Output {
+                    stream,
+                    offset,
+                    data,
+                    ..
+                } => {
+                    let out = match stream {
+                        Stream::Stdout => &mut run.stdout,
+                        Stream::Stderr => &mut run.stderr,
+                    };
+                    assert_eq!(offset, out.len() as u64, "output offsets are contiguous");
+                    out.extend_from_slice(&data);
+                }
+                Event::Exit { finished, .. } => {
+                    if !finished.truncated {
+                        assert_eq!(finished.stdout_bytes, run.stdout.len() as u64);
+                        assert_eq!(finished.stderr_bytes, run.stderr.len() as u64);
+                    }
+                    run.finished = Some(finished);
+                    return run;
+                }
+                _ => unreachable!(),
+            }
+        }
+    }
+
+    /// Runs a command to completion.
+    pub fn run(&mut self, command: &str, args: &[&str]) -> Run {
+        let id = self.exec(command, args, None).expect("accepted");
+        self.collect(id, Duration::from_secs(60))
+    }
+
+    /// Stops the agent (SIGTERM) and waits for it.
+    pub fn stop_agent(&mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        let mut child = self.agent.take().expect("agent running");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "agent did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Writes an allow-list at a path.
+pub fn write_config(path: &Path, text: &str) {
+    fs::write(path, text).expect("write config");
+}
+
+/// An allow-list for the tests.
+pub const CONFIG: &str = r#"
+[agent]
+max_running = 8
+kill_grace_ms = 500
+
+[[command]]
+name = "true"
+program = "/bin/true"
+
+[[command]]
+name = "fail"
+program = "/bin/sh"
+args = ["-c", "echo failing >&2; exit 3"]
+
+[[command]]
+name = "killed"
+program = "/bin/sh"
+args = ["-c", "kill -9 $$"]
+
+[[command]]
+name = "seq"
+program = "/usr/bin/seq"
+args = ["1", "{count}"]
+timeout_ms = 60000
+max_output = 67108864
+
+[[command.param]]
+name = "count"
+kind = "integer"
+min = 1
+max = 10000000
+
+[[command]]
+name = "sleep"
+program = "/bin/sleep"
+args = ["{seconds}"]
+
+[[command.param]]
+name = "seconds"
+kind = "integer"
+min = 1
+max = 3600
+
+[[command]]
+name = "stubborn"
+description = "ignores SIGTERM"
+program = "/bin/sh"
+args = ["-c", "trap '' TERM; echo ready; exec sleep 30"]
+timeout_ms = 300
+
+[[command]]
+name = "seq-capped"
+program = "/usr/bin/seq"
+args = ["1", "100000"]
+max_output = 1000
+
+[[command]]
+name = "env"
+program = "/usr/bin/env"
+env = ["ONLY=this"]
+cwd = "/"
+
+[[command]]
+name = "nothere"
+program = "/nonexistent/program"
+"#;
