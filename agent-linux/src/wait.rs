@@ -43,11 +43,18 @@ enum SignalAction {
     None,
     Reload,
     Stop,
+    Report,
 }
 
 impl Signals {
     fn new() -> std::io::Result<Self> {
-        let fd = sys::signalfd(&[libc::SIGCHLD, libc::SIGHUP, libc::SIGTERM, libc::SIGINT])?;
+        let fd = sys::signalfd(&[
+            libc::SIGCHLD,
+            libc::SIGHUP,
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGUSR1,
+        ])?;
         Ok(Self { fd })
     }
 
@@ -58,6 +65,9 @@ impl Signals {
             match i32::try_from(sig).unwrap_or(0) {
                 libc::SIGTERM | libc::SIGINT => return SignalAction::Stop,
                 libc::SIGHUP => action = SignalAction::Reload,
+                libc::SIGUSR1 if matches!(action, SignalAction::None) => {
+                    action = SignalAction::Report
+                }
                 _ => {}
             }
         }
@@ -130,6 +140,13 @@ pub(crate) fn run(
 }
 
 impl Runner<'_> {
+    fn report(&self) {
+        self.platform.log_line(format_args!(
+            "heap allocations since start: {}",
+            sys::allocations()
+        ));
+    }
+
     fn reload(&mut self) {
         match crate::load_config(&self.opts.config, &mut self.text, &mut self.spare) {
             Ok(()) => {
@@ -161,6 +178,10 @@ impl Runner<'_> {
             SignalAction::Stop => false,
             SignalAction::Reload => {
                 self.reload();
+                true
+            }
+            SignalAction::Report => {
+                self.report();
                 true
             }
             SignalAction::None => true,
@@ -232,6 +253,7 @@ impl Runner<'_> {
                     self.reload();
                     pending_announce |= self.agent.config_revision() != before;
                 }
+                SignalAction::Report => self.report(),
                 SignalAction::None => {}
             }
             if ep.check_session(mem).is_err() {

@@ -222,3 +222,240 @@ fn stderr_and_stdout_are_kept_apart() {
     assert_eq!(run.stderr, b"err\n");
     let _ = Stream::Stdout;
 }
+
+/// Pushes `program` as `name` and commits it; returns the push result.
+fn push(
+    h: &mut Harness,
+    push_id: u64,
+    name: &str,
+    program: &[u8],
+    hash: [u8; 32],
+    run: bool,
+) -> Event {
+    h.send(&HostToAgent::PushBegin {
+        push_id,
+        name,
+        size: program.len() as u64,
+        sha256: hash,
+    });
+    for (k, chunk) in program.chunks(3000).enumerate() {
+        h.send(&HostToAgent::PushChunk {
+            push_id,
+            offset: (k * 3000) as u64,
+            data: chunk,
+        });
+    }
+    h.send(&HostToAgent::PushCommit {
+        push_id,
+        run,
+        timeout_ms: Some(10_000),
+    });
+    h.wait_for(
+        Duration::from_secs(10),
+        |e| matches!(e, Event::PushResult { push_id: p, .. } if *p == push_id),
+    )
+}
+
+fn push_config(dir: &std::path::Path) -> String {
+    format!(
+        "[push]\nenabled = true\nmax_bytes = 100000\ndir = \"{}\"\n{CONFIG}",
+        dir.join("pushed").display()
+    )
+}
+
+#[test]
+fn pushed_programs_are_checked_stored_and_run() {
+    use ring_protocol::message::PushOutcome;
+    use sha2::{Digest, Sha256};
+    let dir = common::scratch_dir("push-config");
+    let mut h = Harness::start("push", &push_config(&dir));
+    h.hello();
+    let script = format!(
+        "#!/bin/sh\necho pushed and running\n# {}\nexit 7\n",
+        "x".repeat(9000)
+    );
+    let hash: [u8; 32] = Sha256::digest(script.as_bytes()).into();
+
+    // A wrong hash is refused and nothing is left behind.
+    let mut bad = hash;
+    bad[0] ^= 1;
+    let ev = push(&mut h, 1, "patch.sh", script.as_bytes(), bad, false);
+    assert_eq!(
+        ev,
+        Event::PushResult {
+            push_id: 1,
+            outcome: PushOutcome::Failed(Rejection::HashMismatch)
+        }
+    );
+    assert!(!dir.join("pushed/patch.sh").exists());
+
+    // Stored, with owner-only permissions.
+    let ev = push(&mut h, 2, "patch.sh", script.as_bytes(), hash, false);
+    assert_eq!(
+        ev,
+        Event::PushResult {
+            push_id: 2,
+            outcome: PushOutcome::Stored
+        }
+    );
+    let stored = std::fs::read(dir.join("pushed/patch.sh")).expect("stored");
+    assert_eq!(stored, script.as_bytes());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join("pushed/patch.sh"))
+        .expect("meta")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+
+    // Stored and run: reported like any execution.
+    let ev = push(&mut h, 3, "patch.sh", script.as_bytes(), hash, true);
+    let Event::PushResult {
+        outcome: PushOutcome::Started(id),
+        ..
+    } = ev
+    else {
+        panic!("{ev:?}")
+    };
+    let run = h.collect(id, Duration::from_secs(10));
+    assert_eq!(run.outcome(), Outcome::Exited(7));
+    assert_eq!(run.stdout, b"pushed and running\n");
+
+    // Limits.
+    let big = vec![b'#'; 100_001];
+    let ev = push(&mut h, 4, "big", &big, hash, false);
+    assert_eq!(
+        ev,
+        Event::PushResult {
+            push_id: 4,
+            outcome: PushOutcome::Failed(Rejection::TooLarge)
+        }
+    );
+    let ev = push(&mut h, 5, "../escape", b"x", hash, false);
+    assert_eq!(
+        ev,
+        Event::PushResult {
+            push_id: 5,
+            outcome: PushOutcome::Failed(Rejection::BadPush)
+        }
+    );
+}
+
+#[test]
+fn pushes_are_refused_unless_enabled() {
+    use ring_protocol::message::PushOutcome;
+    let mut h = Harness::start("push-disabled", CONFIG);
+    h.hello();
+    let ev = push(&mut h, 1, "patch.sh", b"#!/bin/sh\n", [0; 32], true);
+    assert_eq!(
+        ev,
+        Event::PushResult {
+            push_id: 1,
+            outcome: PushOutcome::Failed(Rejection::NotAllowed)
+        }
+    );
+}
+
+/// The agent's zombie children, if any.
+fn zombies_of(pid: u32) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let mut f = rest.split_whitespace();
+        let (state, ppid) = (f.next(), f.next());
+        if state == Some("Z") && ppid == Some(&pid.to_string()) {
+            found.push(stat);
+        }
+    }
+    found
+}
+
+#[test]
+fn the_steady_state_allocates_nothing_and_leaves_no_zombie() {
+    let dir = common::scratch_dir("steady-config");
+    let mut h = Harness::start("steady", &push_config(&dir));
+    h.hello();
+    let workload = |h: &mut Harness, round: u64| {
+        for k in 0..3 {
+            let run = h.run("seq", &["50000"]);
+            assert_eq!(run.outcome(), Outcome::Exited(0));
+            let _ = h.run("fail", &[]);
+            let _ = h.exec("rm", &[], None);
+            let id = h.exec("sleep", &["30"], None).expect("accepted");
+            let request_id = h.request_id();
+            h.send(&HostToAgent::Status {
+                request_id,
+                execution: id,
+            });
+            h.send(&HostToAgent::Cancel {
+                request_id,
+                execution: id,
+            });
+            let _ = h.collect(id, Duration::from_secs(10));
+            h.send(&HostToAgent::Ping {
+                nonce: round * 10 + k,
+            });
+            h.send(&HostToAgent::Metrics { request_id });
+            h.send(&HostToAgent::ListCommands {
+                request_id,
+                start: 0,
+                limit: 100,
+            });
+            h.wait_for(Duration::from_secs(10), |e| {
+                matches!(e, Event::CommandsEnd { .. })
+            });
+            let _ = push(
+                h,
+                round * 10 + k,
+                "p.sh",
+                b"#!/bin/sh\necho hi\n",
+                [0; 32],
+                false,
+            );
+        }
+        h.backlog.clear();
+    };
+    let allocations = |h: &mut Harness| -> u64 {
+        let before = h.log().matches("heap allocations").count();
+        h.signal(libc::SIGUSR1);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = h.log();
+            if log.matches("heap allocations").count() > before {
+                let line = log
+                    .lines()
+                    .rfind(|l| l.contains("heap allocations"))
+                    .expect("line");
+                return line
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .expect("a count");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no allocation report:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    workload(&mut h, 1);
+    let warm = allocations(&mut h);
+    for round in 2..5 {
+        workload(&mut h, round);
+    }
+    let after = allocations(&mut h);
+    assert_eq!(
+        after,
+        warm,
+        "the steady state allocated {} times",
+        after - warm
+    );
+    let pid = h.agent.as_ref().expect("running").id();
+    assert!(zombies_of(pid).is_empty(), "zombies: {:?}", zombies_of(pid));
+}
