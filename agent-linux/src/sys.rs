@@ -468,7 +468,8 @@ pub(crate) fn ignore_sigpipe() {
 /// number of ready descriptors; `revents` is filled in.
 pub(crate) fn poll(fds: &mut [libc::pollfd], timeout_ns: Option<u64>) -> usize {
     let ts = timeout_ns.map(|ns| libc::timespec {
-        tv_sec: libc::time_t::try_from(ns / 1_000_000_000).unwrap_or(libc::time_t::MAX),
+        // At most i32::MAX seconds: representable whatever the width of `time_t`.
+        tv_sec: (ns / 1_000_000_000).min(i32::MAX as u64) as _,
         tv_nsec: libc::c_long::try_from(ns % 1_000_000_000).unwrap_or(0),
     });
     let tsp = ts

@@ -459,3 +459,27 @@ fn the_steady_state_allocates_nothing_and_leaves_no_zombie() {
     let pid = h.agent.as_ref().expect("running").id();
     assert!(zombies_of(pid).is_empty(), "zombies: {:?}", zombies_of(pid));
 }
+
+#[test]
+fn commands_run_as_the_configured_user_and_group() {
+    // SAFETY: `geteuid` has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: changing user needs root");
+        return;
+    }
+    let config = format!(
+        "{CONFIG}\n[[command]]\nname = \"whoami\"\nprogram = \"/usr/bin/id\"\nuser = 65534\ngroup = 65534\n\n\
+         [[command]]\nname = \"whoami-by-name\"\nprogram = \"/usr/bin/id\"\nargs = [\"-u\"]\nuser = \"nobody\"\n"
+    );
+    let mut h = Harness::start("identity", &config);
+    h.hello();
+    let run = h.run("whoami", &[]);
+    assert_eq!(run.outcome(), Outcome::Exited(0));
+    let out = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(
+        out.starts_with("uid=65534(nobody) gid=65534(nogroup) groups=65534(nogroup)"),
+        "{out}"
+    );
+    let run = h.run("whoami-by-name", &[]);
+    assert_eq!(run.stdout, b"65534\n");
+}

@@ -2,6 +2,7 @@
 //! VMs and benches). Run `cargo xtask help` for the list.
 #![forbid(unsafe_code)]
 
+mod footprint;
 mod fuzz;
 mod test;
 
@@ -18,6 +19,8 @@ commands:
                          toolchain with miri is installed) and a short fuzz run (--quick
                          skips loom, miri and fuzzing)
   fuzz [--seconds N]     run every fuzz target for N seconds each (default 30)
+  footprint              build the static portless-agent, print its size and resident
+                         memory idle and streaming, check the targets
   help                   this text
 ";
 
@@ -30,6 +33,7 @@ fn main() -> Result<()> {
     match cmd.as_str() {
         "test" => test::run(&sh, &test::Options::parse(&rest)?),
         "fuzz" => fuzz::run(&sh, parse_seconds(&rest, 30)?),
+        "footprint" => footprint::run(&sh),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())

@@ -64,6 +64,8 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
     )
     .run()?;
 
+    crate::footprint::run(sh)?;
+
     if !opts.quick {
         step("loom model of the notify/sleep race");
         let _flags = sh.push_env("RUSTFLAGS", "--cfg loom");

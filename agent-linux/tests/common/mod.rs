@@ -207,6 +207,26 @@ pub struct Harness {
     pub backlog: Vec<Event>,
 }
 
+/// The agent binary under test: `PORTLESS_AGENT_BIN` if set (the shipped static build, for
+/// the footprint test), else the one cargo built for these tests.
+pub fn agent_binary() -> PathBuf {
+    std::env::var_os("PORTLESS_AGENT_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_portless-agent")),
+        PathBuf::from,
+    )
+}
+
+/// The resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A fresh scratch directory under the target directory.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
@@ -241,7 +261,7 @@ impl Harness {
     /// Starts (or restarts) the agent process.
     pub fn spawn_agent(&mut self) {
         let log = File::create(self.dir.join("agent.log")).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_portless-agent"))
+        let child = Command::new(agent_binary())
             .arg("--shm-file")
             .arg(self.dir.join("region"))
             .arg("--config")
