@@ -29,10 +29,23 @@ pub(crate) enum Source {
     Scan,
 }
 
-/// The shared region and, for `ivshmem-doorbell` devices, the register to ring the host.
+/// How the agent learns that the host rang.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wakeup {
+    /// VFIO interrupts if the guest has them, else polling.
+    Auto,
+    /// VFIO interrupts, or fail.
+    Vfio,
+    /// Always poll.
+    Poll,
+}
+
+/// The shared region and, for `ivshmem-doorbell` devices, the register to ring the host and
+/// the interrupt the host rings.
 pub(crate) struct Channel {
     memory: Mapping,
     registers: Option<Mapping>,
+    vfio: Option<crate::vfio::VfioDevice>,
     host_peer: u32,
     /// What was opened, for logs.
     pub(crate) name: String,
@@ -50,6 +63,19 @@ impl Channel {
         if let Some(regs) = &self.registers {
             regs.write_register(DOORBELL, self.host_peer << 16);
         }
+    }
+
+    /// The descriptor that becomes readable when the host rings, if interrupts work.
+    pub(crate) fn interrupt_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.vfio.as_ref().map(|v| v.interrupt.as_raw_fd())
+    }
+
+    /// Consumes pending interrupts.
+    pub(crate) fn take_interrupts(&self) -> u64 {
+        self.vfio
+            .as_ref()
+            .map_or(0, crate::vfio::VfioDevice::take_interrupts)
     }
 
     /// This guest's ivshmem peer id, when the device has registers.
@@ -83,6 +109,7 @@ pub(crate) fn open_file(path: &Path) -> io::Result<Channel> {
     Ok(Channel {
         memory,
         registers: None,
+        vfio: None,
         host_peer: 0,
         name: path.display().to_string(),
     })
@@ -112,12 +139,16 @@ pub(crate) fn ivshmem_devices(sysfs: &Path) -> Vec<String> {
     found
 }
 
-/// Maps the ivshmem device at `bdf`: BAR2 as the region, BAR0 (if present) for the doorbell.
-pub(crate) fn open_pci(sysfs: &Path, bdf: &str, host_peer: u32) -> io::Result<Channel> {
+fn is_ivshmem(dir: &Path) -> bool {
+    read_trimmed(&dir.join("vendor")).as_deref() == Some(IVSHMEM_VENDOR)
+        && read_trimmed(&dir.join("device")).as_deref() == Some(IVSHMEM_DEVICE)
+}
+
+/// Maps the ivshmem device at `bdf` through sysfs: BAR2 as the region, BAR0 (if present) for
+/// the doorbell register.
+fn open_sysfs(sysfs: &Path, bdf: &str, host_peer: u32) -> io::Result<Channel> {
     let dir = sysfs.join("bus/pci/devices").join(bdf);
-    if read_trimmed(&dir.join("vendor")).as_deref() != Some(IVSHMEM_VENDOR)
-        || read_trimmed(&dir.join("device")).as_deref() != Some(IVSHMEM_DEVICE)
-    {
+    if !is_ivshmem(&dir) {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
             format!("{bdf} is not an ivshmem device (1af4:1110)"),
@@ -127,9 +158,6 @@ pub(crate) fn open_pci(sysfs: &Path, bdf: &str, host_peer: u32) -> io::Result<Ch
     let len = file_len(&bar2)?;
     let memory = Mapping::map(&cpath(&bar2)?, len)?;
     let bar0 = dir.join("resource0");
-    // ivshmem-plain has a BAR0 too, but only ivshmem-doorbell has a peer to ring; the host
-    // tells which by its capabilities. Map it whenever it is there; ringing an absent peer
-    // is harmless.
     let registers = match file_len(&bar0) {
         Ok(l) if l >= 16 => Some(Mapping::map(&cpath(&bar0)?, l.min(256))?),
         _ => None,
@@ -137,18 +165,60 @@ pub(crate) fn open_pci(sysfs: &Path, bdf: &str, host_peer: u32) -> io::Result<Ch
     Ok(Channel {
         memory,
         registers,
+        vfio: None,
         host_peer,
         name: format!("ivshmem {bdf}"),
     })
 }
 
+/// Opens the ivshmem device at `bdf`, with VFIO interrupts as `wakeup` asks. In `Auto`
+/// mode a guest without VFIO (no module, no IOMMU) falls back to polling; `note` hears why.
+pub(crate) fn open_pci(
+    sysfs: &Path,
+    bdf: &str,
+    host_peer: u32,
+    wakeup: Wakeup,
+    note: &mut dyn FnMut(&str),
+) -> io::Result<Channel> {
+    if wakeup == Wakeup::Poll {
+        return open_sysfs(sysfs, bdf, host_peer);
+    }
+    if !is_ivshmem(&sysfs.join("bus/pci/devices").join(bdf)) {
+        return open_sysfs(sysfs, bdf, host_peer);
+    }
+    match crate::vfio::VfioDevice::open(sysfs, bdf) {
+        Ok(vfio) => {
+            let memory = vfio.map_bar(2)?;
+            let registers = vfio.map_bar(0).ok();
+            Ok(Channel {
+                memory,
+                registers,
+                vfio: Some(vfio),
+                host_peer,
+                name: format!("ivshmem {bdf} (vfio interrupts)"),
+            })
+        }
+        Err(e) if wakeup == Wakeup::Auto => {
+            note(&format!("no interrupts for {bdf} ({e}); polling"));
+            open_sysfs(sysfs, bdf, host_peer)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Finds the channel. For [`Source::Scan`], the first ivshmem device whose region carries the
 /// Portless magic; `Ok(None)` if there are devices but none carries it yet (the host has not
 /// set the region up: try again later).
-pub(crate) fn open(source: &Source, sysfs: &Path, host_peer: u32) -> io::Result<Option<Channel>> {
+pub(crate) fn open(
+    source: &Source,
+    sysfs: &Path,
+    host_peer: u32,
+    wakeup: Wakeup,
+    note: &mut dyn FnMut(&str),
+) -> io::Result<Option<Channel>> {
     match source {
         Source::File(path) => open_file(path).map(Some),
-        Source::Pci(bdf) => open_pci(sysfs, bdf, host_peer).map(Some),
+        Source::Pci(bdf) => open_pci(sysfs, bdf, host_peer, wakeup, note).map(Some),
         Source::Scan => {
             let devices = ivshmem_devices(sysfs);
             if devices.is_empty() {
@@ -157,17 +227,22 @@ pub(crate) fn open(source: &Source, sysfs: &Path, host_peer: u32) -> io::Result<
                     "no ivshmem device (PCI 1af4:1110) found; give --pci BDF or --shm-file PATH",
                 ));
             }
+            let mut chosen = None;
             for bdf in &devices {
-                let ch = open_pci(sysfs, bdf, host_peer)?;
+                let ch = open_sysfs(sysfs, bdf, host_peer)?;
                 if ring_protocol::layout::read_magic(ch.memory()) {
-                    return Ok(Some(ch));
+                    chosen = Some(bdf);
+                    break;
                 }
             }
             // With a single device there is nothing to choose: wait on it.
             if let [only] = devices.as_slice() {
-                return open_pci(sysfs, only, host_peer).map(Some);
+                chosen = Some(only);
             }
-            Ok(None)
+            match chosen {
+                Some(bdf) => open_pci(sysfs, bdf, host_peer, wakeup, note).map(Some),
+                None => Ok(None),
+            }
         }
     }
 }

@@ -7,6 +7,7 @@ mod device;
 mod log;
 mod platform;
 mod sys;
+mod vfio;
 mod wait;
 
 use std::path::PathBuf;
@@ -15,7 +16,7 @@ use std::process::ExitCode;
 use agent_core::Agent;
 use agent_core::config::Config;
 
-use crate::device::Source;
+use crate::device::{Source, Wakeup};
 
 #[global_allocator]
 static ALLOCATOR: sys::CountingAllocator = sys::CountingAllocator;
@@ -31,6 +32,9 @@ options:
   --pci BDF          use the ivshmem device at this PCI address (default: the first
                      ivshmem device whose memory carries the Portless magic)
   --host-peer N      the host's ivshmem peer id, for ringing it (default 0)
+  --wakeup MODE      how the host wakes the agent: `vfio` (MSI-X interrupts through
+                     vfio-pci; needs the vfio-pci module and an IOMMU), `poll`, or `auto`
+                     (vfio when it works, else poll; the default)
   --poll-max-us N    longest sleep between polls when the host cannot wake the agent
                      (default 1000)
   --kmsg             also log to the kernel log (/dev/kmsg)
@@ -48,6 +52,7 @@ pub(crate) struct Options {
     pub(crate) config: PathBuf,
     pub(crate) source: Source,
     pub(crate) host_peer: u32,
+    pub(crate) wakeup: Wakeup,
     pub(crate) poll_max_us: u64,
     pub(crate) kmsg: bool,
     pub(crate) quiet: bool,
@@ -61,6 +66,7 @@ impl Options {
             config: PathBuf::from("/etc/portless-agent/allow-list.toml"),
             source: Source::Scan,
             host_peer: 0,
+            wakeup: Wakeup::Auto,
             poll_max_us: 1000,
             kmsg: false,
             quiet: false,
@@ -87,6 +93,16 @@ impl Options {
                         .ok()
                         .filter(|us| (1..=1_000_000).contains(us))
                         .ok_or_else(|| format!("--poll-max-us takes 1..1000000, not `{v}`"))?;
+                }
+                "--wakeup" => {
+                    o.wakeup = match value("--wakeup")?.as_str() {
+                        "auto" => Wakeup::Auto,
+                        "vfio" => Wakeup::Vfio,
+                        "poll" => Wakeup::Poll,
+                        other => {
+                            return Err(format!("--wakeup takes auto, vfio or poll, not `{other}`"));
+                        }
+                    };
                 }
                 "--kmsg" => o.kmsg = true,
                 "--quiet" => o.quiet = true,

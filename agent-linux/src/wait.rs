@@ -191,7 +191,15 @@ impl Runner<'_> {
     fn find_channel(&mut self) -> Result<Option<Channel>, String> {
         let mut said = false;
         loop {
-            match device::open(&self.opts.source, &self.opts.sysfs, self.opts.host_peer) {
+            let log = &self.platform;
+            let mut note = |m: &str| log.log_line(format_args!("{m}"));
+            match device::open(
+                &self.opts.source,
+                &self.opts.sysfs,
+                self.opts.host_peer,
+                self.opts.wakeup,
+                &mut note,
+            ) {
                 Ok(Some(ch)) => return Ok(Some(ch)),
                 Ok(None) => {
                     if !said {
@@ -289,6 +297,10 @@ impl Runner<'_> {
                 sleep_ns = 0;
                 continue;
             }
+            // A doorbell that arrived while we worked.
+            if channel.take_interrupts() > 0 {
+                continue;
+            }
             // Spin briefly: a reply often follows a request closely.
             if sleep_ns == 0 {
                 let bell = ep.doorbell(mem);
@@ -325,6 +337,9 @@ impl Runner<'_> {
                     }
                 };
                 add(self.signals.fd.as_raw_fd());
+                if let Some(fd) = channel.interrupt_fd() {
+                    add(fd);
+                }
                 // Pipes only while there is room to forward what they hold.
                 if activity.tx_needed.is_none() {
                     for fd in self.agent.processes().flat_map(|p| p.fds()) {
@@ -336,8 +351,13 @@ impl Runner<'_> {
                 if let Some(d) = activity.next_deadline {
                     timeout_ms = timeout_ms.min(d.saturating_sub(now));
                 }
-                let timeout_ns = (timeout_ms * 1_000_000).min(sleep_ns);
+                let mut timeout_ns = timeout_ms * 1_000_000;
+                // Without an interrupt the host cannot wake us: come back to look.
+                if channel.interrupt_fd().is_none() {
+                    timeout_ns = timeout_ns.min(sleep_ns);
+                }
                 sys::poll(fds.get_mut(..n).unwrap_or_default(), Some(timeout_ns));
+                channel.take_interrupts();
                 sleep_ns = (sleep_ns * 2).min(cap_ns);
             }
             ep.end_wait(mem);
