@@ -100,7 +100,9 @@ impl Options {
                         "vfio" => Wakeup::Vfio,
                         "poll" => Wakeup::Poll,
                         other => {
-                            return Err(format!("--wakeup takes auto, vfio or poll, not `{other}`"));
+                            return Err(format!(
+                                "--wakeup takes auto, vfio or poll, not `{other}`"
+                            ));
                         }
                     };
                 }

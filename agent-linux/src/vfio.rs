@@ -12,22 +12,23 @@ use std::path::Path;
 
 use crate::sys::{self, Mapping};
 
-const VFIO_TYPE: libc::c_ulong = b';' as libc::c_ulong;
-const VFIO_BASE: libc::c_ulong = 100;
+const VFIO_TYPE: u32 = b';' as u32;
+const VFIO_BASE: u32 = 100;
 
-/// `_IO(VFIO_TYPE, VFIO_BASE + n)`: VFIO ioctls carry no size or direction bits.
-const fn vfio_io(n: libc::c_ulong) -> libc::c_ulong {
-    (VFIO_TYPE << 8) | (VFIO_BASE + n)
+/// `_IO(VFIO_TYPE, VFIO_BASE + n)`: VFIO ioctls carry no size or direction bits. (The
+/// request's C type differs between glibc and musl: `libc::Ioctl`.)
+const fn vfio_io(n: u32) -> libc::Ioctl {
+    ((VFIO_TYPE << 8) | (VFIO_BASE + n)) as libc::Ioctl
 }
 
-const VFIO_GET_API_VERSION: libc::c_ulong = vfio_io(0);
-const VFIO_CHECK_EXTENSION: libc::c_ulong = vfio_io(1);
-const VFIO_SET_IOMMU: libc::c_ulong = vfio_io(2);
-const VFIO_GROUP_GET_STATUS: libc::c_ulong = vfio_io(3);
-const VFIO_GROUP_SET_CONTAINER: libc::c_ulong = vfio_io(4);
-const VFIO_GROUP_GET_DEVICE_FD: libc::c_ulong = vfio_io(6);
-const VFIO_DEVICE_GET_REGION_INFO: libc::c_ulong = vfio_io(8);
-const VFIO_DEVICE_SET_IRQS: libc::c_ulong = vfio_io(10);
+const VFIO_GET_API_VERSION: libc::Ioctl = vfio_io(0);
+const VFIO_CHECK_EXTENSION: libc::Ioctl = vfio_io(1);
+const VFIO_SET_IOMMU: libc::Ioctl = vfio_io(2);
+const VFIO_GROUP_GET_STATUS: libc::Ioctl = vfio_io(3);
+const VFIO_GROUP_SET_CONTAINER: libc::Ioctl = vfio_io(4);
+const VFIO_GROUP_GET_DEVICE_FD: libc::Ioctl = vfio_io(6);
+const VFIO_DEVICE_GET_REGION_INFO: libc::Ioctl = vfio_io(8);
+const VFIO_DEVICE_SET_IRQS: libc::Ioctl = vfio_io(10);
 
 const VFIO_API_VERSION: libc::c_int = 0;
 const VFIO_TYPE1_IOMMU: libc::c_ulong = 1;

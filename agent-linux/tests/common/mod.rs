@@ -258,6 +258,54 @@ impl Harness {
         h
     }
 
+    /// Sets up the region and boots a VM (kernel and initramfs in `PORTLESS_VM_DIR`) whose
+    /// agent polls an `ivshmem-plain` device backed by the region file.
+    pub fn start_vm(name: &str, qemu_args: &[&str]) -> Self {
+        let dir = scratch_dir(name);
+        let shm_path = dir.join("region");
+        let shm = SharedFile::create(&shm_path, REGION);
+        let host = HostEndpoint::create(&*shm, 1).expect("valid region");
+        let vm = PathBuf::from(std::env::var("PORTLESS_VM_DIR").expect("PORTLESS_VM_DIR"));
+        let log = File::create(dir.join("agent.log")).expect("log file");
+        let child = Command::new("qemu-system-x86_64")
+            .args([
+                "-accel",
+                "tcg",
+                "-m",
+                "256",
+                "-nodefaults",
+                "-nographic",
+                "-serial",
+                "stdio",
+                "-net",
+                "none",
+            ])
+            .arg("-kernel")
+            .arg(vm.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(vm.join("initrd.gz"))
+            .arg("-object")
+            .arg(format!(
+                "memory-backend-file,id=m,size={REGION},share=on,mem-path={}",
+                shm_path.display()
+            ))
+            .args(qemu_args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start qemu");
+        Self {
+            dir: dir.clone(),
+            shm,
+            host,
+            agent: Some(child),
+            config: dir.join("unused"),
+            next_request: 1,
+            backlog: Vec::new(),
+        }
+    }
+
     /// Starts (or restarts) the agent process.
     pub fn spawn_agent(&mut self) {
         let log = File::create(self.dir.join("agent.log")).expect("log file");
@@ -349,9 +397,12 @@ impl Harness {
 
     /// Waits for the agent's hello.
     pub fn hello(&mut self) -> u32 {
-        match self.wait_for(Duration::from_secs(10), |e| {
-            matches!(e, Event::Hello { reply: false, .. })
-        }) {
+        self.hello_within(Duration::from_secs(10))
+    }
+
+    /// Waits up to `timeout` for the agent's hello.
+    pub fn hello_within(&mut self, timeout: Duration) -> u32 {
+        match self.wait_for(timeout, |e| matches!(e, Event::Hello { reply: false, .. })) {
             Event::Hello { generation, .. } => generation,
             _ => unreachable!(),
         }
