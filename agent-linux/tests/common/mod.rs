@@ -195,10 +195,27 @@ impl Run {
     }
 }
 
-/// The test's host: a scratch directory, the shared file, the agent process.
+/// The host's side of the region: a shared file (the agent polls, or QEMU's
+/// `ivshmem-plain`), or an ivshmem server (QEMU's `ivshmem-doorbell`, with interrupts).
+pub enum Memory {
+    File(SharedFile),
+    Server(host_shim::ivshmem::Server, u16),
+}
+
+impl std::ops::Deref for Memory {
+    type Target = MappedRegion;
+    fn deref(&self) -> &MappedRegion {
+        match self {
+            Self::File(f) => f,
+            Self::Server(s, _) => s.region(),
+        }
+    }
+}
+
+/// The test's host: a scratch directory, the shared memory, the agent process.
 pub struct Harness {
     pub dir: PathBuf,
-    pub shm: SharedFile,
+    pub shm: Memory,
     pub host: HostEndpoint,
     pub agent: Option<Child>,
     pub config: PathBuf,
@@ -247,7 +264,7 @@ impl Harness {
         fs::write(&config_path, config).expect("write config");
         let mut h = Self {
             dir,
-            shm,
+            shm: Memory::File(shm),
             host,
             agent: None,
             config: config_path,
@@ -258,16 +275,62 @@ impl Harness {
         h
     }
 
-    /// Sets up the region and boots a VM (kernel and initramfs in `PORTLESS_VM_DIR`) whose
-    /// agent polls an `ivshmem-plain` device backed by the region file.
-    pub fn start_vm(name: &str, qemu_args: &[&str]) -> Self {
+    /// Boots a VM (kernel and initramfs in `PORTLESS_VM_DIR`) whose agent polls an
+    /// `ivshmem-plain` device backed by a region file.
+    pub fn start_vm_plain(name: &str) -> Self {
         let dir = scratch_dir(name);
         let shm_path = dir.join("region");
         let shm = SharedFile::create(&shm_path, REGION);
         let host = HostEndpoint::create(&*shm, 1).expect("valid region");
+        let memory = format!(
+            "memory-backend-file,id=m,size={REGION},share=on,mem-path={}",
+            shm_path.display()
+        );
+        let args = ["-object", &memory, "-device", "ivshmem-plain,memdev=m"];
+        let agent = Self::boot(&dir, "agent_args=--wakeup,poll", &args);
+        Self::with(dir, Memory::File(shm), host, agent)
+    }
+
+    /// Boots a VM on a q35 machine with a virtual IOMMU whose agent is woken by VFIO MSI-X
+    /// interrupts from an `ivshmem-doorbell` device served by this host.
+    pub fn start_vm_doorbell(name: &str) -> Self {
+        let dir = scratch_dir(name);
+        let socket = dir.join("ivshmem.sock");
+        let mut server =
+            host_shim::ivshmem::Server::new(&socket, REGION, 1).expect("ivshmem server");
+        let host = HostEndpoint::create(server.region(), 1).expect("valid region");
+        let chardev = format!("socket,path={},id=iv", socket.display());
+        let args = [
+            "-machine",
+            "q35",
+            "-device",
+            "intel-iommu",
+            "-chardev",
+            &chardev,
+            "-device",
+            "ivshmem-doorbell,chardev=iv,vectors=1",
+        ];
+        let agent = Self::boot(&dir, "intel_iommu=on agent_args=--wakeup,vfio", &args);
+        let peer = server.accept().expect("QEMU connects");
+        Self::with(dir, Memory::Server(server, peer), host, agent)
+    }
+
+    fn with(dir: PathBuf, shm: Memory, host: HostEndpoint, agent: Child) -> Self {
+        Self {
+            config: dir.join("unused"),
+            dir,
+            shm,
+            host,
+            agent: Some(agent),
+            next_request: 1,
+            backlog: Vec::new(),
+        }
+    }
+
+    fn boot(dir: &Path, cmdline: &str, args: &[&str]) -> Child {
         let vm = PathBuf::from(std::env::var("PORTLESS_VM_DIR").expect("PORTLESS_VM_DIR"));
         let log = File::create(dir.join("agent.log")).expect("log file");
-        let child = Command::new("qemu-system-x86_64")
+        Command::new("qemu-system-x86_64")
             .args([
                 "-accel",
                 "tcg",
@@ -284,25 +347,58 @@ impl Harness {
             .arg(vm.join("vmlinuz"))
             .arg("-initrd")
             .arg(vm.join("initrd.gz"))
-            .arg("-object")
-            .arg(format!(
-                "memory-backend-file,id=m,size={REGION},share=on,mem-path={}",
-                shm_path.display()
-            ))
-            .args(qemu_args)
+            .arg("-append")
+            .arg(format!("console=ttyS0 quiet {cmdline}"))
+            .args(args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(Stdio::null())
             .spawn()
-            .expect("start qemu");
-        Self {
-            dir: dir.clone(),
-            shm,
-            host,
-            agent: Some(child),
-            config: dir.join("unused"),
-            next_request: 1,
-            backlog: Vec::new(),
+            .expect("start qemu")
+    }
+
+    /// Rings the guest if the last sends call for it and the guest can be rung.
+    pub fn kick(&mut self) {
+        if self.host.take_kick(&*self.shm)
+            && let Memory::Server(server, peer) = &self.shm
+        {
+            server.ring(*peer, 0).expect("ring guest");
+        }
+    }
+
+    /// Arms the host's doorbell and sleeps on it (no polling) until the guest rings or
+    /// `timeout` passes; returns whether it rang (or data was already there).
+    pub fn wait_rung(&mut self, timeout: Duration) -> bool {
+        let Memory::Server(server, _) = &self.shm else {
+            return false;
+        };
+        let fd = server.host_event(0).expect("vector 0");
+        let may_sleep = self
+            .host
+            .prepare_wait(&*self.shm, None)
+            .expect("valid ring");
+        let rung = !may_sleep || {
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, ms) == 1 }
+        };
+        host_shim::ivshmem::take_eventfd(fd);
+        self.host.end_wait(&*self.shm);
+        rung
+    }
+
+    /// Doorbells the guest rang since the last call (interrupt mode only).
+    pub fn rings_from_guest(&self) -> u64 {
+        match &self.shm {
+            Memory::Server(server, _) => server
+                .host_event(0)
+                .map_or(0, host_shim::ivshmem::take_eventfd),
+            Memory::File(_) => 0,
         }
     }
 
@@ -348,7 +444,10 @@ impl Harness {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match self.host.send(&*self.shm, msg) {
-                Ok(()) => return,
+                Ok(()) => {
+                    self.kick();
+                    return;
+                }
                 Err(ring_protocol::SendError::Full { .. }) => {
                     self.pump();
                     assert!(Instant::now() < deadline, "ring stayed full");
@@ -369,7 +468,11 @@ impl Harness {
                     self.backlog.push(Event::from(&msg));
                     any = true;
                 }
-                Ok(None) => return any,
+                Ok(None) => {
+                    // Consuming may free space a waiting agent needs.
+                    self.kick();
+                    return any;
+                }
                 Err(e) => panic!("recv: {e}"),
             }
         }

@@ -1,0 +1,240 @@
+//! The host as an ivshmem server (QEMU's `ivshmem-doorbell` device connects to it): it owns
+//! the shared memory (a memfd), hands it and the doorbell eventfds to QEMU over a unix socket
+//! (docs/specs/ivshmem-spec.rst in QEMU), rings the guest by writing the guest's eventfd and
+//! is rung through its own. The host is peer 0; each QEMU that connects gets the next id.
+//!
+//! This module and `sys` hold the crate's `unsafe` code (mapping memory, passing descriptors).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+
+use ring_protocol::MappedRegion;
+
+/// The host's own peer id.
+pub const HOST_PEER: u16 = 0;
+
+/// A shared mapping of a descriptor, unmapped on drop.
+pub struct Mapping {
+    region: MappedRegion,
+    len: usize,
+}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` shared and read-write.
+    pub fn new(fd: RawFd, len: usize) -> io::Result<Self> {
+        // SAFETY: a new mapping at an address the kernel chooses aliases nothing in this
+        // program; failure is reported as MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = std::ptr::NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
+        // SAFETY: the mapping lives until `drop`, after the region (a field of `self`) can no
+        // longer be used; nothing in this program makes references into it.
+        let region = unsafe { MappedRegion::new(base, len) }
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        Ok(Self { region, len })
+    }
+
+    /// The mapping as shared memory.
+    pub fn region(&self) -> &MappedRegion {
+        &self.region
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped; the region is not used afterwards.
+        unsafe { libc::munmap(self.region.as_ptr().cast(), self.len) };
+    }
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// A new eventfd.
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain values.
+    let fd = check(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+    // SAFETY: just created, owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds 1 to an eventfd.
+pub fn signal_eventfd(fd: RawFd) -> io::Result<()> {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: `one` is 8 readable bytes.
+    let n = unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+    if n == 8 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Reads and clears an eventfd's count (0 if it was not signalled).
+pub fn take_eventfd(fd: RawFd) -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: `b` is 8 writable bytes.
+    let n = unsafe { libc::read(fd, b.as_mut_ptr().cast(), b.len()) };
+    if n == 8 { u64::from_ne_bytes(b) } else { 0 }
+}
+
+/// Sends one 8-byte little-endian integer, with `fd` attached if given.
+fn send_msg(stream: &UnixStream, value: i64, fd: Option<RawFd>) -> io::Result<()> {
+    let payload = value.to_le_bytes();
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr().cast_mut().cast(),
+        iov_len: payload.len(),
+    };
+    // Room for one SCM_RIGHTS descriptor, aligned for cmsghdr.
+    let mut control = [0u64; 4];
+    // SAFETY: `msghdr` is plain data; zeroed is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some(fd) = fd {
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        let space = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: `msg` has a control buffer of `space` bytes (<= 32), so the first header
+        // fits in it.
+        let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+        if cmsg.is_null() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: `cmsg` points at the start of `control`, large enough for a header and
+        // one descriptor (CMSG_SPACE above).
+        unsafe {
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as _;
+            libc::CMSG_DATA(cmsg).cast::<RawFd>().write_unaligned(fd);
+        }
+    }
+    // SAFETY: `msg` points at `iov` and `control`, both alive for the call.
+    let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, 0) };
+    if n == 8 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// One connected QEMU.
+pub struct Peer {
+    /// Its ivshmem peer id.
+    pub id: u16,
+    /// Written to interrupt it, one per vector.
+    events: Vec<OwnedFd>,
+    /// Kept open: closing it tells QEMU the server is gone.
+    _stream: UnixStream,
+}
+
+/// The ivshmem server for one region.
+pub struct Server {
+    listener: UnixListener,
+    memfd: OwnedFd,
+    mapping: Mapping,
+    vectors: u32,
+    /// The host's eventfds, one per vector: readable when a guest rings vector `n`.
+    host_events: Vec<OwnedFd>,
+    peers: Vec<Peer>,
+}
+
+impl Server {
+    /// Creates the shared memory (`size` bytes) and listens on `socket` (replacing a stale
+    /// socket file). QEMU must be started after this.
+    pub fn new(socket: &Path, size: usize, vectors: u32) -> io::Result<Self> {
+        // SAFETY: the name is a NUL-terminated literal.
+        let fd =
+            check(unsafe { libc::memfd_create(c"portless-region".as_ptr(), libc::MFD_CLOEXEC) })?;
+        // SAFETY: just created, owned by nothing else.
+        let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let len = i64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: plain values on a descriptor we own.
+        check(unsafe { libc::ftruncate(memfd.as_raw_fd(), len) })?;
+        let mapping = Mapping::new(memfd.as_raw_fd(), size)?;
+        let _ = std::fs::remove_file(socket);
+        let listener = UnixListener::bind(socket)?;
+        let host_events = (0..vectors).map(|_| eventfd()).collect::<io::Result<_>>()?;
+        Ok(Self {
+            listener,
+            memfd,
+            mapping,
+            vectors,
+            host_events,
+            peers: Vec::new(),
+        })
+    }
+
+    /// The shared memory.
+    pub fn region(&self) -> &MappedRegion {
+        self.mapping.region()
+    }
+
+    /// The host's eventfd for `vector`, readable when a guest rings it.
+    pub fn host_event(&self, vector: u32) -> Option<RawFd> {
+        self.host_events
+            .get(vector as usize)
+            .map(AsRawFd::as_raw_fd)
+    }
+
+    /// Waits for the next QEMU to connect and gives it the memory and the eventfds.
+    pub fn accept(&mut self) -> io::Result<u16> {
+        let (stream, _) = self.listener.accept()?;
+        let id =
+            u16::try_from(self.peers.len() + 1).map_err(|_| io::Error::other("too many peers"))?;
+        let events: Vec<OwnedFd> = (0..self.vectors)
+            .map(|_| eventfd())
+            .collect::<io::Result<_>>()?;
+        send_msg(&stream, 0, None)?; // protocol version
+        send_msg(&stream, i64::from(id), None)?;
+        send_msg(&stream, -1, Some(self.memfd.as_raw_fd()))?;
+        // The host as peer 0, then the client's own vectors (which it will listen on).
+        for e in &self.host_events {
+            send_msg(&stream, i64::from(HOST_PEER), Some(e.as_raw_fd()))?;
+        }
+        for e in &events {
+            send_msg(&stream, i64::from(id), Some(e.as_raw_fd()))?;
+        }
+        self.peers.push(Peer {
+            id,
+            events,
+            _stream: stream,
+        });
+        Ok(id)
+    }
+
+    /// Interrupts guest `peer` on `vector`.
+    pub fn ring(&self, peer: u16, vector: u32) -> io::Result<()> {
+        let p = self
+            .peers
+            .iter()
+            .find(|p| p.id == peer)
+            .ok_or_else(|| io::Error::other("no such peer"))?;
+        let e = p
+            .events
+            .get(vector as usize)
+            .ok_or_else(|| io::Error::other("no such vector"))?;
+        signal_eventfd(e.as_raw_fd())
+    }
+}

@@ -1,0 +1,6 @@
+//! The Portless host: the pieces of the `portless` daemon that other crates' tests use too.
+//!
+//! - [`ivshmem`]: the ivshmem server that QEMU's `ivshmem-doorbell` device connects to.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod ivshmem;
