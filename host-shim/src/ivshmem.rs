@@ -121,8 +121,9 @@ fn send_msg(stream: &UnixStream, value: i64, fd: Option<RawFd>) -> io::Result<()
         if cmsg.is_null() {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
+        #[allow(clippy::multiple_unsafe_ops_per_block)] // one header, one justification
         // SAFETY: `cmsg` points at the start of `control`, large enough for a header and
-        // one descriptor (CMSG_SPACE above).
+        // one descriptor (CMSG_SPACE above); this fills in that header and descriptor.
         unsafe {
             (*cmsg).cmsg_level = libc::SOL_SOCKET;
             (*cmsg).cmsg_type = libc::SCM_RIGHTS;
