@@ -4,6 +4,7 @@
 
 mod footprint;
 mod fuzz;
+mod image;
 mod test;
 
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ commands:
                          toolchain with miri is installed) and a short fuzz run (--quick
                          skips loom, miri and fuzzing)
   fuzz [--seconds N]     run every fuzz target for N seconds each (default 30)
+  image                  build the VM test image (kernel and initramfs) into target/vm
   footprint              build the static portless-agent, print its size and resident
                          memory idle and streaming, check the targets
   help                   this text
@@ -34,6 +36,7 @@ fn main() -> Result<()> {
         "test" => test::run(&sh, &test::Options::parse(&rest)?),
         "fuzz" => fuzz::run(&sh, parse_seconds(&rest, 30)?),
         "footprint" => footprint::run(&sh),
+        "image" => image::build(&sh).map(|_| ()),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())

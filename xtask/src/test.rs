@@ -66,6 +66,17 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
 
     crate::footprint::run(sh)?;
 
+    let image = crate::image::build(sh)?;
+    step("VM tests: the agent on ivshmem-plain (polling) and ivshmem-doorbell (VFIO interrupts)");
+    {
+        let _vm = sh.push_env("PORTLESS_VM_DIR", &image.dir);
+        cmd!(
+            sh,
+            "cargo test --locked -p agent-linux --test vm -- --ignored --test-threads 1 --nocapture"
+        )
+        .run()?;
+    }
+
     if !opts.quick {
         step("loom model of the notify/sleep race");
         let _flags = sh.push_env("RUSTFLAGS", "--cfg loom");
