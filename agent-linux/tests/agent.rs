@@ -483,3 +483,91 @@ fn commands_run_as_the_configured_user_and_group() {
     let run = h.run("whoami-by-name", &[]);
     assert_eq!(run.stdout, b"65534\n");
 }
+
+#[test]
+fn the_agent_waits_for_the_host_and_follows_its_restarts_and_resets() {
+    use ring_protocol::layout::offsets;
+    use ring_protocol::{HostEndpoint, SharedMemory};
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut h = Harness::start("host-lifecycle", CONFIG);
+    h.hello();
+    // A host process that starts over from scratch: the agent re-attaches and greets again.
+    h.host = HostEndpoint::create(&*h.shm, 2).expect("valid region");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while h.host.is_resetting() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent never detached"
+        );
+        h.host.try_finish_reset(&*h.shm, false);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    h.backlog.clear();
+    h.hello();
+    // A corrupt ring: the agent asks for a reset, the host carries it out, all is well again.
+    let epoch = h.host.epoch();
+    h.shm.store(offsets::H2G_PROD, 0x7777_7770, Relaxed);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !h.host.reset_requested(&*h.shm) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reset request:\n{}",
+            h.log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    h.host.begin_reset(&*h.shm);
+    while !h.host.try_finish_reset(&*h.shm, false) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent never detached"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_ne!(h.host.epoch(), epoch);
+    h.backlog.clear();
+    h.hello();
+    assert_eq!(h.run("true", &[]).outcome(), Outcome::Exited(0));
+    assert!(
+        h.log().contains("corrupt"),
+        "the agent logged why:\n{}",
+        h.log()
+    );
+}
+
+#[test]
+fn an_agent_started_before_the_host_waits_for_it() {
+    let dir = common::scratch_dir("agent-first");
+    let region = dir.join("region");
+    let file = std::fs::File::create(&region).expect("create");
+    file.set_len(common::REGION as u64).expect("size");
+    drop(file);
+    std::fs::write(dir.join("allow-list.toml"), CONFIG).expect("config");
+    let log = std::fs::File::create(dir.join("agent.log")).expect("log");
+    let mut agent = std::process::Command::new(common::agent_binary())
+        .arg("--shm-file")
+        .arg(&region)
+        .arg("--config")
+        .arg(dir.join("allow-list.toml"))
+        .stderr(log)
+        .spawn()
+        .expect("start agent");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        agent.try_wait().expect("wait").is_none(),
+        "the agent gave up on a zeroed region"
+    );
+    let shm = common::SharedFile::create_existing(&region, common::REGION);
+    let mut host = ring_protocol::HostEndpoint::create(&*shm, 1).expect("valid region");
+    let mut buf = ring_protocol::frame_buf();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(ring_protocol::AgentToHost::Hello(_))) = host.recv(&*shm, &mut buf) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no hello");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+}

@@ -36,6 +36,20 @@ impl SharedFile {
             .open(path)
             .expect("create shm file");
         file.set_len(len as u64).expect("size shm file");
+        Self::map(&file, len)
+    }
+
+    /// Maps an existing file (one an agent may already have mapped).
+    pub fn create_existing(path: &Path, len: usize) -> Self {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .open(path)
+            .expect("open shm file");
+        Self::map(&file, len)
+    }
+
+    fn map(file: &File, len: usize) -> Self {
         // SAFETY: a fresh shared mapping of a file we just sized; nothing else in this process
         // refers to the memory, which stays mapped until `drop`.
         let ptr = unsafe {
