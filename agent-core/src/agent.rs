@@ -29,7 +29,8 @@ pub const OUTPUT_CHUNK: usize = 4096;
 /// command listing fits in it.
 pub const REPLY_RESERVE: u32 = 1024;
 /// How long to keep reading the pipes of a process that has exited while something it left
-/// behind still holds them open.
+/// behind still holds them open. Output held back by a full ring is still read in full: the
+/// grace only ends the wait for an empty pipe to close.
 pub const DRAIN_GRACE_MS: u64 = 2000;
 /// Longest pushed program name.
 pub const MAX_PUSH_NAME: usize = 64;
@@ -137,6 +138,8 @@ struct Push {
     hasher: Sha256,
     /// Already answered with a failure: later chunks are dropped, the commit says BadPush.
     failed: bool,
+    /// The configuration revision it began under.
+    config_revision: u32,
 }
 
 struct Listing {
@@ -231,7 +234,8 @@ impl<P: Platform> Agent<P> {
     }
 
     /// Puts a new configuration in force (the old one is left in `config`). Running
-    /// executions carry on under the rules they started with. Call
+    /// executions carry on under the rules they started with; a program push in progress
+    /// fails at its commit (`Failed`), as its file is staged under the old rules. Call
     /// [`announce_config`](Self::announce_config) to tell the host.
     pub fn swap_config(&mut self, config: &mut Config) {
         core::mem::swap(&mut self.config, config);
@@ -743,6 +747,8 @@ impl<P: Platform> Agent<P> {
         let output_frame = u32::try_from(frame_len(OUTPUT_CHUNK + 64)).unwrap_or(u32::MAX);
         let mut i = 0;
         while let Some(exec) = self.running.get_mut(i) {
+            // A pipe not read to the end for lack of room in the ring.
+            let mut held_back = false;
             // Output first, so that it precedes the exit.
             for (k, stream) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
                 while let Some(process) = exec.process.as_mut() {
@@ -754,6 +760,7 @@ impl<P: Platform> Agent<P> {
                     }
                     if ep.tx_free(mem)? < output_frame {
                         act.need(output_frame);
+                        held_back = true;
                         break;
                     }
                     match platform.read_output(process, stream, &mut self.chunk) {
@@ -837,8 +844,10 @@ impl<P: Platform> Agent<P> {
             {
                 act.wake_at(at.saturating_add(DRAIN_GRACE_MS));
             }
-            // Finish.
-            if exec.drained(now) {
+            // Finish. The drain grace gives up on a pipe that stays open but empty, never on
+            // output still waiting in a pipe because the host has not made room for it: that
+            // would drop it, untold, however soon the host reads.
+            if exec.drained(now) && !held_back {
                 let finished = exec.finished(now);
                 let id = exec.id;
                 let msg = AgentToHost::Exit {
@@ -920,6 +929,7 @@ impl<P: Platform> Agent<P> {
             expected: sha256,
             hasher: Sha256::new(),
             failed: false,
+            config_revision: self.config_revision,
         });
         Ok(())
     }
@@ -989,7 +999,9 @@ impl<P: Platform> Agent<P> {
         mem: &M,
         platform: &mut P,
     ) -> Result<(), ChannelError> {
-        let Some(push) = self.push.take().filter(|p| p.id == push_id) else {
+        // Take the push only if it is the one named: a commit for another push (one refused
+        // as Busy, say) must not end the push in progress.
+        let Some(push) = self.push.take_if(|p| p.id == push_id) else {
             return self.push_failed(
                 push_id,
                 Rejection::BadPush,
@@ -1008,6 +1020,13 @@ impl<P: Platform> Agent<P> {
                 mem,
                 platform,
             );
+        }
+        if push.config_revision != self.config_revision {
+            // Begun under an earlier allow-list: the file is staged in that one's directory,
+            // and the new one may not allow pushes at all. Storing it, or running
+            // `<new dir>/<name>`, would mix the two; the host pushes again.
+            let _ = platform.push_finish(false);
+            return self.push_failed(push_id, Rejection::Failed, &push.name, ep, mem, platform);
         }
         if push.received != push.size {
             let _ = platform.push_finish(false);
