@@ -159,6 +159,7 @@ pub struct Agent<P: Platform> {
     push: Option<Push>,
     listing: Option<Listing>,
     incompatible: bool,
+    interrupts: bool,
     counters: AgentCounters,
     chunk: [u8; OUTPUT_CHUNK],
 }
@@ -187,6 +188,7 @@ impl<P: Platform> Agent<P> {
             push: None,
             listing: None,
             incompatible: false,
+            interrupts: false,
             counters: AgentCounters::default(),
             chunk: [0; OUTPUT_CHUNK],
         }
@@ -247,8 +249,17 @@ impl<P: Platform> Agent<P> {
         self.config_revision
     }
 
+    /// Says whether the platform wakes the agent by interrupt (announced in the hello as
+    /// [`Capabilities::INTERRUPTS`]; a host may then stop expecting it to poll).
+    pub fn set_interrupts(&mut self, interrupts: bool) {
+        self.interrupts = interrupts;
+    }
+
     fn capabilities(&self) -> Capabilities {
-        let caps = Capabilities::METRICS.union(Capabilities::CANCEL);
+        let mut caps = Capabilities::METRICS.union(Capabilities::CANCEL);
+        if self.interrupts {
+            caps = caps.union(Capabilities::INTERRUPTS);
+        }
         if self.config.push_settings().enabled {
             caps.union(Capabilities::PUSH)
         } else {
@@ -427,16 +438,18 @@ impl<P: Platform> Agent<P> {
                     reply: false,
                 };
                 self.incompatible = ours.negotiate(&h).is_none();
+                // Every hello that is not itself a reply gets one (PROTOCOL.md 5.6), so that
+                // the host learns our version range even when there is no overlap.
+                if !h.reply {
+                    let hello = self.hello(true);
+                    self.reply(ep, mem, &hello)?;
+                }
                 if self.incompatible {
                     let err = ProtocolError {
                         code: ErrorCode::UnsupportedVersion,
                         detail: "no protocol version in common",
                     };
                     return self.reply(ep, mem, &AgentToHost::Error(err));
-                }
-                if !h.reply {
-                    let hello = self.hello(true);
-                    return self.reply(ep, mem, &hello);
                 }
                 Ok(())
             }
@@ -1124,7 +1137,8 @@ fn spawn_command<P: Platform>(
     for kv in cmd.env() {
         env.push(kv).map_err(|_| Rejection::Failed)?;
     }
-    let timeout = match (cmd.timeout_ms(), req.timeout_ms) {
+    // A request's timeout of 0 means "none of its own", as 0 does in the config.
+    let timeout = match (cmd.timeout_ms(), req.timeout_ms.filter(|t| *t > 0)) {
         (0, t) => t,
         (c, None) => Some(c),
         (c, Some(t)) => Some(c.min(t)),

@@ -216,8 +216,9 @@ fn answers_a_greeting_but_never_a_reply() {
 #[test]
 fn incompatible_versions_refuse_every_request_until_a_compatible_hello() {
     let mut rig = Rig::standard();
+    // The hello is answered (so the host sees the agent's range), then refused.
     rig.request(&host_hello(2, 3, false));
-    rig.expect(&[UNSUPPORTED]);
+    rig.expect(&[agent_hello(CAPS_WITH_PUSH, 1, true), UNSUPPORTED]);
 
     let sha = [0; 32];
     let requests = [
@@ -261,7 +262,7 @@ fn incompatible_versions_refuse_every_request_until_a_compatible_hello() {
     rig.request(&host_hello(2, 2, true));
     rig.expect(&[UNSUPPORTED]);
     rig.request(&host_hello(0, 0, false));
-    rig.expect(&[UNSUPPORTED]);
+    rig.expect(&[agent_hello(CAPS_WITH_PUSH, 1, true), UNSUPPORTED]);
     rig.request(&HostToAgent::Ping { nonce: 8 });
     rig.expect(&[UNSUPPORTED]);
 
@@ -273,7 +274,7 @@ fn incompatible_versions_refuse_every_request_until_a_compatible_hello() {
 
     // So does a compatible reply Hello, which is itself not answered.
     rig.request(&host_hello(5, 6, false));
-    rig.expect(&[UNSUPPORTED]);
+    rig.expect(&[agent_hello(CAPS_WITH_PUSH, 1, true), UNSUPPORTED]);
     rig.request(&host_hello(1, 1, true));
     rig.expect_nothing();
     rig.request(&HostToAgent::Ping { nonce: 10 });

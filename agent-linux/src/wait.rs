@@ -118,6 +118,7 @@ pub(crate) fn run(
         generation,
         r.agent.config().command_count()
     ));
+    r.agent.set_interrupts(channel.interrupt_fd().is_some());
     let mut refused = None;
     while let Some(mut ep) = r.attach(&channel, &mut refused) {
         r.platform
