@@ -8,7 +8,7 @@
 //! `write`; nothing is dropped. Likewise a request is taken from the ring only when its
 //! reply fits.
 //!
-//! Capacities, all fixed: [`MAX_RUNNING`](crate::config::MAX_RUNNING) executions at once (the
+//! Capacities, all fixed: [`MAX_RUNNING`] executions at once (the
 //! config's `max_running` may lower it), [`MAX_FINISHED`] finished ones remembered for status
 //! queries, one program push at a time, and no output buffered per execution beyond the
 //! kernel's pipe: output moves from the pipe to the ring through one shared
