@@ -44,6 +44,14 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
     )
     .run()?;
 
+    step("cargo doc -D warnings");
+    {
+        let _flags = sh.push_env("RUSTDOCFLAGS", "-D warnings");
+        cmd!(sh, "cargo doc --workspace --no-deps --locked")
+            .quiet()
+            .run()?;
+    }
+
     step("cargo test");
     cmd!(sh, "cargo test --workspace --locked").run()?;
 
