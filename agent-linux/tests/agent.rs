@@ -486,8 +486,8 @@ fn commands_run_as_the_configured_user_and_group() {
 
 #[test]
 fn the_agent_waits_for_the_host_and_follows_its_restarts_and_resets() {
+    use ring_protocol::HostEndpoint;
     use ring_protocol::layout::offsets;
-    use ring_protocol::{HostEndpoint, SharedMemory};
     use std::sync::atomic::Ordering::Relaxed;
     let mut h = Harness::start("host-lifecycle", CONFIG);
     h.hello();

@@ -3,63 +3,18 @@
 //! (docs/specs/ivshmem-spec.rst in QEMU), rings the guest by writing the guest's eventfd and
 //! is rung through its own. The host is peer 0; each QEMU that connects gets the next id.
 //!
-//! This module and `sys` hold the crate's `unsafe` code (mapping memory, passing descriptors).
+//! This module holds the crate's `unsafe` code: creating descriptors and passing them over
+//! the socket. The memory itself is mapped with `vm-memory` (see [`crate::memory`]).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
-use ring_protocol::MappedRegion;
+use crate::memory::GuestRegion;
 
 /// The host's own peer id.
 pub const HOST_PEER: u16 = 0;
-
-/// A shared mapping of a descriptor, unmapped on drop.
-pub struct Mapping {
-    region: MappedRegion,
-    len: usize,
-}
-
-impl Mapping {
-    /// Maps `len` bytes of `fd` shared and read-write.
-    pub fn new(fd: RawFd, len: usize) -> io::Result<Self> {
-        // SAFETY: a new mapping at an address the kernel chooses aliases nothing in this
-        // program; failure is reported as MAP_FAILED.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base = std::ptr::NonNull::new(ptr.cast::<u8>())
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
-        // SAFETY: the mapping lives until `drop`, after the region (a field of `self`) can no
-        // longer be used; nothing in this program makes references into it.
-        let region = unsafe { MappedRegion::new(base, len) }
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        Ok(Self { region, len })
-    }
-
-    /// The mapping as shared memory.
-    pub fn region(&self) -> &MappedRegion {
-        &self.region
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly what `new` mapped; the region is not used afterwards.
-        unsafe { libc::munmap(self.region.as_ptr().cast(), self.len) };
-    }
-}
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
@@ -154,7 +109,7 @@ pub struct Peer {
 pub struct Server {
     listener: UnixListener,
     memfd: OwnedFd,
-    mapping: Mapping,
+    mapping: GuestRegion,
     vectors: u32,
     /// The host's eventfds, one per vector: readable when a guest rings vector `n`.
     host_events: Vec<OwnedFd>,
@@ -173,7 +128,7 @@ impl Server {
         let len = i64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: plain values on a descriptor we own.
         check(unsafe { libc::ftruncate(memfd.as_raw_fd(), len) })?;
-        let mapping = Mapping::new(memfd.as_raw_fd(), size)?;
+        let mapping = GuestRegion::from_file(std::fs::File::from(memfd.try_clone()?), size)?;
         let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket)?;
         let host_events = (0..vectors).map(|_| eventfd()).collect::<io::Result<_>>()?;
@@ -188,8 +143,8 @@ impl Server {
     }
 
     /// The shared memory.
-    pub fn region(&self) -> &MappedRegion {
-        self.mapping.region()
+    pub fn region(&self) -> &GuestRegion {
+        &self.mapping
     }
 
     /// The host's eventfd for `vector`, readable when a guest rings it.

@@ -217,10 +217,10 @@ pub enum Memory {
 }
 
 impl std::ops::Deref for Memory {
-    type Target = MappedRegion;
-    fn deref(&self) -> &MappedRegion {
+    type Target = dyn ring_protocol::SharedMemory;
+    fn deref(&self) -> &Self::Target {
         match self {
-            Self::File(f) => f,
+            Self::File(f) => &**f,
             Self::Server(s, _) => s.region(),
         }
     }
