@@ -24,8 +24,8 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-/// A new eventfd.
-fn eventfd() -> io::Result<OwnedFd> {
+/// A new non-blocking eventfd.
+pub fn eventfd() -> io::Result<OwnedFd> {
     // SAFETY: plain values.
     let fd = check(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
     // SAFETY: just created, owned by nothing else.
@@ -42,6 +42,13 @@ pub fn signal_eventfd(fd: RawFd) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Waits up to `timeout_ms` for one of `fds` (fills `revents`).
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> usize {
+    // SAFETY: `fds` is valid for `fds.len()` entries for the duration of the call.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    usize::try_from(n).unwrap_or(0)
 }
 
 /// Reads and clears an eventfd's count (0 if it was not signalled).
@@ -154,9 +161,31 @@ impl Server {
             .map(AsRawFd::as_raw_fd)
     }
 
+    /// The listening socket, readable when a QEMU connects.
+    pub fn listener_fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+
+    /// Accepts a QEMU that is connecting, if one is, without waiting.
+    pub fn try_accept(&mut self) -> io::Result<Option<u16>> {
+        self.listener.set_nonblocking(true)?;
+        let accepted = self.listener.accept();
+        self.listener.set_nonblocking(false)?;
+        match accepted {
+            Ok((stream, _)) => self.welcome(stream).map(Some),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Waits for the next QEMU to connect and gives it the memory and the eventfds.
     pub fn accept(&mut self) -> io::Result<u16> {
         let (stream, _) = self.listener.accept()?;
+        self.welcome(stream)
+    }
+
+    fn welcome(&mut self, stream: UnixStream) -> io::Result<u16> {
+        stream.set_nonblocking(false)?;
         let id =
             u16::try_from(self.peers.len() + 1).map_err(|_| io::Error::other("too many peers"))?;
         let events: Vec<OwnedFd> = (0..self.vectors)

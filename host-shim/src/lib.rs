@@ -2,7 +2,15 @@
 //!
 //! - [`ivshmem`]: the ivshmem server that QEMU's `ivshmem-doorbell` device connects to.
 //! - [`memory`]: guest memory mapped with `vm-memory`, as the channel's shared memory.
+//! - [`config`]: `host.toml`, the daemon's configuration.
+//! - [`policy`]: who may do what on which VM.
+//! - [`records`]: executions, their output and the audit log, in SQLite.
+//! - [`vm`]: one VM's driver: its channel, its agent's life, the requests in flight.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod config;
 pub mod ivshmem;
 pub mod memory;
+pub mod policy;
+pub mod records;
+pub mod vm;

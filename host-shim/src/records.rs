@@ -1,0 +1,1101 @@
+//! The daemon's durable records: every execution (who ran what where, when, how it ended, and
+//! its output up to a cap per stream) and an audit entry for every API call, in an embedded
+//! SQLite database (`portless.db`) in the state directory.
+//!
+//! The records are what make a daemon restart lose nothing: they reload as they were, and
+//! executions still running in a guest are found again by their agent execution id
+//! (generation, counter) through [`Records::find_by_agent_id`] and [`Records::unfinished`],
+//! then finish normally through [`Records::finish`], which records an end only once.
+//!
+//! # Schema (version [`SCHEMA_VERSION`], kept in `PRAGMA user_version`)
+//!
+//! - `executions`: one row per execution; the id is `INTEGER PRIMARY KEY AUTOINCREMENT`, so an
+//!   id is never handed out twice. Arguments are a JSON array of strings. Per stream the row
+//!   holds `*_stored` (bytes kept) and `*_total` (bytes produced); the stream is truncated
+//!   when fewer were kept than produced. `output_cap` is the cap in force when the execution
+//!   was created, so a restart with another cap never leaves a hole in a stream.
+//! - `output`: the kept bytes as chunks keyed by `(execution, stream, offset)`, one row per
+//!   append, so appending never rewrites what is already stored. The chunks of a stream are
+//!   contiguous from offset 0 and end at `*_stored`.
+//! - `audit`: one row per API call, allowed or denied.
+//!
+//! # Durability
+//!
+//! The database runs in WAL mode with `synchronous = NORMAL`: every committed change survives
+//! the daemon crashing or being killed; a power loss may lose the last few commits but never
+//! corrupts the database. Each call is one transaction.
+
+use std::fmt;
+use std::fs::{DirBuilder, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use rusqlite::types::{
+    FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, Type, Value, ValueRef,
+};
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
+use serde::{Deserialize, Serialize};
+
+/// The name of the database file in the state directory.
+pub const DB_FILE_NAME: &str = "portless.db";
+
+/// The default cap on the output kept per stream of one execution: 16 MiB.
+pub const DEFAULT_OUTPUT_CAP: u64 = 16 * 1024 * 1024;
+
+/// The schema version this build writes (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// How long a call waits for a lock held by another connection before it fails.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The migrations, in order: `MIGRATIONS[n]` takes the schema from version `n` to `n + 1`.
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [r#"
+CREATE TABLE executions (
+    id                INTEGER PRIMARY KEY AUTOINCREMENT,
+    principal         TEXT    NOT NULL,
+    vm                TEXT    NOT NULL,
+    command           TEXT    NOT NULL,
+    args              TEXT    NOT NULL,
+    state             TEXT    NOT NULL,
+    requested_at_ms   INTEGER NOT NULL,
+    started_at_ms     INTEGER,
+    finished_at_ms    INTEGER,
+    duration_ms       INTEGER,
+    exit_code         INTEGER,
+    signal            INTEGER,
+    detail            TEXT,
+    agent_generation  INTEGER,
+    agent_counter     INTEGER,
+    output_cap        INTEGER NOT NULL,
+    stdout_stored     INTEGER NOT NULL DEFAULT 0,
+    stdout_total      INTEGER NOT NULL DEFAULT 0,
+    stderr_stored     INTEGER NOT NULL DEFAULT 0,
+    stderr_total      INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX executions_by_vm ON executions (vm, id);
+CREATE INDEX executions_by_principal ON executions (principal, id);
+CREATE INDEX executions_by_state ON executions (state, id);
+CREATE UNIQUE INDEX executions_by_agent_id
+    ON executions (vm, agent_generation, agent_counter)
+    WHERE agent_generation IS NOT NULL;
+
+CREATE TABLE output (
+    execution  INTEGER NOT NULL REFERENCES executions (id) ON DELETE CASCADE,
+    stream     INTEGER NOT NULL,
+    offset     INTEGER NOT NULL,
+    data       BLOB    NOT NULL,
+    PRIMARY KEY (execution, stream, offset)
+);
+
+CREATE TABLE audit (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms      INTEGER NOT NULL,
+    principal  TEXT,
+    caller     TEXT    NOT NULL,
+    action     TEXT    NOT NULL,
+    target     TEXT,
+    allowed    INTEGER NOT NULL,
+    reason     TEXT
+);
+CREATE INDEX audit_by_time ON audit (at_ms, id);
+CREATE INDEX audit_by_principal ON audit (principal, id);
+"#];
+
+/// The columns of `executions` that [`record_from_row`] reads, in its order.
+const EXECUTION_COLUMNS: &str = "id, principal, vm, command, args, state, requested_at_ms, \
+     started_at_ms, finished_at_ms, duration_ms, exit_code, signal, detail, agent_generation, \
+     agent_counter, output_cap, stdout_stored, stdout_total, stderr_stored, stderr_total";
+
+/// What can go wrong with the records.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordsError {
+    /// The state directory could not be created, or the database file in it could not be.
+    #[error("cannot create {path}: {source}")]
+    Create {
+        /// The directory or file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// SQLite failed.
+    #[error("database: {0}")]
+    Database(#[from] rusqlite::Error),
+    /// The database was written by a newer build (or its version is nonsense).
+    #[error("database schema version {found} is not one this build knows (0 to {supported})")]
+    UnsupportedSchema {
+        /// The version in the file.
+        found: i64,
+        /// The newest version this build knows.
+        supported: i64,
+    },
+    /// No execution has this id.
+    #[error("no execution {0}")]
+    UnknownExecution(ExecutionId),
+    /// [`Records::mark_accepted`] on an execution that is no longer pending.
+    #[error("execution {id} is {state}, not pending")]
+    NotPending {
+        /// The execution.
+        id: ExecutionId,
+        /// Its state.
+        state: ExecState,
+    },
+    /// [`Records::mark_accepted`] with an agent execution id another execution already has.
+    #[error(
+        "agent execution {generation:08x}-{counter:08x} on {vm} is already execution {existing}"
+    )]
+    AgentIdInUse {
+        /// The VM.
+        vm: String,
+        /// The agent generation.
+        generation: u32,
+        /// The agent's counter.
+        counter: u32,
+        /// The execution that has it.
+        existing: ExecutionId,
+    },
+    /// [`Records::finish`] with a state that is not final.
+    #[error("{0} is not a final state")]
+    NotFinal(ExecState),
+    /// An output chunk starts beyond the end of what was received: bytes are missing.
+    #[error(
+        "execution {id} {stream}: chunk at offset {offset}, but only {received} bytes received"
+    )]
+    OutputGap {
+        /// The execution.
+        id: ExecutionId,
+        /// The stream.
+        stream: OutputStream,
+        /// Where the chunk starts.
+        offset: u64,
+        /// Bytes of the stream received so far.
+        received: u64,
+    },
+    /// An output chunk's end does not fit in a `u64` (or in SQLite's `i64`).
+    #[error("execution {id} {stream}: chunk at offset {offset} overflows")]
+    OutputOverflow {
+        /// The execution.
+        id: ExecutionId,
+        /// The stream.
+        stream: OutputStream,
+        /// Where the chunk starts.
+        offset: u64,
+    },
+    /// Stored records are inconsistent (chunks missing, say).
+    #[error("corrupt records: {0}")]
+    Corrupt(String),
+}
+
+/// The id of an execution in the records: a positive integer, never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ExecutionId(pub u64);
+
+impl fmt::Display for ExecutionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Where an execution is in its life. Stored and serialised in snake case (`timed_out`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecState {
+    /// Recorded; not yet accepted by the agent.
+    Pending,
+    /// Accepted and started by the agent.
+    Running,
+    /// Exited with code 0.
+    Succeeded,
+    /// Exited with another code, or killed by a signal not sent by Portless.
+    Failed,
+    /// Killed by the agent after its timeout.
+    TimedOut,
+    /// Killed at a caller's request.
+    Cancelled,
+    /// The agent restarted or vanished while it ran.
+    AgentLost,
+    /// The VM did not become ready within the delivery timeout.
+    Undeliverable,
+    /// The agent refused it (unknown command, bad argument, busy, ...).
+    Rejected,
+    /// The agent accepted it but could not start the program.
+    FailedToStart,
+}
+
+impl ExecState {
+    /// Every state, in declaration order.
+    pub const ALL: [ExecState; 10] = [
+        ExecState::Pending,
+        ExecState::Running,
+        ExecState::Succeeded,
+        ExecState::Failed,
+        ExecState::TimedOut,
+        ExecState::Cancelled,
+        ExecState::AgentLost,
+        ExecState::Undeliverable,
+        ExecState::Rejected,
+        ExecState::FailedToStart,
+    ];
+
+    /// Whether the execution has ended (anything but pending and running).
+    pub fn is_final(self) -> bool {
+        !matches!(self, ExecState::Pending | ExecState::Running)
+    }
+
+    /// The snake-case name, as stored and serialised.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecState::Pending => "pending",
+            ExecState::Running => "running",
+            ExecState::Succeeded => "succeeded",
+            ExecState::Failed => "failed",
+            ExecState::TimedOut => "timed_out",
+            ExecState::Cancelled => "cancelled",
+            ExecState::AgentLost => "agent_lost",
+            ExecState::Undeliverable => "undeliverable",
+            ExecState::Rejected => "rejected",
+            ExecState::FailedToStart => "failed_to_start",
+        }
+    }
+
+    /// The state with this snake-case name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+impl fmt::Display for ExecState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ToSql for ExecState {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.as_str()))
+    }
+}
+
+impl FromSql for ExecState {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        let name = value.as_str()?;
+        Self::from_name(name)
+            .ok_or_else(|| FromSqlError::Other(format!("unknown execution state {name:?}").into()))
+    }
+}
+
+/// One of an execution's two output streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+impl OutputStream {
+    /// The number stored in `output.stream`.
+    fn code(self) -> i64 {
+        match self {
+            OutputStream::Stdout => 0,
+            OutputStream::Stderr => 1,
+        }
+    }
+
+    /// The `executions` columns of this stream: (bytes kept, bytes produced).
+    fn columns(self) -> (&'static str, &'static str) {
+        match self {
+            OutputStream::Stdout => ("stdout_stored", "stdout_total"),
+            OutputStream::Stderr => ("stderr_stored", "stderr_total"),
+        }
+    }
+}
+
+impl fmt::Display for OutputStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OutputStream::Stdout => "stdout",
+            OutputStream::Stderr => "stderr",
+        })
+    }
+}
+
+/// An execution about to be sent to an agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewExecution {
+    /// Who asked for it.
+    pub principal: String,
+    /// The VM it runs on.
+    pub vm: String,
+    /// The command name from the allow-list.
+    pub command: String,
+    /// The argument values, in order.
+    pub args: Vec<String>,
+    /// When it was asked for, in milliseconds since the Unix epoch.
+    pub requested_at_ms: u64,
+}
+
+/// How an execution ended, for [`Records::finish`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finish {
+    /// The final state; must be [final](ExecState::is_final).
+    pub state: ExecState,
+    /// The exit code, when the program exited.
+    pub exit_code: Option<i32>,
+    /// The signal that killed it, when one did.
+    pub signal: Option<i32>,
+    /// When it ended, in milliseconds since the Unix epoch.
+    pub finished_at_ms: u64,
+    /// How long it ran, as measured by the agent, when it ran.
+    pub duration_ms: Option<u64>,
+    /// A one-line explanation (the rejection, the OS error, why the agent was lost).
+    pub detail: Option<String>,
+}
+
+/// How much of one output stream the records hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamTotals {
+    /// Bytes kept, from offset 0; never more than the execution's output cap.
+    pub stored_len: u64,
+    /// Bytes the program produced (as far as received).
+    pub total_len: u64,
+    /// Whether bytes were dropped for the cap (`stored_len < total_len`).
+    pub truncated: bool,
+}
+
+impl StreamTotals {
+    fn new(stored_len: u64, total_len: u64) -> Self {
+        Self {
+            stored_len,
+            total_len,
+            truncated: stored_len < total_len,
+        }
+    }
+}
+
+/// Everything recorded about one execution, except the output bytes themselves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutionRecord {
+    /// Its id.
+    pub id: ExecutionId,
+    /// Who asked for it.
+    pub principal: String,
+    /// The VM it runs on.
+    pub vm: String,
+    /// The command name.
+    pub command: String,
+    /// The argument values.
+    pub args: Vec<String>,
+    /// Where it is in its life.
+    pub state: ExecState,
+    /// When it was asked for (ms since the epoch).
+    pub requested_at_ms: u64,
+    /// When the agent accepted it (ms since the epoch).
+    pub started_at_ms: Option<u64>,
+    /// When it ended (ms since the epoch).
+    pub finished_at_ms: Option<u64>,
+    /// How long it ran, as measured by the agent.
+    pub duration_ms: Option<u64>,
+    /// The exit code, when the program exited.
+    pub exit_code: Option<i32>,
+    /// The signal that killed it, when one did.
+    pub signal: Option<i32>,
+    /// A one-line explanation of how it ended.
+    pub detail: Option<String>,
+    /// The agent generation of its agent execution id, once accepted.
+    pub agent_generation: Option<u32>,
+    /// The counter of its agent execution id, once accepted.
+    pub agent_counter: Option<u32>,
+    /// The cap on bytes kept per stream, as it was when the execution was created.
+    pub output_cap: u64,
+    /// Standard output.
+    pub stdout: StreamTotals,
+    /// Standard error.
+    pub stderr: StreamTotals,
+}
+
+/// A range of one stream's kept output, from [`Records::read_output`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputSlice {
+    /// Where `data` starts in the stream.
+    pub offset: u64,
+    /// The bytes; empty when `offset` is at or past `stored_len`.
+    pub data: Vec<u8>,
+    /// Bytes of the stream kept.
+    pub stored_len: u64,
+    /// Bytes of the stream produced.
+    pub total_len: u64,
+    /// Whether bytes were dropped for the cap.
+    pub truncated: bool,
+}
+
+/// Which executions [`Records::executions`] returns; unset fields match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecutionFilter {
+    /// Only on this VM.
+    pub vm: Option<String>,
+    /// Only asked for by this principal.
+    pub principal: Option<String>,
+    /// Only in this state.
+    pub state: Option<ExecState>,
+    /// Only with an id below this one (for paging back through the newest-first list).
+    pub before: Option<ExecutionId>,
+    /// At most this many.
+    pub limit: Option<usize>,
+}
+
+/// One API call to audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    /// When (ms since the epoch).
+    pub at_ms: u64,
+    /// The principal the caller was identified as; `None` for an unidentified caller.
+    pub principal: Option<String>,
+    /// How the caller presented itself (`"uid=1000 gid=1000"`, `"token"`).
+    pub caller: String,
+    /// What it asked for (`"exec"`, `"list_commands"`, ...).
+    pub action: String,
+    /// What it asked about (a VM, an execution id), if anything.
+    pub target: Option<String>,
+    /// Whether it was allowed.
+    pub allowed: bool,
+    /// Why it was denied (or a note on why it was allowed).
+    pub reason: Option<String>,
+}
+
+/// A stored audit entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Its sequence number, increasing in insertion order.
+    pub id: u64,
+    /// When (ms since the epoch).
+    pub at_ms: u64,
+    /// The principal; `None` for an unidentified caller.
+    pub principal: Option<String>,
+    /// How the caller presented itself.
+    pub caller: String,
+    /// What it asked for.
+    pub action: String,
+    /// What it asked about.
+    pub target: Option<String>,
+    /// Whether it was allowed.
+    pub allowed: bool,
+    /// Why.
+    pub reason: Option<String>,
+}
+
+/// The order of [`Records::audit_log`]'s answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AuditOrder {
+    /// Oldest first (by insertion); with a limit, the oldest entries that match.
+    #[default]
+    OldestFirst,
+    /// Newest first; with a limit, the newest entries that match.
+    NewestFirst,
+}
+
+/// Which audit entries [`Records::audit_log`] returns; unset fields match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// Only of this principal.
+    pub principal: Option<String>,
+    /// Only of this action.
+    pub action: Option<String>,
+    /// Only allowed (`true`) or only denied (`false`) calls.
+    pub allowed: Option<bool>,
+    /// Only at or after this time (ms since the epoch).
+    pub since_ms: Option<u64>,
+    /// At most this many.
+    pub limit: Option<usize>,
+    /// Oldest or newest first (oldest by default).
+    pub order: AuditOrder,
+}
+
+/// The records database. One connection behind a mutex: every call is one transaction, and
+/// calls from several threads take turns. Share it with an `Arc`.
+#[derive(Debug)]
+pub struct Records {
+    conn: Mutex<Connection>,
+    output_cap: u64,
+    path: PathBuf,
+}
+
+impl Records {
+    /// Opens (creating if needed) `portless.db` in `state_dir`, creating the directory with
+    /// mode 0700 if it is missing (an existing directory keeps its mode) and the file with
+    /// mode 0600, and brings the schema up to [`SCHEMA_VERSION`]. `output_cap` is the number of
+    /// bytes kept per stream of each execution created through this handle
+    /// ([`DEFAULT_OUTPUT_CAP`] unless configured otherwise).
+    pub fn open(state_dir: &Path, output_cap: u64) -> Result<Self, RecordsError> {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .map_err(|source| RecordsError::Create {
+                path: state_dir.to_owned(),
+                source,
+            })?;
+        let path = state_dir.join(DB_FILE_NAME);
+        // Created here rather than by SQLite so that it is never readable by others; SQLite
+        // gives the -wal and -shm files the same mode.
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| RecordsError::Create {
+                path: path.clone(),
+                source,
+            })?;
+        let mut conn = Connection::open(&path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(RecordsError::Corrupt(format!(
+                "journal mode is {mode}, not wal"
+            )));
+        }
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", true)?;
+        migrate(&mut conn)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            output_cap,
+            path,
+        })
+    }
+
+    /// The path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The cap on output bytes kept per stream for executions created from now on.
+    pub fn output_cap(&self) -> u64 {
+        self.output_cap
+    }
+
+    /// The connection. A panic while it was held cannot have left a transaction open (an
+    /// uncommitted transaction rolls back when dropped), so a poisoned lock is taken anyway.
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a new execution, [pending](ExecState::Pending), and returns its id.
+    pub fn create_execution(&self, new: &NewExecution) -> Result<ExecutionId, RecordsError> {
+        let args = serde_json::to_string(&new.args)
+            .map_err(|e| RecordsError::Corrupt(format!("arguments: {e}")))?;
+        let conn = self.conn();
+        conn.prepare_cached(
+            "INSERT INTO executions (principal, vm, command, args, state, requested_at_ms, \
+             output_cap) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![
+            new.principal,
+            new.vm,
+            new.command,
+            args,
+            ExecState::Pending,
+            new.requested_at_ms,
+            self.output_cap,
+        ])?;
+        id_from_rowid(conn.last_insert_rowid())
+    }
+
+    /// Records that the agent accepted the execution as agent execution
+    /// (`agent_generation`, `agent_counter`) at `started_at_ms`: the state becomes
+    /// [running](ExecState::Running).
+    ///
+    /// Accepting again with the same agent id (a reply read twice across a daemon restart)
+    /// changes nothing. Anything else that is not pending is [`RecordsError::NotPending`]; an
+    /// agent id another execution on the same VM has is [`RecordsError::AgentIdInUse`].
+    pub fn mark_accepted(
+        &self,
+        id: ExecutionId,
+        agent_generation: u32,
+        agent_counter: u32,
+        started_at_ms: u64,
+    ) -> Result<(), RecordsError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (vm, state, generation, counter) = tx
+            .prepare_cached(
+                "SELECT vm, state, agent_generation, agent_counter FROM executions WHERE id = ?1",
+            )?
+            .query_row([id.0], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, ExecState>(1)?,
+                    r.get::<_, Option<u32>>(2)?,
+                    r.get::<_, Option<u32>>(3)?,
+                ))
+            })
+            .optional()?
+            .ok_or(RecordsError::UnknownExecution(id))?;
+        match state {
+            ExecState::Pending => {}
+            ExecState::Running
+                if generation == Some(agent_generation) && counter == Some(agent_counter) =>
+            {
+                return Ok(());
+            }
+            _ => return Err(RecordsError::NotPending { id, state }),
+        }
+        if let Some(existing) = find_by_agent_id(&tx, &vm, agent_generation, agent_counter)? {
+            return Err(RecordsError::AgentIdInUse {
+                vm,
+                generation: agent_generation,
+                counter: agent_counter,
+                existing,
+            });
+        }
+        tx.prepare_cached(
+            "UPDATE executions SET state = ?2, agent_generation = ?3, agent_counter = ?4, \
+             started_at_ms = ?5 WHERE id = ?1",
+        )?
+        .execute(params![
+            id.0,
+            ExecState::Running,
+            agent_generation,
+            agent_counter,
+            started_at_ms
+        ])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records how the execution ended. The end is recorded once: if the execution is already
+    /// final, nothing changes and the answer is `false`; otherwise `true`.
+    pub fn finish(&self, id: ExecutionId, end: &Finish) -> Result<bool, RecordsError> {
+        if !end.state.is_final() {
+            return Err(RecordsError::NotFinal(end.state));
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let changed = tx
+            .prepare_cached(
+                "UPDATE executions SET state = ?2, exit_code = ?3, signal = ?4, \
+                 finished_at_ms = ?5, duration_ms = ?6, detail = ?7 \
+                 WHERE id = ?1 AND state IN ('pending', 'running')",
+            )?
+            .execute(params![
+                id.0,
+                end.state,
+                end.exit_code,
+                end.signal,
+                end.finished_at_ms,
+                end.duration_ms,
+                end.detail,
+            ])?;
+        if changed == 0 {
+            let exists = tx
+                .prepare_cached("SELECT 1 FROM executions WHERE id = ?1")?
+                .exists([id.0])?;
+            return if exists {
+                Ok(false)
+            } else {
+                Err(RecordsError::UnknownExecution(id))
+            };
+        }
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Adds a chunk of output that starts at byte `offset` of the stream, in one transaction.
+    ///
+    /// The agent sends a stream's chunks contiguously. A chunk that starts before the end of
+    /// what was received (a resend after a daemon restart) adds only its part past that end,
+    /// if any; a chunk that starts after it is [`RecordsError::OutputGap`] and adds nothing.
+    /// Bytes past the execution's output cap are counted in the total but not kept, and the
+    /// stream is then truncated. The state is not checked: output is kept whenever it comes.
+    pub fn append_output(
+        &self,
+        id: ExecutionId,
+        stream: OutputStream,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), RecordsError> {
+        let overflow = RecordsError::OutputOverflow { id, stream, offset };
+        let end = u64::try_from(data.len())
+            .ok()
+            .and_then(|len| offset.checked_add(len))
+            .filter(|&end| i64::try_from(end).is_ok())
+            .ok_or(overflow)?;
+        let (stored_col, total_col) = stream.columns();
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (cap, stored, total) = tx
+            .prepare_cached(&format!(
+                "SELECT output_cap, {stored_col}, {total_col} FROM executions WHERE id = ?1"
+            ))?
+            .query_row([id.0], |r| {
+                Ok((
+                    r.get::<_, u64>(0)?,
+                    r.get::<_, u64>(1)?,
+                    r.get::<_, u64>(2)?,
+                ))
+            })
+            .optional()?
+            .ok_or(RecordsError::UnknownExecution(id))?;
+        if offset > total {
+            return Err(RecordsError::OutputGap {
+                id,
+                stream,
+                offset,
+                received: total,
+            });
+        }
+        if end <= total {
+            return Ok(()); // all of it is here already
+        }
+        // `offset <= total < end`, so the new part is a non-empty tail of `data`.
+        let new = to_usize(total - offset)
+            .and_then(|skip| data.get(skip..))
+            .ok_or_else(|| RecordsError::Corrupt("output offsets out of range".into()))?;
+        let mut new_stored = stored;
+        // Kept bytes are always a prefix of the stream: once any byte was dropped, none after
+        // it is kept.
+        if stored == total && total < cap {
+            let keep = to_usize(cap - total).map_or(new.len(), |room| room.min(new.len()));
+            tx.prepare_cached(
+                "INSERT INTO output (execution, stream, offset, data) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![id.0, stream.code(), total, &new[..keep]])?;
+            new_stored = total + keep as u64;
+        }
+        tx.prepare_cached(&format!(
+            "UPDATE executions SET {stored_col} = ?2, {total_col} = ?3 WHERE id = ?1"
+        ))?
+        .execute(params![id.0, new_stored, end])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The execution with this id, if there is one.
+    pub fn execution(&self, id: ExecutionId) -> Result<Option<ExecutionRecord>, RecordsError> {
+        let conn = self.conn();
+        let record = conn
+            .prepare_cached(&format!(
+                "SELECT {EXECUTION_COLUMNS} FROM executions WHERE id = ?1"
+            ))?
+            .query_row([id.0], record_from_row)
+            .optional()?;
+        Ok(record)
+    }
+
+    /// The executions that match `filter`, newest (highest id) first.
+    pub fn executions(
+        &self,
+        filter: &ExecutionFilter,
+    ) -> Result<Vec<ExecutionRecord>, RecordsError> {
+        let mut sql = format!("SELECT {EXECUTION_COLUMNS} FROM executions WHERE 1");
+        let mut args: Vec<Value> = Vec::new();
+        if let Some(vm) = &filter.vm {
+            args.push(Value::Text(vm.clone()));
+            sql += &format!(" AND vm = ?{}", args.len());
+        }
+        if let Some(principal) = &filter.principal {
+            args.push(Value::Text(principal.clone()));
+            sql += &format!(" AND principal = ?{}", args.len());
+        }
+        if let Some(state) = filter.state {
+            args.push(Value::Text(state.as_str().to_owned()));
+            sql += &format!(" AND state = ?{}", args.len());
+        }
+        if let Some(before) = filter.before {
+            args.push(Value::Integer(to_i64(before.0)));
+            sql += &format!(" AND id < ?{}", args.len());
+        }
+        sql += " ORDER BY id DESC";
+        push_limit(&mut sql, &mut args, filter.limit);
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params_from_iter(args), record_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Up to `max_len` bytes of the stream's kept output from `offset`, with the stream's
+    /// totals. Past the kept bytes the answer is empty (the caller can tell from the totals
+    /// whether more may come or the rest was dropped).
+    pub fn read_output(
+        &self,
+        id: ExecutionId,
+        stream: OutputStream,
+        offset: u64,
+        max_len: usize,
+    ) -> Result<OutputSlice, RecordsError> {
+        let (stored_col, total_col) = stream.columns();
+        let mut conn = self.conn();
+        // One read transaction: the totals and the chunks are of the same moment.
+        let tx = conn.transaction()?;
+        let (stored, total) = tx
+            .prepare_cached(&format!(
+                "SELECT {stored_col}, {total_col} FROM executions WHERE id = ?1"
+            ))?
+            .query_row([id.0], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, u64>(1)?)))
+            .optional()?
+            .ok_or(RecordsError::UnknownExecution(id))?;
+        let start = offset.min(stored);
+        let end = start
+            .saturating_add(u64::try_from(max_len).unwrap_or(u64::MAX))
+            .min(stored);
+        let mut data = Vec::with_capacity(to_usize(end - start).unwrap_or(0));
+        if start < end {
+            // The chunk holding `start` is the last one that starts at or before it.
+            let mut stmt = tx.prepare_cached(
+                "SELECT offset, data FROM output \
+                 WHERE execution = ?1 AND stream = ?2 AND offset < ?4 AND offset >= \
+                   (SELECT COALESCE(MAX(offset), 0) FROM output \
+                    WHERE execution = ?1 AND stream = ?2 AND offset <= ?3) \
+                 ORDER BY offset",
+            )?;
+            let mut rows = stmt.query(params![id.0, stream.code(), start, end])?;
+            while let Some(row) = rows.next()? {
+                let chunk_offset: u64 = row.get(0)?;
+                let chunk = row
+                    .get_ref(1)?
+                    .as_blob()
+                    .map_err(|e| RecordsError::Corrupt(format!("output chunk: {e}")))?;
+                let at = start + data.len() as u64;
+                // Chunks are contiguous, so each begins where the copy stands (the first one
+                // may begin before `start`).
+                let from = at
+                    .checked_sub(chunk_offset)
+                    .filter(|_| chunk_offset == at || data.is_empty())
+                    .and_then(to_usize)
+                    .filter(|&from| from < chunk.len())
+                    .ok_or_else(|| missing_output(id, stream, at))?;
+                let want = to_usize(end - at).unwrap_or(usize::MAX);
+                let take = (chunk.len() - from).min(want);
+                data.extend_from_slice(&chunk[from..from + take]);
+            }
+            if data.len() as u64 != end - start {
+                return Err(missing_output(id, stream, start + data.len() as u64));
+            }
+        }
+        Ok(OutputSlice {
+            offset: start,
+            data,
+            stored_len: stored,
+            total_len: total,
+            truncated: stored < total,
+        })
+    }
+
+    /// The execution on `vm` that the agent knows as (`generation`, `counter`), if any.
+    pub fn find_by_agent_id(
+        &self,
+        vm: &str,
+        generation: u32,
+        counter: u32,
+    ) -> Result<Option<ExecutionId>, RecordsError> {
+        find_by_agent_id(&self.conn(), vm, generation, counter)
+    }
+
+    /// The executions on `vm` that have not ended (pending or running), oldest first: what is
+    /// left to reconcile with the agent after a daemon restart.
+    pub fn unfinished(&self, vm: &str) -> Result<Vec<ExecutionRecord>, RecordsError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {EXECUTION_COLUMNS} FROM executions \
+             WHERE vm = ?1 AND state IN ('pending', 'running') ORDER BY id"
+        ))?;
+        let rows = stmt.query_map([vm], record_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Adds an audit entry.
+    pub fn audit(&self, entry: &AuditEntry) -> Result<(), RecordsError> {
+        self.conn()
+            .prepare_cached(
+                "INSERT INTO audit (at_ms, principal, caller, action, target, allowed, reason) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                entry.at_ms,
+                entry.principal,
+                entry.caller,
+                entry.action,
+                entry.target,
+                entry.allowed,
+                entry.reason,
+            ])?;
+        Ok(())
+    }
+
+    /// The audit entries that match `filter`, in insertion order, oldest or newest first as
+    /// `filter.order` says; a limit keeps the first entries of that order.
+    pub fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, RecordsError> {
+        let mut sql = String::from(
+            "SELECT id, at_ms, principal, caller, action, target, allowed, reason \
+             FROM audit WHERE 1",
+        );
+        let mut args: Vec<Value> = Vec::new();
+        if let Some(principal) = &filter.principal {
+            args.push(Value::Text(principal.clone()));
+            sql += &format!(" AND principal = ?{}", args.len());
+        }
+        if let Some(action) = &filter.action {
+            args.push(Value::Text(action.clone()));
+            sql += &format!(" AND action = ?{}", args.len());
+        }
+        if let Some(allowed) = filter.allowed {
+            args.push(Value::Integer(allowed.into()));
+            sql += &format!(" AND allowed = ?{}", args.len());
+        }
+        if let Some(since) = filter.since_ms {
+            args.push(Value::Integer(to_i64(since)));
+            sql += &format!(" AND at_ms >= ?{}", args.len());
+        }
+        sql += match filter.order {
+            AuditOrder::OldestFirst => " ORDER BY id ASC",
+            AuditOrder::NewestFirst => " ORDER BY id DESC",
+        };
+        push_limit(&mut sql, &mut args, filter.limit);
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params_from_iter(args), |r| {
+            Ok(AuditRecord {
+                id: r.get(0)?,
+                at_ms: r.get(1)?,
+                principal: r.get(2)?,
+                caller: r.get(3)?,
+                action: r.get(4)?,
+                target: r.get(5)?,
+                allowed: r.get(6)?,
+                reason: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+/// Brings the schema from its `user_version` up to [`SCHEMA_VERSION`], each step in a
+/// transaction of its own.
+fn migrate(conn: &mut Connection) -> Result<(), RecordsError> {
+    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let done = usize::try_from(found)
+        .ok()
+        .filter(|_| found <= SCHEMA_VERSION)
+        .ok_or(RecordsError::UnsupportedSchema {
+            found,
+            supported: SCHEMA_VERSION,
+        })?;
+    for (from, step) in (0_i64..).zip(MIGRATIONS).skip(done) {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
+        tx.execute_batch(step)?;
+        tx.pragma_update(None, "user_version", from + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn find_by_agent_id(
+    conn: &Connection,
+    vm: &str,
+    generation: u32,
+    counter: u32,
+) -> Result<Option<ExecutionId>, RecordsError> {
+    let id = conn
+        .prepare_cached(
+            "SELECT id FROM executions \
+             WHERE vm = ?1 AND agent_generation = ?2 AND agent_counter = ?3",
+        )?
+        .query_row(params![vm, generation, counter], |r| r.get(0))
+        .optional()?;
+    Ok(id.map(ExecutionId))
+}
+
+fn record_from_row(r: &Row<'_>) -> rusqlite::Result<ExecutionRecord> {
+    let args: String = r.get(4)?;
+    let args = serde_json::from_str(&args)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(4, Type::Text, e.into()))?;
+    Ok(ExecutionRecord {
+        id: ExecutionId(r.get(0)?),
+        principal: r.get(1)?,
+        vm: r.get(2)?,
+        command: r.get(3)?,
+        args,
+        state: r.get(5)?,
+        requested_at_ms: r.get(6)?,
+        started_at_ms: r.get(7)?,
+        finished_at_ms: r.get(8)?,
+        duration_ms: r.get(9)?,
+        exit_code: r.get(10)?,
+        signal: r.get(11)?,
+        detail: r.get(12)?,
+        agent_generation: r.get(13)?,
+        agent_counter: r.get(14)?,
+        output_cap: r.get(15)?,
+        stdout: StreamTotals::new(r.get(16)?, r.get(17)?),
+        stderr: StreamTotals::new(r.get(18)?, r.get(19)?),
+    })
+}
+
+fn id_from_rowid(rowid: i64) -> Result<ExecutionId, RecordsError> {
+    u64::try_from(rowid)
+        .map(ExecutionId)
+        .map_err(|_| RecordsError::Corrupt(format!("negative execution id {rowid}")))
+}
+
+/// Appends `LIMIT ?n` when there is a limit.
+fn push_limit(sql: &mut String, args: &mut Vec<Value>, limit: Option<usize>) {
+    if let Some(limit) = limit {
+        args.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
+        *sql += &format!(" LIMIT ?{}", args.len());
+    }
+}
+
+/// A filter bound as SQLite's `i64`; values past `i64::MAX` match as `i64::MAX`, which no
+/// stored value exceeds.
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn to_usize(value: u64) -> Option<usize> {
+    usize::try_from(value).ok()
+}
+
+fn missing_output(id: ExecutionId, stream: OutputStream, at: u64) -> RecordsError {
+    RecordsError::Corrupt(format!(
+        "execution {id} {stream}: stored output missing at offset {at}"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_round_trip_through_names_and_serde() {
+        for state in ExecState::ALL {
+            assert_eq!(ExecState::from_name(state.as_str()), Some(state));
+            let json = serde_json::to_string(&state).expect("serialise");
+            assert_eq!(json, format!("\"{state}\""));
+        }
+        assert_eq!(ExecState::from_name("done"), None);
+        let finals: Vec<_> = ExecState::ALL
+            .into_iter()
+            .filter(|s| !s.is_final())
+            .collect();
+        assert_eq!(finals, [ExecState::Pending, ExecState::Running]);
+    }
+
+    #[test]
+    fn ids_display_as_numbers() {
+        assert_eq!(ExecutionId(42).to_string(), "42");
+        assert_eq!(
+            serde_json::to_string(&ExecutionId(42)).expect("serialise"),
+            "42"
+        );
+    }
+
+    #[test]
+    fn migrations_match_the_schema_version() {
+        assert_eq!(MIGRATIONS.len() as i64, SCHEMA_VERSION);
+    }
+}
