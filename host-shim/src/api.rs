@@ -1,0 +1,645 @@
+//! The daemon's HTTP/JSON API (`openapi.yaml` at the crate root documents it): who is calling
+//! (unix peer credentials, or a bearer token on the TCP listener), what the policy allows,
+//! the audit entry of every call, and the handlers, which talk to the VM drivers and read the
+//! records. Bad requests get a 4xx with `{"error": "..."}` saying what is wrong.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, broadcast, oneshot};
+
+use crate::config::{HostConfig, Target, VmConfig};
+use crate::policy::{Action, Caller, Policy, Principal};
+use crate::records::{
+    AuditEntry, AuditFilter, AuditOrder, ExecState, ExecutionId, ExecutionRecord, NewExecution,
+    OutputStream, Records,
+};
+use crate::vm::{Request, VmError, VmEvent, VmHandle};
+
+/// Everything the handlers share.
+pub struct App {
+    /// The configuration in force.
+    pub config: HostConfig,
+    /// Who may do what.
+    pub policy: Policy,
+    /// Executions, output and audit.
+    pub records: Arc<Records>,
+    /// The VM drivers, by name.
+    pub vms: BTreeMap<String, VmHandle>,
+    /// Output and completion events from the drivers.
+    pub events: broadcast::Sender<VmEvent>,
+}
+
+/// How a connection reached the daemon.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    /// The unix socket, with the peer's credentials.
+    Unix(Option<(u32, u32, Option<i32>)>),
+    /// The TCP listener.
+    Tcp(SocketAddr),
+}
+
+impl Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        Self::Unix(stream.io().peer_cred().ok().map(|c| (c.uid(), c.gid(), c.pid())))
+    }
+}
+
+impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Self::Tcp(*stream.remote_addr())
+    }
+}
+
+/// An API error: a status and a message for the `error` field.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn bad(msg: impl Into<String>) -> Self {
+        Self(StatusCode::BAD_REQUEST, msg.into())
+    }
+    fn not_found(msg: impl Into<String>) -> Self {
+        Self(StatusCode::NOT_FOUND, msg.into())
+    }
+    fn internal(e: impl std::fmt::Display) -> Self {
+        Self(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<VmError> for ApiError {
+    fn from(e: VmError) -> Self {
+        let status = match e {
+            VmError::Rejected(_) | VmError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            VmError::Undeliverable | VmError::AgentLost | VmError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        Self(status, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The caller of a request, from the connection and the `Authorization` header.
+fn caller(peer: &Peer, headers: &HeaderMap) -> Result<Caller, String> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    match (peer, bearer) {
+        (_, Some(token)) => Ok(Caller::Token(token)),
+        (Peer::Unix(Some((uid, gid, pid))), None) => Ok(Caller::Unix { uid: *uid, gid: *gid, pid: *pid }),
+        (Peer::Unix(None), None) => Err("peer credentials unavailable".into()),
+        (Peer::Tcp(_), None) => Err("the TCP listener needs `Authorization: Bearer <token>`".into()),
+    }
+}
+
+impl App {
+    fn vm(&self, name: &str) -> ApiResult<(&VmConfig, &VmHandle)> {
+        match (self.config.vm(name), self.vms.get(name)) {
+            (Some(c), Some(h)) => Ok((c, h)),
+            _ => Err(ApiError::not_found(format!("no vm named \"{name}\""))),
+        }
+    }
+
+    /// Identifies and authorizes the caller for `action` (on `vm`), recording the decision.
+    fn authorize(
+        &self,
+        peer: &Peer,
+        headers: &HeaderMap,
+        action: &Action<'_>,
+        vm: Option<&VmConfig>,
+        target: Option<String>,
+    ) -> ApiResult<&Principal> {
+        let caller = caller(peer, headers);
+        let (principal, result) = match &caller {
+            Ok(c) => match self.policy.check(c, action, vm) {
+                Ok(p) => (Some(p), Ok(())),
+                Err(d) => (self.policy.identify(c), Err(d.reason)),
+            },
+            Err(reason) => (None, Err(reason.clone())),
+        };
+        let entry = AuditEntry {
+            at_ms: now_ms(),
+            principal: principal.map(|p| p.name().to_owned()),
+            caller: caller.as_ref().map_or_else(|e| e.clone(), ToString::to_string),
+            action: action_name(action).to_owned(),
+            target,
+            allowed: result.is_ok(),
+            reason: result.as_ref().err().cloned(),
+        };
+        if let Err(e) = self.records.audit(&entry) {
+            // Nothing happens unrecorded.
+            return Err(ApiError::internal(format!("audit log: {e}")));
+        }
+        match (result, principal) {
+            (Ok(()), Some(p)) => Ok(p),
+            (Err(reason), _) => Err(ApiError(StatusCode::FORBIDDEN, reason)),
+            (Ok(()), None) => Err(ApiError(StatusCode::FORBIDDEN, "unidentified caller".into())),
+        }
+    }
+
+    fn execution(&self, id: u64) -> ApiResult<ExecutionRecord> {
+        self.records
+            .execution(ExecutionId(id))
+            .map_err(ApiError::internal)?
+            .ok_or_else(|| ApiError::not_found(format!("no execution {id}")))
+    }
+
+    /// Authorizes reading or cancelling execution `id` (checked against its VM).
+    fn authorize_execution(&self, peer: &Peer, headers: &HeaderMap, action: &Action<'_>, id: u64) -> ApiResult<ExecutionRecord> {
+        let target = Some(format!("execution {id}"));
+        let rec = match self.execution(id) {
+            Ok(r) => r,
+            Err(e) => {
+                // Audit the attempt under the caller's identity, then say it does not exist.
+                self.authorize(peer, headers, &Action::ListVms, None, target)?;
+                return Err(e);
+            }
+        };
+        let Some(vm) = self.config.vm(&rec.vm) else {
+            self.authorize(peer, headers, &Action::ListVms, None, target)?;
+            return Err(ApiError::not_found(format!("execution {id} belongs to vm \"{}\", no longer configured", rec.vm)));
+        };
+        self.authorize(peer, headers, action, Some(vm), target)?;
+        Ok(rec)
+    }
+}
+
+fn action_name(a: &Action<'_>) -> &'static str {
+    match a {
+        Action::ListVms => "list_vms",
+        Action::ListCommands => "list_commands",
+        Action::Exec { .. } => "exec",
+        Action::ReadExecution => "read_execution",
+        Action::Cancel => "cancel",
+        Action::Push => "push",
+        Action::Ping => "ping",
+        Action::Metrics => "metrics",
+        Action::ReadAudit => "read_audit",
+    }
+}
+
+/// The router of the API.
+pub fn router(app: Arc<App>) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/vms", get(list_vms))
+        .route("/v1/vms/{vm}/commands", get(commands))
+        .route("/v1/vms/{vm}/ping", post(ping))
+        .route("/v1/vms/{vm}/metrics", get(metrics))
+        .route("/v1/vms/{vm}/push", post(push))
+        .route("/v1/exec", post(exec))
+        .route("/v1/executions", get(list_executions))
+        .route("/v1/executions/{id}", get(execution))
+        .route("/v1/executions/{id}/wait", get(wait))
+        .route("/v1/executions/{id}/output", get(output))
+        .route("/v1/executions/{id}/follow", get(follow))
+        .route("/v1/executions/{id}/cancel", post(cancel))
+        .route("/v1/audit", get(audit))
+        .fallback(|| async { ApiError::not_found("no such endpoint (see openapi.yaml)") })
+        .with_state(app)
+}
+
+#[derive(Serialize)]
+struct VmView {
+    #[serde(flatten)]
+    status: crate::vm::VmStatus,
+    labels: BTreeMap<String, String>,
+    channel: &'static str,
+}
+
+async fn list_vms(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
+    let principal = app.authorize(&peer, &headers, &Action::ListVms, None, None)?;
+    let vms: Vec<VmView> = app
+        .config
+        .vms
+        .iter()
+        .filter(|vm| principal.may_access(vm))
+        .filter_map(|vm| {
+            app.vms.get(&vm.name).map(|h| VmView { status: h.status(), labels: vm.labels.clone(), channel: vm.channel.kind() })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "vms": vms })))
+}
+
+/// Waits for a driver's answer, up to the delivery timeout and a little more.
+async fn answer<T>(app: &App, rx: oneshot::Receiver<Result<T, VmError>>) -> ApiResult<T> {
+    let limit = app.config.daemon.delivery_timeout + Duration::from_secs(5);
+    match tokio::time::timeout(limit, rx).await {
+        Ok(Ok(r)) => r.map_err(ApiError::from),
+        Ok(Err(_)) => Err(VmError::ShuttingDown.into()),
+        Err(_) => Err(VmError::Undeliverable.into()),
+    }
+}
+
+async fn commands(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Path(vm): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    let (cfg, handle) = app.vm(&vm)?;
+    app.authorize(&peer, &headers, &Action::ListCommands, Some(cfg), Some(vm.clone()))?;
+    let (reply, rx) = oneshot::channel();
+    handle.request(Request::Commands { reply })?;
+    let list = answer(&app, rx).await?;
+    Ok(Json(serde_json::json!({
+        "vm": vm, "age_ms": list.age_ms, "config_revision": list.config_revision, "commands": list.commands,
+    })))
+}
+
+async fn ping(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Path(vm): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    let (cfg, handle) = app.vm(&vm)?;
+    app.authorize(&peer, &headers, &Action::Ping, Some(cfg), Some(vm.clone()))?;
+    let (reply, rx) = oneshot::channel();
+    handle.request(Request::Ping { reply })?;
+    let rtt = answer(&app, rx).await?;
+    Ok(Json(serde_json::json!({ "vm": vm, "rtt_us": u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX) })))
+}
+
+async fn metrics(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Path(vm): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    let (cfg, handle) = app.vm(&vm)?;
+    app.authorize(&peer, &headers, &Action::Metrics, Some(cfg), Some(vm.clone()))?;
+    let (reply, rx) = oneshot::channel();
+    handle.request(Request::Metrics { reply })?;
+    let m = answer(&app, rx).await?;
+    Ok(Json(serde_json::json!({ "vm": vm, "metrics": m })))
+}
+
+#[derive(Deserialize)]
+struct PushQuery {
+    name: String,
+    #[serde(default)]
+    run: bool,
+    timeout_ms: Option<u32>,
+}
+
+async fn push(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(vm): Path<String>,
+    Query(q): Query<PushQuery>,
+    body: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    use sha2::Digest;
+    let (cfg, handle) = app.vm(&vm)?;
+    let principal = app.authorize(&peer, &headers, &Action::Push, Some(cfg), Some(format!("{vm}:{}", q.name)))?;
+    if q.name.is_empty() || q.name.contains('/') || q.name.starts_with('.') {
+        return Err(ApiError::bad(format!("bad program name \"{}\": a file name, not a path", q.name)));
+    }
+    let run = if q.run {
+        let new = NewExecution {
+            principal: principal.name().to_owned(),
+            vm: vm.clone(),
+            command: format!("push:{}", q.name),
+            args: Vec::new(),
+            requested_at_ms: now_ms(),
+        };
+        Some(app.records.create_execution(&new).map_err(ApiError::internal)?)
+    } else {
+        None
+    };
+    let sha256 = hex::encode(sha2::Sha256::digest(&body));
+    let size = body.len();
+    let (reply, rx) = oneshot::channel();
+    handle.request(Request::Push { name: q.name.clone(), data: body.to_vec(), run, timeout_ms: q.timeout_ms, reply })?;
+    let outcome = answer(&app, rx).await?;
+    let (word, error) = match outcome {
+        ring_protocol::message::PushOutcome::Stored => ("stored", None),
+        ring_protocol::message::PushOutcome::Started(_) => ("started", None),
+        ring_protocol::message::PushOutcome::Failed(r) => ("failed", Some(format!("{r:?}"))),
+    };
+    Ok(Json(serde_json::json!({
+        "vm": vm, "name": q.name, "size": size, "sha256": sha256, "outcome": word,
+        "execution": run.filter(|_| word == "started").map(|id| id.0), "error": error,
+    })))
+}
+
+#[derive(Deserialize)]
+struct ExecBody {
+    target: String,
+    command: String,
+    #[serde(default)]
+    args: Vec<String>,
+    timeout_ms: Option<u32>,
+    max_concurrency: Option<usize>,
+    max_errors: Option<usize>,
+}
+
+#[derive(Serialize, Clone)]
+struct Dispatched {
+    vm: String,
+    id: Option<u64>,
+    state: ExecState,
+    error: Option<String>,
+}
+
+async fn exec(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Json(body): Json<ExecBody>) -> ApiResult<Json<serde_json::Value>> {
+    let target = Target::parse(&body.target).map_err(|e| ApiError::bad(format!("target: {e}")))?;
+    let action = Action::Exec { command: &body.command };
+    let selected = app.config.select_vms(&target).map_err(|e| ApiError::bad(e.to_string()))?;
+    // `*` means every VM this caller may use; a VM named outright must be allowed.
+    let all = matches!(target, Target::All);
+    let mut vms: Vec<&VmConfig> = Vec::new();
+    let mut principal_name = String::new();
+    for vm in selected {
+        let target = Some(format!("{}:{}", vm.name, body.command));
+        match app.authorize(&peer, &headers, &action, Some(vm), target) {
+            Ok(p) => {
+                principal_name = p.name().to_owned();
+                vms.push(vm);
+            }
+            Err(e) if all && e.0 == StatusCode::FORBIDDEN => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if vms.is_empty() {
+        return Err(ApiError(StatusCode::FORBIDDEN, format!("no vm in \"{}\" allows this caller to run \"{}\"", body.target, body.command)));
+    }
+    let bounded = body.max_concurrency.is_some_and(|n| n > 0);
+    let limit = body.max_concurrency.filter(|n| *n > 0).unwrap_or(Semaphore::MAX_PERMITS).min(Semaphore::MAX_PERMITS);
+    let permits = Arc::new(Semaphore::new(limit));
+    let errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut skipped = Vec::new();
+    let mut order = Vec::new();
+    for vm in vms {
+        let permit = permits.clone().acquire_owned().await.map_err(ApiError::internal)?;
+        // Ordering: Relaxed: a counter read by this task only, after the tasks update it.
+        if body.max_errors.is_some_and(|max| errors.load(std::sync::atomic::Ordering::Relaxed) > max) {
+            skipped.push(vm.name.clone());
+            continue;
+        }
+        let app2 = app.clone();
+        let (name, command, args, timeout, principal) =
+            (vm.name.clone(), body.command.clone(), body.args.clone(), body.timeout_ms, principal_name.clone());
+        let errors = errors.clone();
+        order.push(name.clone());
+        let (first_tx, first_rx) = oneshot::channel();
+        tasks.spawn(async move {
+            let d = dispatch(&app2, &name, &principal, command, args, timeout).await;
+            let _ = first_tx.send(d.clone());
+            let failed = match d.id {
+                // With a concurrency limit, a slot frees when the execution ends.
+                Some(id) if bounded => !wait_final(&app2, ExecutionId(id), None).await.is_some_and(|r| r.state == ExecState::Succeeded),
+                Some(_) => false,
+                None => true,
+            };
+            if failed {
+                // Ordering: Relaxed: only counted.
+                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            drop(permit);
+            d
+        });
+        // Dispatch in order: wait until this one is accepted or refused.
+        let _ = first_rx.await;
+    }
+    let mut results: BTreeMap<String, Dispatched> = BTreeMap::new();
+    while let Some(r) = tasks.join_next().await {
+        let d = r.map_err(ApiError::internal)?;
+        results.insert(d.vm.clone(), d);
+    }
+    let executions: Vec<Dispatched> = order.iter().filter_map(|n| results.remove(n)).collect();
+    Ok(Json(serde_json::json!({ "executions": executions, "skipped": skipped })))
+}
+
+/// Records and sends one exec; returns once the agent accepted or refused it.
+async fn dispatch(app: &App, vm: &str, principal: &str, command: String, args: Vec<String>, timeout_ms: Option<u32>) -> Dispatched {
+    let new = NewExecution { principal: principal.to_owned(), vm: vm.to_owned(), command: command.clone(), args: args.clone(), requested_at_ms: now_ms() };
+    let id = match app.records.create_execution(&new) {
+        Ok(id) => id,
+        Err(e) => return Dispatched { vm: vm.to_owned(), id: None, state: ExecState::Rejected, error: Some(e.to_string()) },
+    };
+    let Some(handle) = app.vms.get(vm) else {
+        return Dispatched { vm: vm.to_owned(), id: Some(id.0), state: ExecState::Undeliverable, error: Some("no driver".into()) };
+    };
+    let (reply, rx) = oneshot::channel();
+    let sent = handle.request(Request::Exec { id, command, args, timeout_ms, reply });
+    let result = match sent {
+        Ok(()) => answer(app, rx).await,
+        Err(e) => Err(e.into()),
+    };
+    let state = app.records.execution(id).ok().flatten().map_or(ExecState::Pending, |r| r.state);
+    Dispatched { vm: vm.to_owned(), id: Some(id.0), state, error: result.err().map(|e| e.1) }
+}
+
+/// Waits until execution `id` is final (or `limit` passes); the record then.
+async fn wait_final(app: &App, id: ExecutionId, limit: Option<Duration>) -> Option<ExecutionRecord> {
+    let mut events = app.events.subscribe();
+    let deadline = limit.map(|l| tokio::time::Instant::now() + l);
+    loop {
+        let rec = app.records.execution(id).ok().flatten()?;
+        if rec.state.is_final() {
+            return Some(rec);
+        }
+        let next = async {
+            loop {
+                match events.recv().await {
+                    Ok(VmEvent::Finished(f)) if f == id => return,
+                    Err(broadcast::error::RecvError::Lagged(_)) => return,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+        };
+        // Re-read the record at least every second in case an event was missed.
+        let wake = tokio::time::sleep(Duration::from_secs(1));
+        match deadline {
+            Some(d) => {
+                tokio::select! { () = next => {}, () = wake => {}, () = tokio::time::sleep_until(d) => return Some(rec) }
+            }
+            None => tokio::select! { () = next => {}, () = wake => {} },
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    vm: Option<String>,
+    state: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_executions(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Query(q): Query<ListQuery>) -> ApiResult<Json<serde_json::Value>> {
+    let principal = app.authorize(&peer, &headers, &Action::ListVms, None, None)?;
+    let state = match &q.state {
+        Some(s) => Some(ExecState::from_name(s).ok_or_else(|| ApiError::bad(format!("unknown state \"{s}\"")))?),
+        None => None,
+    };
+    let filter = crate::records::ExecutionFilter { vm: q.vm.clone(), state, limit: q.limit.or(Some(100)), ..Default::default() };
+    let list: Vec<ExecutionRecord> = app
+        .records
+        .executions(&filter)
+        .map_err(ApiError::internal)?
+        .into_iter()
+        .filter(|r| app.config.vm(&r.vm).is_some_and(|vm| principal.may_access(vm)))
+        .collect();
+    Ok(Json(serde_json::json!({ "executions": list })))
+}
+
+async fn execution(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Path(id): Path<u64>) -> ApiResult<Json<ExecutionRecord>> {
+    Ok(Json(app.authorize_execution(&peer, &headers, &Action::ReadExecution, id)?))
+}
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    timeout_ms: Option<u64>,
+}
+
+async fn wait(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Path(id): Path<u64>, Query(q): Query<WaitQuery>) -> ApiResult<Json<ExecutionRecord>> {
+    app.authorize_execution(&peer, &headers, &Action::ReadExecution, id)?;
+    let limit = Duration::from_millis(q.timeout_ms.unwrap_or(30_000).min(300_000));
+    wait_final(&app, ExecutionId(id), Some(limit)).await.map(Json).ok_or_else(|| ApiError::not_found(format!("no execution {id}")))
+}
+
+#[derive(Deserialize)]
+struct OutputQuery {
+    stream: Option<String>,
+    offset: Option<u64>,
+    limit: Option<usize>,
+}
+
+fn stream_of(s: Option<&str>) -> ApiResult<OutputStream> {
+    match s.unwrap_or("stdout") {
+        "stdout" => Ok(OutputStream::Stdout),
+        "stderr" => Ok(OutputStream::Stderr),
+        other => Err(ApiError::bad(format!("stream is stdout or stderr, not \"{other}\""))),
+    }
+}
+
+async fn output(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Path(id): Path<u64>, Query(q): Query<OutputQuery>) -> ApiResult<Response> {
+    app.authorize_execution(&peer, &headers, &Action::ReadExecution, id)?;
+    let stream = stream_of(q.stream.as_deref())?;
+    let slice = app
+        .records
+        .read_output(ExecutionId(id), stream, q.offset.unwrap_or(0), q.limit.unwrap_or(usize::MAX))
+        .map_err(ApiError::internal)?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::HeaderName::from_static("x-portless-total-len"), slice.total_len.to_string()),
+            (header::HeaderName::from_static("x-portless-stored-len"), slice.stored_len.to_string()),
+            (header::HeaderName::from_static("x-portless-truncated"), slice.truncated.to_string()),
+        ],
+        slice.data,
+    )
+        .into_response())
+}
+
+/// Largest piece of output in one followed line.
+const FOLLOW_CHUNK: usize = 64 * 1024;
+
+async fn follow(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Path(id): Path<u64>) -> ApiResult<Response> {
+    app.authorize_execution(&peer, &headers, &Action::ReadExecution, id)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let id = ExecutionId(id);
+    tokio::spawn(async move {
+        let mut events = app.events.subscribe();
+        let mut offsets = [0u64; 2];
+        loop {
+            // Read the state before the output, so that output that arrives with the end is
+            // still sent before the end line.
+            let rec = match app.records.execution(id) {
+                Ok(Some(r)) => r,
+                _ => return,
+            };
+            for (k, stream) in [(0, OutputStream::Stdout), (1, OutputStream::Stderr)] {
+                loop {
+                    let Ok(slice) = app.records.read_output(id, stream, offsets[k], FOLLOW_CHUNK) else { return };
+                    if slice.data.is_empty() {
+                        break;
+                    }
+                    let line = serde_json::json!({
+                        "type": "output",
+                        "stream": if k == 0 { "stdout" } else { "stderr" },
+                        "offset": offsets[k],
+                        "data": base64::engine::general_purpose::STANDARD.encode(&slice.data),
+                    });
+                    offsets[k] += slice.data.len() as u64;
+                    if tx.send(Ok(Bytes::from(format!("{line}\n")))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            if rec.state.is_final() {
+                let line = serde_json::json!({ "type": "end", "execution": rec });
+                let _ = tx.send(Ok(Bytes::from(format!("{line}\n")))).await;
+                return;
+            }
+            let next = async {
+                loop {
+                    match events.recv().await {
+                        Ok(VmEvent::Output(e) | VmEvent::Finished(e)) if e == id => return,
+                        Err(broadcast::error::RecvError::Lagged(_)) => return,
+                        Err(broadcast::error::RecvError::Closed) => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            return;
+                        }
+                        _ => {}
+                    }
+                }
+            };
+            tokio::select! { () = next => {}, () = tokio::time::sleep(Duration::from_secs(1)) => {} }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+}
+
+async fn cancel(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Path(id): Path<u64>) -> ApiResult<Response> {
+    let rec = app.authorize_execution(&peer, &headers, &Action::Cancel, id)?;
+    if rec.state.is_final() {
+        return Err(ApiError(StatusCode::CONFLICT, format!("execution {id} already ended ({})", rec.state.as_str())));
+    }
+    let (_, handle) = app.vm(&rec.vm)?;
+    let (reply, rx) = oneshot::channel();
+    handle.request(Request::Cancel { id: ExecutionId(id), reply })?;
+    answer(&app, rx).await?;
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id, "state": rec.state })))
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    principal: Option<String>,
+    action: Option<String>,
+    allowed: Option<bool>,
+    since_ms: Option<u64>,
+    limit: Option<usize>,
+    order: Option<String>,
+}
+
+async fn audit(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Query(q): Query<AuditQuery>) -> ApiResult<Json<serde_json::Value>> {
+    app.authorize(&peer, &headers, &Action::ReadAudit, None, None)?;
+    let order = match q.order.as_deref() {
+        None | Some("oldest") => AuditOrder::OldestFirst,
+        Some("newest") => AuditOrder::NewestFirst,
+        Some(o) => return Err(ApiError::bad(format!("order is oldest or newest, not \"{o}\""))),
+    };
+    let filter = AuditFilter { principal: q.principal, action: q.action, allowed: q.allowed, since_ms: q.since_ms, limit: q.limit.or(Some(1000)), order };
+    let entries = app.records.audit_log(&filter).map_err(ApiError::internal)?;
+    Ok(Json(serde_json::json!({ "entries": entries })))
+}

@@ -1,0 +1,194 @@
+//! `portless serve`: loads `host.toml`, opens the records, starts one driver per VM (creating
+//! plain regions and ivshmem servers), and serves the API on the unix socket (and the TCP
+//! listener if configured) until SIGTERM or SIGINT.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::sync::broadcast;
+
+use crate::api::{self, App, Peer};
+use crate::config::{ChannelConfig, HostConfig, VmConfig};
+use crate::memory::GuestRegion;
+use crate::policy::Policy;
+use crate::records::Records;
+use crate::vm::{self, ChannelKind, VmSettings};
+
+/// The default configuration file.
+pub const DEFAULT_CONFIG: &str = "/etc/portless/host.toml";
+
+/// `portless serve [--config PATH]`.
+pub fn run_from_args(args: impl Iterator<Item = OsString>) -> ExitCode {
+    let mut config = PathBuf::from(DEFAULT_CONFIG);
+    let mut args = args;
+    while let Some(a) = args.next() {
+        match a.to_str() {
+            Some("--config") => match args.next() {
+                Some(p) => config = p.into(),
+                None => return usage("--config needs a path"),
+            },
+            Some("--help" | "-h") => {
+                println!("usage: portless serve [--config PATH]   (default {DEFAULT_CONFIG})");
+                return ExitCode::SUCCESS;
+            }
+            _ => return usage(&format!("unexpected argument {a:?}")),
+        }
+    }
+    let config = match HostConfig::load(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("portless: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("portless: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("portless: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage(msg: &str) -> ExitCode {
+    eprintln!("portless serve: {msg}\nusage: portless serve [--config PATH]");
+    ExitCode::from(2)
+}
+
+/// Maps (creating it if needed) a plain VM's memory-backend file.
+fn plain_region(path: &Path, size: usize) -> Result<GuestRegion> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let len = file.metadata()?.len();
+    if len == 0 {
+        file.set_len(size as u64)?;
+    } else if len != size as u64 {
+        bail!("{} is {len} bytes but the configuration says {size}", path.display());
+    }
+    Ok(GuestRegion::from_file(file, size)?)
+}
+
+fn channel(vm: &VmConfig) -> Result<ChannelKind> {
+    Ok(match &vm.channel {
+        ChannelConfig::Plain { path, size } => ChannelKind::Plain(plain_region(path, *size)?),
+        ChannelConfig::Doorbell { socket, size } => {
+            if let Some(dir) = socket.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            ChannelKind::Doorbell(crate::ivshmem::Server::new(socket, *size, 1)?)
+        }
+    })
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn serve(config: HostConfig) -> Result<()> {
+    let d = config.daemon.clone();
+    let records = Arc::new(
+        Records::open(&d.state_dir, d.output_cap as u64)
+            .with_context(|| format!("records in {}", d.state_dir.display()))?,
+    );
+    let (events, _) = broadcast::channel(4096);
+    let mut vms = BTreeMap::new();
+    let mut threads = Vec::new();
+    for vm in &config.vms {
+        let settings = VmSettings {
+            name: vm.name.clone(),
+            heartbeat_timeout: d.heartbeat_timeout,
+            lost_after: d.heartbeat_timeout * 6,
+            delivery_timeout: d.delivery_timeout,
+            command_refresh: d.command_refresh,
+            poll_max: Duration::from_millis(1),
+            reset_timeout: d.heartbeat_timeout,
+        };
+        let ch = channel(vm).with_context(|| format!("vm \"{}\"", vm.name))?;
+        let (handle, thread) = vm::spawn(settings, ch, records.clone(), events.clone())?;
+        vms.insert(vm.name.clone(), handle);
+        threads.push(thread);
+    }
+    let app = Arc::new(App { policy: Policy::new(&config.principals), config, records, vms, events });
+
+    if let Some(dir) = d.socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&d.socket);
+    let unix = tokio::net::UnixListener::bind(&d.socket).with_context(|| format!("binding {}", d.socket.display()))?;
+    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(d.socket_mode))?;
+    eprintln!("portless: serving {} vms on {}", app.vms.len(), d.socket.display());
+
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let t = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! { _ = tokio::signal::ctrl_c() => {}, () = t => {} }
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let unix_server = {
+        let mut rx = stop_rx.clone();
+        let svc = api::router(app.clone()).into_make_service_with_connect_info::<Peer>();
+        tokio::spawn(async move {
+            axum::serve(unix, svc)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await
+        })
+    };
+    let tcp_server = match d.tcp {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+            eprintln!("portless: also serving on {addr} (bearer tokens)");
+            let mut rx = stop_rx.clone();
+            let svc = api::router(app.clone()).into_make_service_with_connect_info::<Peer>();
+            Some(tokio::spawn(async move {
+                axum::serve(listener, svc)
+                    .with_graceful_shutdown(async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    })
+                    .await
+            }))
+        }
+        None => None,
+    };
+    shutdown.await;
+    eprintln!("portless: stopping");
+    let _ = stop_tx.send(true);
+    let _ = unix_server.await;
+    if let Some(t) = tcp_server {
+        let _ = t.await;
+    }
+    let _ = std::fs::remove_file(&d.socket);
+    // The drivers stop once every handle is gone; executions in the guests carry on and are
+    // found again by the next daemon.
+    drop(app);
+    for t in threads {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
+    Ok(())
+}
