@@ -6,9 +6,13 @@
 //! - [`policy`]: who may do what on which VM.
 //! - [`records`]: executions, their output and the audit log, in SQLite.
 //! - [`vm`]: one VM's driver: its channel, its agent's life, the requests in flight.
+//! - [`api`]: the HTTP/JSON API: callers, policy, audit, handlers.
+//! - [`daemon`]: `portless serve`.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod api;
 pub mod config;
+pub mod daemon;
 pub mod ivshmem;
 pub mod memory;
 pub mod policy;
