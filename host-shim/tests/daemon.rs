@@ -1,0 +1,488 @@
+//! `portless serve` with real agents over shared files, driven through its HTTP API on the
+//! unix socket: VM list, exec on one VM and fan-out, output, follow, cancel, push, ping,
+//! metrics, policy denials with their audit entries, bad requests, and a daemon restart
+//! while an execution runs.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+fn agent_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("PORTLESS_AGENT_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("test path");
+    exe.parent()
+        .and_then(|d| d.parent())
+        .expect("target/debug")
+        .join("portless-agent")
+}
+
+const AGENT_CONFIG: &str = r#"
+[push]
+enabled = true
+dir = "PUSHDIR"
+
+[[command]]
+name = "echo"
+program = "/bin/echo"
+args = ["{word}"]
+
+[[command.param]]
+name = "word"
+kind = "string"
+charset = "a-z0-9"
+max_len = 20
+
+[[command]]
+name = "fail"
+program = "/bin/sh"
+args = ["-c", "echo bad >&2; exit 3"]
+
+[[command]]
+name = "slow"
+program = "/bin/sh"
+args = ["-c", "sleep 1; echo done"]
+
+[[command]]
+name = "sleep"
+program = "/bin/sleep"
+args = ["30"]
+
+[[command]]
+name = "secret"
+program = "/bin/true"
+"#;
+
+/// A daemon (in a thread of this test) with two plain VMs and their agents.
+struct Daemon {
+    dir: PathBuf,
+    socket: PathBuf,
+    server: Option<std::thread::JoinHandle<()>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    agents: Vec<Child>,
+}
+
+fn host_config(dir: &Path) -> String {
+    // SAFETY: `getuid` has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    format!(
+        r#"
+[daemon]
+socket = "{dir}/portless.sock"
+state_dir = "{dir}/state"
+delivery_timeout_ms = 3000
+
+[[vm]]
+name = "vm1"
+labels = {{ role = "web" }}
+channel = "plain"
+path = "{dir}/vm1.region"
+
+[[vm]]
+name = "vm2"
+labels = {{ role = "db" }}
+channel = "plain"
+path = "{dir}/vm2.region"
+
+[[principal]]
+name = "ops"
+uids = [{uid}]
+vms = ["*"]
+commands = ["echo", "fail", "slow", "sleep"]
+push = true
+audit = true
+"#,
+        dir = dir.display()
+    )
+}
+
+impl Daemon {
+    fn start(name: &str) -> Self {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("host.toml"), host_config(&dir)).expect("host.toml");
+        std::fs::write(
+            dir.join("agent.toml"),
+            AGENT_CONFIG.replace("PUSHDIR", &dir.join("push").display().to_string()),
+        )
+        .expect("agent.toml");
+        let mut d = Self {
+            socket: dir.join("portless.sock"),
+            dir,
+            server: None,
+            stop: None,
+            agents: Vec::new(),
+        };
+        d.start_server();
+        for vm in ["vm1", "vm2"] {
+            d.start_agent(vm);
+        }
+        d.wait_ready();
+        d
+    }
+
+    fn start_server(&mut self) {
+        let config = host_shim::config::HostConfig::load(self.dir.join("host.toml"))
+            .expect("valid host.toml");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        self.stop = Some(tx);
+        let _ = std::fs::remove_file(&self.socket);
+        self.server = Some(std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                tokio::select! {
+                    r = host_shim::daemon::serve(config) => r.expect("daemon runs"),
+                    _ = rx => {}
+                }
+            });
+        }));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&self.socket).is_err() {
+            assert!(Instant::now() < deadline, "daemon never listened");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn stop_server(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.server.take() {
+            t.join().expect("daemon thread");
+        }
+    }
+
+    fn start_agent(&mut self, vm: &str) {
+        let log = std::fs::File::create(self.dir.join(format!("{vm}.log"))).expect("log");
+        self.agents.push(
+            Command::new(agent_binary())
+                .arg("--shm-file")
+                .arg(self.dir.join(format!("{vm}.region")))
+                .arg("--config")
+                .arg(self.dir.join("agent.toml"))
+                .stderr(log)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("agent"),
+        );
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (status, body) = self.call("GET", "/v1/vms", None);
+            assert_eq!(status, 200, "{body}");
+            let ready = body["vms"]
+                .as_array()
+                .is_some_and(|v| v.iter().all(|vm| vm["state"] == "ready"));
+            if ready {
+                return;
+            }
+            assert!(Instant::now() < deadline, "vms never ready: {body}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// One HTTP/1.1 request on the unix socket; the status and the body as JSON (or as a
+    /// string when it is not JSON).
+    fn raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Vec<u8>) {
+        let mut s = UnixStream::connect(&self.socket).expect("connect");
+        let body = body.unwrap_or_default();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: portless\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).expect("write");
+        s.write_all(body).expect("write");
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).expect("read");
+        let split = resp
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("headers")
+            + 4;
+        let head = String::from_utf8_lossy(&resp[..split]).into_owned();
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status");
+        let mut body = resp[split..].to_vec();
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            body = dechunk(&body);
+        }
+        (status, body)
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let bytes = body.map(|b| b.to_string().into_bytes());
+        let (status, body) = self.raw(method, path, bytes.as_deref());
+        let v = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+        (status, v)
+    }
+
+    fn exec(&self, target: &str, command: &str, args: &[&str]) -> Value {
+        let (status, body) = self.call(
+            "POST",
+            "/v1/exec",
+            Some(json!({"target": target, "command": command, "args": args})),
+        );
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    fn wait(&self, id: &Value) -> Value {
+        let (status, body) = self.call(
+            "GET",
+            &format!("/v1/executions/{id}/wait?timeout_ms=20000"),
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        self.stop_server();
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let len = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
+        if len == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + len]);
+        b = &b[eol + 2 + len + 2..];
+    }
+}
+
+#[test]
+fn exec_output_fan_out_and_queries() {
+    let d = Daemon::start("daemon-basic");
+    let (_, vms) = d.call("GET", "/v1/vms", None);
+    let names: Vec<_> = vms["vms"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|v| v["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("vm1"), json!("vm2")]);
+    assert_eq!(vms["vms"][0]["labels"]["role"], "web");
+
+    let r = d.exec("vm1", "echo", &["hello"]);
+    let id = r["executions"][0]["id"].clone();
+    let rec = d.wait(&id);
+    assert_eq!(rec["state"], "succeeded");
+    assert_eq!(rec["exit_code"], 0);
+    let (status, out) = d.raw("GET", &format!("/v1/executions/{id}/output"), None);
+    assert_eq!((status, out.as_slice()), (200, &b"hello\n"[..]));
+
+    let r = d.exec("vm1", "fail", &[]);
+    let rec = d.wait(&r["executions"][0]["id"]);
+    assert_eq!(
+        (rec["state"].as_str(), rec["exit_code"].as_i64()),
+        (Some("failed"), Some(3))
+    );
+    let (_, err) = d.raw(
+        "GET",
+        &format!(
+            "/v1/executions/{}/output?stream=stderr",
+            r["executions"][0]["id"]
+        ),
+        None,
+    );
+    assert_eq!(err, b"bad\n");
+
+    // Fan-out by label and to all.
+    let r = d.exec("role=db", "echo", &["db"]);
+    assert_eq!(r["executions"].as_array().map(Vec::len), Some(1));
+    assert_eq!(r["executions"][0]["vm"], "vm2");
+    let r = d.exec("*", "echo", &["all"]);
+    let execs = r["executions"].as_array().expect("list").clone();
+    assert_eq!(execs.len(), 2);
+    for e in &execs {
+        assert_eq!(d.wait(&e["id"])["state"], "succeeded");
+    }
+
+    // Concurrency and error limits: one at a time, stop after the first failure.
+    let (status, r) = d.call(
+        "POST",
+        "/v1/exec",
+        Some(
+            json!({"target": "vm1,vm2", "command": "fail", "max_concurrency": 1, "max_errors": 0}),
+        ),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["executions"].as_array().map(Vec::len), Some(1));
+    assert_eq!(r["skipped"], json!(["vm2"]));
+
+    // Rejected by the guest.
+    let r = d.exec("vm1", "echo", &["UPPER"]);
+    assert_eq!(r["executions"][0]["state"], "rejected");
+
+    // Ping, metrics, commands.
+    let (status, p) = d.call("POST", "/v1/vms/vm1/ping", None);
+    assert_eq!(status, 200, "{p}");
+    assert!(p["rtt_us"].as_u64().is_some());
+    let (status, m) = d.call("GET", "/v1/vms/vm2/metrics", None);
+    assert_eq!(status, 200, "{m}");
+    assert!(m["metrics"]["mem_total_kib"].as_u64().unwrap_or(0) > 0);
+    let (status, c) = d.call("GET", "/v1/vms/vm1/commands", None);
+    assert_eq!(status, 200, "{c}");
+    let names: Vec<_> = c["commands"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|c| c["name"].clone())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            json!("echo"),
+            json!("fail"),
+            json!("slow"),
+            json!("sleep"),
+            json!("secret")
+        ]
+    );
+    assert_eq!(c["commands"][0]["params"][0]["kind"], "string");
+}
+
+#[test]
+fn follow_cancel_and_push() {
+    let d = Daemon::start("daemon-follow");
+    let r = d.exec("vm1", "slow", &[]);
+    let id = r["executions"][0]["id"].clone();
+    let (status, body) = d.raw("GET", &format!("/v1/executions/{id}/follow"), None);
+    assert_eq!(status, 200);
+    let lines: Vec<Value> = String::from_utf8_lossy(&body)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    let last = lines.last().expect("lines");
+    assert_eq!(last["type"], "end");
+    assert_eq!(last["execution"]["state"], "succeeded");
+    use base64::Engine as _;
+    let data: Vec<u8> = lines
+        .iter()
+        .filter(|l| l["type"] == "output")
+        .flat_map(|l| {
+            base64::engine::general_purpose::STANDARD
+                .decode(l["data"].as_str().unwrap_or(""))
+                .expect("base64")
+        })
+        .collect();
+    assert_eq!(data, b"done\n");
+
+    let r = d.exec("vm2", "sleep", &[]);
+    let id = r["executions"][0]["id"].clone();
+    let (status, body) = d.call("POST", &format!("/v1/executions/{id}/cancel"), None);
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(d.wait(&id)["state"], "cancelled");
+    let (status, body) = d.call("POST", &format!("/v1/executions/{id}/cancel"), None);
+    assert_eq!(status, 409, "cancel of an ended execution: {body}");
+
+    let (status, p) = d.raw(
+        "POST",
+        "/v1/vms/vm1/push?name=fix.sh&run=true",
+        Some(b"#!/bin/sh\necho patched\n"),
+    );
+    let p: Value = serde_json::from_slice(&p).expect("json");
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["outcome"], "started");
+    let rec = d.wait(&p["execution"]);
+    assert_eq!(rec["state"], "succeeded");
+    let (_, out) = d.raw(
+        "GET",
+        &format!("/v1/executions/{}/output", p["execution"]),
+        None,
+    );
+    assert_eq!(out, b"patched\n");
+}
+
+#[test]
+fn denials_bad_requests_and_the_audit_log() {
+    let d = Daemon::start("daemon-policy");
+    // The guest allows "secret", the host's policy does not.
+    let (status, body) = d.call(
+        "POST",
+        "/v1/exec",
+        Some(json!({"target": "vm1", "command": "secret"})),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("secret"),
+        "{body}"
+    );
+    let (status, body) = d.call(
+        "POST",
+        "/v1/exec",
+        Some(json!({"target": "nope", "command": "echo", "args": ["x"]})),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("nope"),
+        "{body}"
+    );
+    let (status, body) = d.call("POST", "/v1/exec", Some(json!({"command": "echo"})));
+    assert!(
+        (400..500).contains(&status),
+        "missing target: {status} {body}"
+    );
+    let (status, _) = d.call("GET", "/v1/executions/999999", None);
+    assert_eq!(status, 404);
+    let (status, _) = d.call("GET", "/v1/no/such/thing", None);
+    assert_eq!(status, 404);
+    let (status, log) = d.call("GET", "/v1/audit?allowed=false", None);
+    assert_eq!(status, 200, "{log}");
+    let denied: Vec<_> = log["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["action"] == "exec")
+        .collect();
+    assert_eq!(denied.len(), 1, "{log}");
+    assert_eq!(denied[0]["principal"], "ops");
+    assert_eq!(denied[0]["target"], "vm1:secret");
+}
+
+#[test]
+fn a_daemon_restart_during_an_execution_records_it_once() {
+    let mut d = Daemon::start("daemon-restart");
+    let r = d.exec("vm1", "slow", &[]);
+    let id = r["executions"][0]["id"].clone();
+    d.stop_server();
+    d.start_server();
+    let rec = d.wait(&id);
+    assert_eq!(rec["state"], "succeeded", "{rec}");
+    let (_, out) = d.raw("GET", &format!("/v1/executions/{id}/output"), None);
+    assert_eq!(out, b"done\n");
+    // And the daemon still works.
+    let r = d.exec("vm2", "echo", &["after"]);
+    assert_eq!(d.wait(&r["executions"][0]["id"])["state"], "succeeded");
+}
