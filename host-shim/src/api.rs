@@ -52,7 +52,13 @@ pub enum Peer {
 
 impl Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>> for Peer {
     fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
-        Self::Unix(stream.io().peer_cred().ok().map(|c| (c.uid(), c.gid(), c.pid())))
+        Self::Unix(
+            stream
+                .io()
+                .peer_cred()
+                .ok()
+                .map(|c| (c.uid(), c.gid(), c.pid())),
+        )
     }
 }
 
@@ -88,7 +94,9 @@ impl From<VmError> for ApiError {
     fn from(e: VmError) -> Self {
         let status = match e {
             VmError::Rejected(_) | VmError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            VmError::Undeliverable | VmError::AgentLost | VmError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            VmError::Undeliverable | VmError::AgentLost | VmError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         };
         Self(status, e.to_string())
     }
@@ -111,9 +119,15 @@ fn caller(peer: &Peer, headers: &HeaderMap) -> Result<Caller, String> {
         .map(str::to_owned);
     match (peer, bearer) {
         (_, Some(token)) => Ok(Caller::Token(token)),
-        (Peer::Unix(Some((uid, gid, pid))), None) => Ok(Caller::Unix { uid: *uid, gid: *gid, pid: *pid }),
+        (Peer::Unix(Some((uid, gid, pid))), None) => Ok(Caller::Unix {
+            uid: *uid,
+            gid: *gid,
+            pid: *pid,
+        }),
         (Peer::Unix(None), None) => Err("peer credentials unavailable".into()),
-        (Peer::Tcp(_), None) => Err("the TCP listener needs `Authorization: Bearer <token>`".into()),
+        (Peer::Tcp(_), None) => {
+            Err("the TCP listener needs `Authorization: Bearer <token>`".into())
+        }
     }
 }
 
@@ -145,7 +159,9 @@ impl App {
         let entry = AuditEntry {
             at_ms: now_ms(),
             principal: principal.map(|p| p.name().to_owned()),
-            caller: caller.as_ref().map_or_else(|e| e.clone(), ToString::to_string),
+            caller: caller
+                .as_ref()
+                .map_or_else(|e| e.clone(), ToString::to_string),
             action: action_name(action).to_owned(),
             target,
             allowed: result.is_ok(),
@@ -158,7 +174,10 @@ impl App {
         match (result, principal) {
             (Ok(()), Some(p)) => Ok(p),
             (Err(reason), _) => Err(ApiError(StatusCode::FORBIDDEN, reason)),
-            (Ok(()), None) => Err(ApiError(StatusCode::FORBIDDEN, "unidentified caller".into())),
+            (Ok(()), None) => Err(ApiError(
+                StatusCode::FORBIDDEN,
+                "unidentified caller".into(),
+            )),
         }
     }
 
@@ -170,7 +189,13 @@ impl App {
     }
 
     /// Authorizes reading or cancelling execution `id` (checked against its VM).
-    fn authorize_execution(&self, peer: &Peer, headers: &HeaderMap, action: &Action<'_>, id: u64) -> ApiResult<ExecutionRecord> {
+    fn authorize_execution(
+        &self,
+        peer: &Peer,
+        headers: &HeaderMap,
+        action: &Action<'_>,
+        id: u64,
+    ) -> ApiResult<ExecutionRecord> {
         let target = Some(format!("execution {id}"));
         let rec = match self.execution(id) {
             Ok(r) => r,
@@ -182,7 +207,10 @@ impl App {
         };
         let Some(vm) = self.config.vm(&rec.vm) else {
             self.authorize(peer, headers, &Action::ListVms, None, target)?;
-            return Err(ApiError::not_found(format!("execution {id} belongs to vm \"{}\", no longer configured", rec.vm)));
+            return Err(ApiError::not_found(format!(
+                "execution {id} belongs to vm \"{}\", no longer configured",
+                rec.vm
+            )));
         };
         self.authorize(peer, headers, action, Some(vm), target)?;
         Ok(rec)
@@ -231,7 +259,11 @@ struct VmView {
     channel: &'static str,
 }
 
-async fn list_vms(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap) -> ApiResult<Json<serde_json::Value>> {
+async fn list_vms(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+) -> ApiResult<Json<serde_json::Value>> {
     let principal = app.authorize(&peer, &headers, &Action::ListVms, None, None)?;
     let vms: Vec<VmView> = app
         .config
@@ -239,7 +271,11 @@ async fn list_vms(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Pe
         .iter()
         .filter(|vm| principal.may_access(vm))
         .filter_map(|vm| {
-            app.vms.get(&vm.name).map(|h| VmView { status: h.status(), labels: vm.labels.clone(), channel: vm.channel.kind() })
+            app.vms.get(&vm.name).map(|h| VmView {
+                status: h.status(),
+                labels: vm.labels.clone(),
+                channel: vm.channel.kind(),
+            })
         })
         .collect();
     Ok(Json(serde_json::json!({ "vms": vms })))
@@ -255,9 +291,20 @@ async fn answer<T>(app: &App, rx: oneshot::Receiver<Result<T, VmError>>) -> ApiR
     }
 }
 
-async fn commands(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Path(vm): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+async fn commands(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(vm): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
     let (cfg, handle) = app.vm(&vm)?;
-    app.authorize(&peer, &headers, &Action::ListCommands, Some(cfg), Some(vm.clone()))?;
+    app.authorize(
+        &peer,
+        &headers,
+        &Action::ListCommands,
+        Some(cfg),
+        Some(vm.clone()),
+    )?;
     let (reply, rx) = oneshot::channel();
     handle.request(Request::Commands { reply })?;
     let list = answer(&app, rx).await?;
@@ -266,18 +313,36 @@ async fn commands(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Pe
     })))
 }
 
-async fn ping(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Path(vm): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+async fn ping(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(vm): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
     let (cfg, handle) = app.vm(&vm)?;
     app.authorize(&peer, &headers, &Action::Ping, Some(cfg), Some(vm.clone()))?;
     let (reply, rx) = oneshot::channel();
     handle.request(Request::Ping { reply })?;
     let rtt = answer(&app, rx).await?;
-    Ok(Json(serde_json::json!({ "vm": vm, "rtt_us": u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX) })))
+    Ok(Json(
+        serde_json::json!({ "vm": vm, "rtt_us": u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX) }),
+    ))
 }
 
-async fn metrics(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Path(vm): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+async fn metrics(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(vm): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
     let (cfg, handle) = app.vm(&vm)?;
-    app.authorize(&peer, &headers, &Action::Metrics, Some(cfg), Some(vm.clone()))?;
+    app.authorize(
+        &peer,
+        &headers,
+        &Action::Metrics,
+        Some(cfg),
+        Some(vm.clone()),
+    )?;
     let (reply, rx) = oneshot::channel();
     handle.request(Request::Metrics { reply })?;
     let m = answer(&app, rx).await?;
@@ -302,9 +367,18 @@ async fn push(
 ) -> ApiResult<Json<serde_json::Value>> {
     use sha2::Digest;
     let (cfg, handle) = app.vm(&vm)?;
-    let principal = app.authorize(&peer, &headers, &Action::Push, Some(cfg), Some(format!("{vm}:{}", q.name)))?;
+    let principal = app.authorize(
+        &peer,
+        &headers,
+        &Action::Push,
+        Some(cfg),
+        Some(format!("{vm}:{}", q.name)),
+    )?;
     if q.name.is_empty() || q.name.contains('/') || q.name.starts_with('.') {
-        return Err(ApiError::bad(format!("bad program name \"{}\": a file name, not a path", q.name)));
+        return Err(ApiError::bad(format!(
+            "bad program name \"{}\": a file name, not a path",
+            q.name
+        )));
     }
     let run = if q.run {
         let new = NewExecution {
@@ -314,14 +388,24 @@ async fn push(
             args: Vec::new(),
             requested_at_ms: now_ms(),
         };
-        Some(app.records.create_execution(&new).map_err(ApiError::internal)?)
+        Some(
+            app.records
+                .create_execution(&new)
+                .map_err(ApiError::internal)?,
+        )
     } else {
         None
     };
     let sha256 = hex::encode(sha2::Sha256::digest(&body));
     let size = body.len();
     let (reply, rx) = oneshot::channel();
-    handle.request(Request::Push { name: q.name.clone(), data: body.to_vec(), run, timeout_ms: q.timeout_ms, reply })?;
+    handle.request(Request::Push {
+        name: q.name.clone(),
+        data: body.to_vec(),
+        run,
+        timeout_ms: q.timeout_ms,
+        reply,
+    })?;
     let outcome = answer(&app, rx).await?;
     let (word, error) = match outcome {
         ring_protocol::message::PushOutcome::Stored => ("stored", None),
@@ -353,10 +437,20 @@ struct Dispatched {
     error: Option<String>,
 }
 
-async fn exec(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Json(body): Json<ExecBody>) -> ApiResult<Json<serde_json::Value>> {
+async fn exec(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Json(body): Json<ExecBody>,
+) -> ApiResult<Json<serde_json::Value>> {
     let target = Target::parse(&body.target).map_err(|e| ApiError::bad(format!("target: {e}")))?;
-    let action = Action::Exec { command: &body.command };
-    let selected = app.config.select_vms(&target).map_err(|e| ApiError::bad(e.to_string()))?;
+    let action = Action::Exec {
+        command: &body.command,
+    };
+    let selected = app
+        .config
+        .select_vms(&target)
+        .map_err(|e| ApiError::bad(e.to_string()))?;
     // `*` means every VM this caller may use; a VM named outright must be allowed.
     let all = matches!(target, Target::All);
     let mut vms: Vec<&VmConfig> = Vec::new();
@@ -373,25 +467,47 @@ async fn exec(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>,
         }
     }
     if vms.is_empty() {
-        return Err(ApiError(StatusCode::FORBIDDEN, format!("no vm in \"{}\" allows this caller to run \"{}\"", body.target, body.command)));
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "no vm in \"{}\" allows this caller to run \"{}\"",
+                body.target, body.command
+            ),
+        ));
     }
     let bounded = body.max_concurrency.is_some_and(|n| n > 0);
-    let limit = body.max_concurrency.filter(|n| *n > 0).unwrap_or(Semaphore::MAX_PERMITS).min(Semaphore::MAX_PERMITS);
+    let limit = body
+        .max_concurrency
+        .filter(|n| *n > 0)
+        .unwrap_or(Semaphore::MAX_PERMITS)
+        .min(Semaphore::MAX_PERMITS);
     let permits = Arc::new(Semaphore::new(limit));
     let errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     let mut skipped = Vec::new();
     let mut order = Vec::new();
     for vm in vms {
-        let permit = permits.clone().acquire_owned().await.map_err(ApiError::internal)?;
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(ApiError::internal)?;
         // Ordering: Relaxed: a counter read by this task only, after the tasks update it.
-        if body.max_errors.is_some_and(|max| errors.load(std::sync::atomic::Ordering::Relaxed) > max) {
+        if body
+            .max_errors
+            .is_some_and(|max| errors.load(std::sync::atomic::Ordering::Relaxed) > max)
+        {
             skipped.push(vm.name.clone());
             continue;
         }
         let app2 = app.clone();
-        let (name, command, args, timeout, principal) =
-            (vm.name.clone(), body.command.clone(), body.args.clone(), body.timeout_ms, principal_name.clone());
+        let (name, command, args, timeout, principal) = (
+            vm.name.clone(),
+            body.command.clone(),
+            body.args.clone(),
+            body.timeout_ms,
+            principal_name.clone(),
+        );
         let errors = errors.clone();
         order.push(name.clone());
         let (first_tx, first_rx) = oneshot::channel();
@@ -400,7 +516,9 @@ async fn exec(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>,
             let _ = first_tx.send(d.clone());
             let failed = match d.id {
                 // With a concurrency limit, a slot frees when the execution ends.
-                Some(id) if bounded => !wait_final(&app2, ExecutionId(id), None).await.is_some_and(|r| r.state == ExecState::Succeeded),
+                Some(id) if bounded => !wait_final(&app2, ExecutionId(id), None)
+                    .await
+                    .is_some_and(|r| r.state == ExecState::Succeeded),
                 Some(_) => false,
                 None => true,
             };
@@ -420,31 +538,78 @@ async fn exec(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>,
         results.insert(d.vm.clone(), d);
     }
     let executions: Vec<Dispatched> = order.iter().filter_map(|n| results.remove(n)).collect();
-    Ok(Json(serde_json::json!({ "executions": executions, "skipped": skipped })))
+    Ok(Json(
+        serde_json::json!({ "executions": executions, "skipped": skipped }),
+    ))
 }
 
 /// Records and sends one exec; returns once the agent accepted or refused it.
-async fn dispatch(app: &App, vm: &str, principal: &str, command: String, args: Vec<String>, timeout_ms: Option<u32>) -> Dispatched {
-    let new = NewExecution { principal: principal.to_owned(), vm: vm.to_owned(), command: command.clone(), args: args.clone(), requested_at_ms: now_ms() };
+async fn dispatch(
+    app: &App,
+    vm: &str,
+    principal: &str,
+    command: String,
+    args: Vec<String>,
+    timeout_ms: Option<u32>,
+) -> Dispatched {
+    let new = NewExecution {
+        principal: principal.to_owned(),
+        vm: vm.to_owned(),
+        command: command.clone(),
+        args: args.clone(),
+        requested_at_ms: now_ms(),
+    };
     let id = match app.records.create_execution(&new) {
         Ok(id) => id,
-        Err(e) => return Dispatched { vm: vm.to_owned(), id: None, state: ExecState::Rejected, error: Some(e.to_string()) },
+        Err(e) => {
+            return Dispatched {
+                vm: vm.to_owned(),
+                id: None,
+                state: ExecState::Rejected,
+                error: Some(e.to_string()),
+            };
+        }
     };
     let Some(handle) = app.vms.get(vm) else {
-        return Dispatched { vm: vm.to_owned(), id: Some(id.0), state: ExecState::Undeliverable, error: Some("no driver".into()) };
+        return Dispatched {
+            vm: vm.to_owned(),
+            id: Some(id.0),
+            state: ExecState::Undeliverable,
+            error: Some("no driver".into()),
+        };
     };
     let (reply, rx) = oneshot::channel();
-    let sent = handle.request(Request::Exec { id, command, args, timeout_ms, reply });
+    let sent = handle.request(Request::Exec {
+        id,
+        command,
+        args,
+        timeout_ms,
+        reply,
+    });
     let result = match sent {
         Ok(()) => answer(app, rx).await,
         Err(e) => Err(e.into()),
     };
-    let state = app.records.execution(id).ok().flatten().map_or(ExecState::Pending, |r| r.state);
-    Dispatched { vm: vm.to_owned(), id: Some(id.0), state, error: result.err().map(|e| e.1) }
+    let state = app
+        .records
+        .execution(id)
+        .ok()
+        .flatten()
+        .map_or(ExecState::Pending, |r| r.state);
+    Dispatched {
+        vm: vm.to_owned(),
+        id: Some(id.0),
+        state,
+        error: result.err().map(|e| e.1),
+    }
 }
 
 /// Waits until execution `id` is final (or `limit` passes); the record then.
-async fn wait_final(app: &App, id: ExecutionId, limit: Option<Duration>) -> Option<ExecutionRecord> {
+async fn wait_final(
+    app: &App,
+    id: ExecutionId,
+    limit: Option<Duration>,
+) -> Option<ExecutionRecord> {
     let mut events = app.events.subscribe();
     let deadline = limit.map(|l| tokio::time::Instant::now() + l);
     loop {
@@ -483,25 +648,52 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
-async fn list_executions(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Query(q): Query<ListQuery>) -> ApiResult<Json<serde_json::Value>> {
+async fn list_executions(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
     let principal = app.authorize(&peer, &headers, &Action::ListVms, None, None)?;
     let state = match &q.state {
-        Some(s) => Some(ExecState::from_name(s).ok_or_else(|| ApiError::bad(format!("unknown state \"{s}\"")))?),
+        Some(s) => Some(
+            ExecState::from_name(s)
+                .ok_or_else(|| ApiError::bad(format!("unknown state \"{s}\"")))?,
+        ),
         None => None,
     };
-    let filter = crate::records::ExecutionFilter { vm: q.vm.clone(), state, limit: q.limit.or(Some(100)), ..Default::default() };
+    let filter = crate::records::ExecutionFilter {
+        vm: q.vm.clone(),
+        state,
+        limit: q.limit.or(Some(100)),
+        ..Default::default()
+    };
     let list: Vec<ExecutionRecord> = app
         .records
         .executions(&filter)
         .map_err(ApiError::internal)?
         .into_iter()
-        .filter(|r| app.config.vm(&r.vm).is_some_and(|vm| principal.may_access(vm)))
+        .filter(|r| {
+            app.config
+                .vm(&r.vm)
+                .is_some_and(|vm| principal.may_access(vm))
+        })
         .collect();
     Ok(Json(serde_json::json!({ "executions": list })))
 }
 
-async fn execution(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Path(id): Path<u64>) -> ApiResult<Json<ExecutionRecord>> {
-    Ok(Json(app.authorize_execution(&peer, &headers, &Action::ReadExecution, id)?))
+async fn execution(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> ApiResult<Json<ExecutionRecord>> {
+    Ok(Json(app.authorize_execution(
+        &peer,
+        &headers,
+        &Action::ReadExecution,
+        id,
+    )?))
 }
 
 #[derive(Deserialize)]
@@ -509,10 +701,19 @@ struct WaitQuery {
     timeout_ms: Option<u64>,
 }
 
-async fn wait(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Path(id): Path<u64>, Query(q): Query<WaitQuery>) -> ApiResult<Json<ExecutionRecord>> {
+async fn wait(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    Query(q): Query<WaitQuery>,
+) -> ApiResult<Json<ExecutionRecord>> {
     app.authorize_execution(&peer, &headers, &Action::ReadExecution, id)?;
     let limit = Duration::from_millis(q.timeout_ms.unwrap_or(30_000).min(300_000));
-    wait_final(&app, ExecutionId(id), Some(limit)).await.map(Json).ok_or_else(|| ApiError::not_found(format!("no execution {id}")))
+    wait_final(&app, ExecutionId(id), Some(limit))
+        .await
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no execution {id}")))
 }
 
 #[derive(Deserialize)]
@@ -526,23 +727,45 @@ fn stream_of(s: Option<&str>) -> ApiResult<OutputStream> {
     match s.unwrap_or("stdout") {
         "stdout" => Ok(OutputStream::Stdout),
         "stderr" => Ok(OutputStream::Stderr),
-        other => Err(ApiError::bad(format!("stream is stdout or stderr, not \"{other}\""))),
+        other => Err(ApiError::bad(format!(
+            "stream is stdout or stderr, not \"{other}\""
+        ))),
     }
 }
 
-async fn output(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Path(id): Path<u64>, Query(q): Query<OutputQuery>) -> ApiResult<Response> {
+async fn output(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    Query(q): Query<OutputQuery>,
+) -> ApiResult<Response> {
     app.authorize_execution(&peer, &headers, &Action::ReadExecution, id)?;
     let stream = stream_of(q.stream.as_deref())?;
     let slice = app
         .records
-        .read_output(ExecutionId(id), stream, q.offset.unwrap_or(0), q.limit.unwrap_or(usize::MAX))
+        .read_output(
+            ExecutionId(id),
+            stream,
+            q.offset.unwrap_or(0),
+            q.limit.unwrap_or(usize::MAX),
+        )
         .map_err(ApiError::internal)?;
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-            (header::HeaderName::from_static("x-portless-total-len"), slice.total_len.to_string()),
-            (header::HeaderName::from_static("x-portless-stored-len"), slice.stored_len.to_string()),
-            (header::HeaderName::from_static("x-portless-truncated"), slice.truncated.to_string()),
+            (
+                header::HeaderName::from_static("x-portless-total-len"),
+                slice.total_len.to_string(),
+            ),
+            (
+                header::HeaderName::from_static("x-portless-stored-len"),
+                slice.stored_len.to_string(),
+            ),
+            (
+                header::HeaderName::from_static("x-portless-truncated"),
+                slice.truncated.to_string(),
+            ),
         ],
         slice.data,
     )
@@ -552,7 +775,12 @@ async fn output(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer
 /// Largest piece of output in one followed line.
 const FOLLOW_CHUNK: usize = 64 * 1024;
 
-async fn follow(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Path(id): Path<u64>) -> ApiResult<Response> {
+async fn follow(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> ApiResult<Response> {
     app.authorize_execution(&peer, &headers, &Action::ReadExecution, id)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let id = ExecutionId(id);
@@ -568,7 +796,12 @@ async fn follow(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer
             };
             for (k, stream) in [(0, OutputStream::Stdout), (1, OutputStream::Stderr)] {
                 loop {
-                    let Ok(slice) = app.records.read_output(id, stream, offsets[k], FOLLOW_CHUNK) else { return };
+                    let Ok(slice) = app
+                        .records
+                        .read_output(id, stream, offsets[k], FOLLOW_CHUNK)
+                    else {
+                        return;
+                    };
                     if slice.data.is_empty() {
                         break;
                     }
@@ -605,20 +838,40 @@ async fn follow(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer
             tokio::select! { () = next => {}, () = tokio::time::sleep(Duration::from_secs(1)) => {} }
         }
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }
 
-async fn cancel(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Path(id): Path<u64>) -> ApiResult<Response> {
+async fn cancel(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> ApiResult<Response> {
     let rec = app.authorize_execution(&peer, &headers, &Action::Cancel, id)?;
     if rec.state.is_final() {
-        return Err(ApiError(StatusCode::CONFLICT, format!("execution {id} already ended ({})", rec.state.as_str())));
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("execution {id} already ended ({})", rec.state.as_str()),
+        ));
     }
     let (_, handle) = app.vm(&rec.vm)?;
     let (reply, rx) = oneshot::channel();
-    handle.request(Request::Cancel { id: ExecutionId(id), reply })?;
+    handle.request(Request::Cancel {
+        id: ExecutionId(id),
+        reply,
+    })?;
     answer(&app, rx).await?;
-    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id, "state": rec.state })))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "id": id, "state": rec.state })),
+    )
         .into_response())
 }
 
@@ -632,14 +885,30 @@ struct AuditQuery {
     order: Option<String>,
 }
 
-async fn audit(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap, Query(q): Query<AuditQuery>) -> ApiResult<Json<serde_json::Value>> {
+async fn audit(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
     app.authorize(&peer, &headers, &Action::ReadAudit, None, None)?;
     let order = match q.order.as_deref() {
         None | Some("oldest") => AuditOrder::OldestFirst,
         Some("newest") => AuditOrder::NewestFirst,
-        Some(o) => return Err(ApiError::bad(format!("order is oldest or newest, not \"{o}\""))),
+        Some(o) => {
+            return Err(ApiError::bad(format!(
+                "order is oldest or newest, not \"{o}\""
+            )));
+        }
     };
-    let filter = AuditFilter { principal: q.principal, action: q.action, allowed: q.allowed, since_ms: q.since_ms, limit: q.limit.or(Some(1000)), order };
+    let filter = AuditFilter {
+        principal: q.principal,
+        action: q.action,
+        allowed: q.allowed,
+        since_ms: q.since_ms,
+        limit: q.limit.or(Some(1000)),
+        order,
+    };
     let entries = app.records.audit_log(&filter).map_err(ApiError::internal)?;
     Ok(Json(serde_json::json!({ "entries": entries })))
 }

@@ -47,7 +47,10 @@ pub fn run_from_args(args: impl Iterator<Item = OsString>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("portless: {e}");
@@ -84,7 +87,10 @@ fn plain_region(path: &Path, size: usize) -> Result<GuestRegion> {
     if len == 0 {
         file.set_len(size as u64)?;
     } else if len != size as u64 {
-        bail!("{} is {len} bytes but the configuration says {size}", path.display());
+        bail!(
+            "{} is {len} bytes but the configuration says {size}",
+            path.display()
+        );
     }
     Ok(GuestRegion::from_file(file, size)?)
 }
@@ -126,18 +132,30 @@ pub async fn serve(config: HostConfig) -> Result<()> {
         vms.insert(vm.name.clone(), handle);
         threads.push(thread);
     }
-    let app = Arc::new(App { policy: Policy::new(&config.principals), config, records, vms, events });
+    let app = Arc::new(App {
+        policy: Policy::new(&config.principals),
+        config,
+        records,
+        vms,
+        events,
+    });
 
     if let Some(dir) = d.socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let _ = std::fs::remove_file(&d.socket);
-    let unix = tokio::net::UnixListener::bind(&d.socket).with_context(|| format!("binding {}", d.socket.display()))?;
+    let unix = tokio::net::UnixListener::bind(&d.socket)
+        .with_context(|| format!("binding {}", d.socket.display()))?;
     std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(d.socket_mode))?;
-    eprintln!("portless: serving {} vms on {}", app.vms.len(), d.socket.display());
+    eprintln!(
+        "portless: serving {} vms on {}",
+        app.vms.len(),
+        d.socket.display()
+    );
 
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         let t = async {
             match term.as_mut() {
                 Some(t) => {
@@ -162,7 +180,9 @@ pub async fn serve(config: HostConfig) -> Result<()> {
     };
     let tcp_server = match d.tcp {
         Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
             eprintln!("portless: also serving on {addr} (bearer tokens)");
             let mut rx = stop_rx.clone();
             let svc = api::router(app.clone()).into_make_service_with_connect_info::<Peer>();
