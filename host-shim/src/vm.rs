@@ -437,6 +437,10 @@ const PUSH_CHUNK: usize = 4096;
 const LIST_PAGE: u16 = 64;
 /// How often the host bumps its heartbeat and checks the agent's.
 const TICK: Duration = Duration::from_millis(500);
+/// Polling interval of a plain channel whose agent has been idle for a second.
+const IDLE_POLL: Duration = Duration::from_millis(10);
+/// Polling interval of a plain channel with no agent attached.
+const IDLE_POLL_NO_AGENT: Duration = Duration::from_millis(50);
 
 struct Driver {
     settings: VmSettings,
@@ -550,6 +554,7 @@ impl Driver {
         let _ = self.send(&HostToAgent::Hello(self.hello(false)));
         let mut sleep = Duration::from_micros(50);
         let mut next_tick = Instant::now();
+        let mut last_work = Instant::now();
         loop {
             let mut worked = self.take_requests();
             if worked.is_none() {
@@ -565,10 +570,11 @@ impl Driver {
             self.publish_status();
             if worked == Some(true) {
                 sleep = Duration::from_micros(50);
+                last_work = Instant::now();
                 continue;
             }
             self.sleep(sleep.min(next_tick.saturating_duration_since(Instant::now())));
-            sleep = (sleep * 2).min(self.settings.poll_max);
+            sleep = (sleep * 2).min(self.poll_cap(last_work.elapsed()));
         }
         // Shutting down: answer what is waiting; executions in the guest keep running and
         // are found again by the next daemon.
@@ -603,9 +609,9 @@ impl Driver {
                 };
                 let needed =
                     (!self.outbox.is_empty()).then_some(ring_protocol::MAX_FRAME_LEN as u32);
+                // Armed: the guest rings (or connects) when there is something to do.
                 match ep.prepare_wait(mem, needed) {
-                    Ok(true) if self.peer.is_some() => timeout = TICK,
-                    Ok(true) => {}
+                    Ok(true) => timeout = timeout.max(TICK.min(self.until_deadline())),
                     _ => timeout = Duration::ZERO,
                 }
             }
@@ -630,6 +636,35 @@ impl Driver {
                 ep.end_wait(server.region());
             }
         }
+    }
+
+    /// The longest a plain channel's driver sleeps between polls: `poll_max` while the agent
+    /// is busy, longer once it has been idle a while, longer still with no agent attached (a
+    /// request from the API wakes the driver at once in any case).
+    fn poll_cap(&self, idle: Duration) -> Duration {
+        let attached = self
+            .ep
+            .as_ref()
+            .is_some_and(|ep| ep.guest_attached(self.mem()));
+        if !attached {
+            IDLE_POLL_NO_AGENT
+        } else if idle > Duration::from_secs(1)
+            && self.pending.is_empty()
+            && self.running.is_empty()
+        {
+            IDLE_POLL.max(self.settings.poll_max)
+        } else {
+            self.settings.poll_max
+        }
+    }
+
+    /// Time to the earliest delivery deadline of a queued request.
+    fn until_deadline(&self) -> Duration {
+        self.queue
+            .iter()
+            .map(|(_, d)| d.saturating_duration_since(Instant::now()))
+            .min()
+            .unwrap_or(TICK)
     }
 
     fn ring_guest(&mut self) {
