@@ -23,6 +23,9 @@ fn agent_binary() -> PathBuf {
 }
 
 const AGENT_CONFIG: &str = r#"
+[agent]
+max_running = 16
+
 [push]
 enabled = true
 dir = "PUSHDIR"
@@ -64,30 +67,28 @@ struct Daemon {
     socket: PathBuf,
     server: Option<std::thread::JoinHandle<()>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    agents: Vec<Child>,
+    agents: Vec<(String, Child)>,
 }
 
-fn host_config(dir: &Path) -> String {
+fn host_config(dir: &Path, vms: usize) -> String {
     // SAFETY: `getuid` has no preconditions.
     let uid = unsafe { libc::getuid() };
+    let mut vm_tables = String::new();
+    for n in 1..=vms {
+        let role = if n == 1 { "web" } else { "db" };
+        vm_tables.push_str(&format!(
+            "\n[[vm]]\nname = \"vm{n}\"\nlabels = {{ role = \"{role}\" }}\nchannel = \"plain\"\npath = \"{}/vm{n}.region\"\n",
+            dir.display()
+        ));
+    }
     format!(
         r#"
 [daemon]
 socket = "{dir}/portless.sock"
 state_dir = "{dir}/state"
 delivery_timeout_ms = 3000
-
-[[vm]]
-name = "vm1"
-labels = {{ role = "web" }}
-channel = "plain"
-path = "{dir}/vm1.region"
-
-[[vm]]
-name = "vm2"
-labels = {{ role = "db" }}
-channel = "plain"
-path = "{dir}/vm2.region"
+heartbeat_timeout_ms = 500
+{vm_tables}
 
 [[principal]]
 name = "ops"
@@ -103,11 +104,15 @@ audit = true
 
 impl Daemon {
     fn start(name: &str) -> Self {
+        Self::start_with(name, 2)
+    }
+
+    fn start_with(name: &str, vms: usize) -> Self {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
-        std::fs::write(dir.join("host.toml"), host_config(&dir)).expect("host.toml");
+        std::fs::write(dir.join("host.toml"), host_config(&dir, vms)).expect("host.toml");
         std::fs::write(
             dir.join("agent.toml"),
             AGENT_CONFIG.replace("PUSHDIR", &dir.join("push").display().to_string()),
@@ -121,8 +126,8 @@ impl Daemon {
             agents: Vec::new(),
         };
         d.start_server();
-        for vm in ["vm1", "vm2"] {
-            d.start_agent(vm);
+        for n in 1..=vms {
+            d.start_agent(&format!("vm{n}"));
         }
         d.wait_ready();
         d
@@ -164,7 +169,8 @@ impl Daemon {
 
     fn start_agent(&mut self, vm: &str) {
         let log = std::fs::File::create(self.dir.join(format!("{vm}.log"))).expect("log");
-        self.agents.push(
+        self.agents.push((
+            vm.to_owned(),
             Command::new(agent_binary())
                 .arg("--shm-file")
                 .arg(self.dir.join(format!("{vm}.region")))
@@ -174,7 +180,16 @@ impl Daemon {
                 .stdout(Stdio::null())
                 .spawn()
                 .expect("agent"),
-        );
+        ));
+    }
+
+    fn take_agent(&mut self, vm: &str) -> Child {
+        let i = self
+            .agents
+            .iter()
+            .position(|(n, _)| n == vm)
+            .expect("agent of that vm");
+        self.agents.remove(i).1
     }
 
     fn wait_ready(&self) {
@@ -258,7 +273,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        for a in &mut self.agents {
+        for (_, a) in &mut self.agents {
             let _ = a.kill();
             let _ = a.wait();
         }
@@ -542,4 +557,119 @@ fn an_idle_daemon_with_fifty_doorbell_vms_uses_no_measurable_cpu() {
         used < Duration::from_millis(60),
         "idle daemon used {used:?} of CPU in 3 s"
     );
+}
+
+#[test]
+fn a_killed_agent_ends_its_executions_as_agent_lost() {
+    let mut d = Daemon::start("daemon-agent-lost");
+    // Killed and restarted: the new generation settles it at once.
+    let r = d.exec("vm1", "sleep", &[]);
+    let id = r["executions"][0]["id"].clone();
+    let mut agent = d.take_agent("vm1");
+    agent.kill().expect("kill");
+    agent.wait().expect("reap");
+    d.start_agent("vm1");
+    let rec = d.wait(&id);
+    assert_eq!(rec["state"], "agent_lost", "{rec}");
+    d.wait_ready();
+    let (_, vms) = d.call("GET", "/v1/vms", None);
+    let vm1 = vms["vms"]
+        .as_array()
+        .expect("vms")
+        .iter()
+        .find(|v| v["name"] == "vm1")
+        .cloned()
+        .expect("vm1");
+    assert_eq!(vm1["agent_restarts"], 1);
+    // Killed for good: unresponsive, then lost once the heartbeat has been silent long enough.
+    let r = d.exec("vm2", "sleep", &[]);
+    let id = r["executions"][0]["id"].clone();
+    let mut agent = d.take_agent("vm2");
+    agent.kill().expect("kill");
+    agent.wait().expect("reap");
+    let rec = d.wait(&id);
+    assert_eq!(rec["state"], "agent_lost", "{rec}");
+    let (_, vms) = d.call("GET", "/v1/vms", None);
+    let vm2 = vms["vms"]
+        .as_array()
+        .expect("vms")
+        .iter()
+        .find(|v| v["name"] == "vm2")
+        .cloned()
+        .expect("vm2");
+    assert_eq!(vm2["state"], "unresponsive");
+    // An exec to it now cannot be delivered.
+    let r = d.exec("vm2", "echo", &["x"]);
+    assert_eq!(r["executions"][0]["state"], "undeliverable", "{r}");
+}
+
+#[test]
+fn hostile_region_contents_hurt_only_their_vm() {
+    use std::os::unix::fs::FileExt;
+    let d = Daemon::start("daemon-hostile");
+    let region = std::fs::File::options()
+        .write(true)
+        .open(d.dir.join("vm2.region"))
+        .expect("open");
+    // Garbage over vm2's indices and frame data, as a hostile guest could write.
+    let g2h_prod = ring_protocol::layout::offsets::G2H_PROD as u64;
+    region
+        .write_at(&0x7fff_fff0u32.to_le_bytes(), g2h_prod)
+        .expect("write");
+    region.write_at(&[0xff; 4096], 32 * 1024).expect("write");
+    for k in 0..5 {
+        let r = d.exec("vm1", "echo", &[&format!("still{k}")]);
+        assert_eq!(d.wait(&r["executions"][0]["id"])["state"], "succeeded");
+    }
+    // vm2 recovers: reset, the agent attaches again, and runs commands.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = d.exec("vm2", "echo", &["healed"]);
+        if let Some(id) = r["executions"][0]["id"].as_u64() {
+            if d.wait(&json!(id))["state"] == "succeeded" {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "vm2 never recovered: {r}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_thousand_executions_across_four_vms_are_all_accounted_for() {
+    let d = Daemon::start_with("daemon-thousand", 4);
+    let mut ids = Vec::new();
+    for round in 0..250 {
+        let word = format!("w{round}");
+        let r = d.exec("*", "echo", &[&word]);
+        for e in r["executions"].as_array().expect("executions") {
+            ids.push((
+                e["id"].clone(),
+                e["vm"].as_str().unwrap_or("").to_owned(),
+                word.clone(),
+            ));
+        }
+        if round % 4 == 3 {
+            // Keep the guests under their max_running.
+            for (id, _, _) in ids.iter().rev().take(16) {
+                d.wait(id);
+            }
+        }
+    }
+    assert_eq!(ids.len(), 1000);
+    let mut per_vm = std::collections::BTreeMap::new();
+    for (id, vm, word) in &ids {
+        let rec = d.wait(id);
+        assert_eq!(rec["state"], "succeeded", "{rec}");
+        assert_eq!(rec["vm"].as_str(), Some(vm.as_str()));
+        let (_, out) = d.raw("GET", &format!("/v1/executions/{id}/output"), None);
+        assert_eq!(out, format!("{word}\n").into_bytes(), "execution {id}");
+        *per_vm.entry(vm.clone()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        per_vm.values().copied().collect::<Vec<_>>(),
+        [250, 250, 250, 250]
+    );
+    let (_, list) = d.call("GET", "/v1/executions?state=succeeded&limit=2000", None);
+    assert_eq!(list["executions"].as_array().map(Vec::len), Some(1000));
 }
