@@ -625,10 +625,10 @@ fn hostile_region_contents_hurt_only_their_vm() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let r = d.exec("vm2", "echo", &["healed"]);
-        if let Some(id) = r["executions"][0]["id"].as_u64() {
-            if d.wait(&json!(id))["state"] == "succeeded" {
-                break;
-            }
+        if let Some(id) = r["executions"][0]["id"].as_u64()
+            && d.wait(&json!(id))["state"] == "succeeded"
+        {
+            break;
         }
         assert!(Instant::now() < deadline, "vm2 never recovered: {r}");
         std::thread::sleep(Duration::from_millis(100));
