@@ -5,6 +5,7 @@
 mod footprint;
 mod fuzz;
 mod image;
+mod loopback;
 mod test;
 
 use std::path::PathBuf;
@@ -20,6 +21,9 @@ commands:
                          toolchain with miri is installed) and a short fuzz run (--quick
                          skips loom, miri and fuzzing)
   fuzz [--seconds N]     run every fuzz target for N seconds each (default 30)
+  loopback [--vms N] [--dir DIR]
+                         run `portless serve` and N agents over shared files on this
+                         machine (default 2, in target/loopback) until Ctrl-C
   image                  build the VM test image (kernel and initramfs) into target/vm
   footprint              build the static portless-agent, print its size and resident
                          memory idle and streaming, check the targets
@@ -37,6 +41,7 @@ fn main() -> Result<()> {
         "fuzz" => fuzz::run(&sh, parse_seconds(&rest, 30)?),
         "footprint" => footprint::run(&sh),
         "image" => image::build(&sh).map(|_| ()),
+        "loopback" => loopback::run(&sh, &loopback::Options::parse(&rest)?),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())

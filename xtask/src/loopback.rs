@@ -1,0 +1,174 @@
+//! `cargo xtask loopback [--vms N] [--dir DIR]`: Portless on this machine without VMs: the
+//! `portless serve` daemon and N `portless-agent --shm-file` processes, each agent standing in
+//! for a VM's guest, with the example allow-list. Runs in the foreground until Ctrl-C and
+//! prints how to point the CLI at it.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use xshell::{Shell, cmd};
+
+use crate::step;
+
+/// Options of `loopback`.
+pub(crate) struct Options {
+    vms: usize,
+    dir: PathBuf,
+}
+
+impl Options {
+    pub(crate) fn parse(args: &[String]) -> Result<Self> {
+        let mut o = Self {
+            vms: 2,
+            dir: crate::project_root().join("target/loopback"),
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--vms" => {
+                    let v = it.next().context("--vms needs a number")?;
+                    o.vms = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=64).contains(n))
+                        .with_context(|| format!("--vms takes 1..64, not `{v}`"))?;
+                }
+                "--dir" => o.dir = PathBuf::from(it.next().context("--dir needs a path")?),
+                other => bail!("unknown option `{other}` for `loopback` (--vms N, --dir DIR)"),
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// Children killed on drop, so that nothing is left behind even on an error.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in self.0.iter_mut().rev() {
+            // A TERM for a clean stop, then KILL if it lingers.
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for c in &mut self.0 {
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn host_toml(dir: &Path, vms: usize, uid: &str) -> String {
+    let mut s = format!(
+        "# Written by `cargo xtask loopback`.\n[daemon]\nsocket = \"{0}/portless.sock\"\nstate_dir = \"{0}/state\"\n",
+        dir.display()
+    );
+    for n in 1..=vms {
+        let role = if n % 2 == 1 { "web" } else { "db" };
+        let _ = write!(
+            s,
+            "\n[[vm]]\nname = \"vm{n}\"\nlabels = {{ role = \"{role}\" }}\nchannel = \"plain\"\npath = \"{}/vm{n}.region\"\n",
+            dir.display()
+        );
+    }
+    let _ = write!(
+        s,
+        "\n[[principal]]\nname = \"you\"\nuids = [{uid}]\nvms = [\"*\"]\ncommands = [\"*\"]\npush = true\naudit = true\n"
+    );
+    s
+}
+
+pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
+    step("building portless and portless-agent");
+    cmd!(sh, "cargo build --locked -p host-shim -p agent-linux").run()?;
+    let root = crate::project_root();
+    let bin = root.join("target/debug");
+    let dir = &opts.dir;
+    std::fs::create_dir_all(dir)?;
+    for n in 1..=opts.vms {
+        let _ = std::fs::remove_file(dir.join(format!("vm{n}.region")));
+    }
+    let uid = cmd!(sh, "id -u").read()?;
+    std::fs::write(dir.join("host.toml"), host_toml(dir, opts.vms, &uid))?;
+    // Switching users needs root: without it, the example's `user`/`group` lines go.
+    let example = std::fs::read_to_string(root.join("examples/allow-list.toml"))?;
+    let allow_list = if uid == "0" {
+        example
+    } else {
+        example
+            .lines()
+            .filter(|l| {
+                !l.trim_start().starts_with("user =") && !l.trim_start().starts_with("group =")
+            })
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    std::fs::write(dir.join("allow-list.toml"), allow_list)?;
+
+    let mut children = Children(Vec::new());
+    let log = |name: &str| -> Result<std::fs::File> {
+        Ok(std::fs::File::create(dir.join(format!("{name}.log")))?)
+    };
+    children.0.push(
+        Command::new(bin.join("portless"))
+            .arg("serve")
+            .arg("--config")
+            .arg(dir.join("host.toml"))
+            .stdout(Stdio::null())
+            .stderr(log("portless")?)
+            .spawn()
+            .context("starting portless serve")?,
+    );
+    let socket = dir.join("portless.sock");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        if Instant::now() > deadline {
+            bail!(
+                "portless serve did not start; see {}",
+                dir.join("portless.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for n in 1..=opts.vms {
+        children.0.push(
+            Command::new(bin.join("portless-agent"))
+                .arg("--shm-file")
+                .arg(dir.join(format!("vm{n}.region")))
+                .arg("--config")
+                .arg(dir.join("allow-list.toml"))
+                .stdout(Stdio::null())
+                .stderr(log(&format!("agent-vm{n}"))?)
+                .spawn()
+                .context("starting portless-agent")?,
+        );
+    }
+    println!(
+        "\nPortless loopback: daemon and {} agents running (logs in {}).\n\nPoint the CLI at it:\n\n  export PORTLESS_SOCKET={}\n  export PATH={}:$PATH\n  portless vms\n  portless commands vm1\n  portless exec vm1 uname --wait\n  portless exec --all sleep 2 --follow\n  portless exec vm1 fail --wait; echo \"exit $?\"\n\nCtrl-C stops everything.",
+        opts.vms,
+        dir.display(),
+        socket.display(),
+        bin.display()
+    );
+    // Foreground until interrupted or a child dies.
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        for c in &mut children.0 {
+            if let Ok(Some(status)) = c.try_wait() {
+                bail!(
+                    "a loopback process exited ({status}); see the logs in {}",
+                    dir.display()
+                );
+            }
+        }
+    }
+}
