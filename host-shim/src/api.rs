@@ -1,4 +1,4 @@
-//! The daemon's HTTP/JSON API (`openapi.yaml` at the crate root documents it): who is calling
+//! The daemon's HTTP/JSON API (`openapi.json` at the crate root documents it): who is calling
 //! (unix peer credentials, or a bearer token on the TCP listener), what the policy allows,
 //! the audit entry of every call, and the handlers, which talk to the VM drivers and read the
 //! records. Bad requests get a 4xx with `{"error": "..."}` saying what is wrong.
@@ -111,7 +111,8 @@ fn now_ms() -> u64 {
 }
 
 /// The caller of a request, from the connection and the `Authorization` header.
-fn caller(peer: &Peer, headers: &HeaderMap) -> Result<Caller, String> {
+/// On failure: how to name the caller in the audit log, and why it was refused.
+fn caller(peer: &Peer, headers: &HeaderMap) -> Result<Caller, (String, String)> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -124,14 +125,40 @@ fn caller(peer: &Peer, headers: &HeaderMap) -> Result<Caller, String> {
             gid: *gid,
             pid: *pid,
         }),
-        (Peer::Unix(None), None) => Err("peer credentials unavailable".into()),
-        (Peer::Tcp(_), None) => {
-            Err("the TCP listener needs `Authorization: Bearer <token>`".into())
-        }
+        (Peer::Unix(None), None) => Err((
+            "unix (no credentials)".into(),
+            "peer credentials unavailable".into(),
+        )),
+        (Peer::Tcp(addr), None) => Err((
+            format!("tcp {addr} (no token)"),
+            "the TCP listener needs `Authorization: Bearer <token>`".into(),
+        )),
     }
 }
 
 impl App {
+    /// The VM `name` for `action`: the caller is identified (and audited) before an unknown
+    /// name is reported, so that names are not revealed to strangers.
+    fn vm_for(
+        &self,
+        peer: &Peer,
+        headers: &HeaderMap,
+        action: &Action<'_>,
+        name: &str,
+        target: Option<String>,
+    ) -> ApiResult<(&VmConfig, &VmHandle, &Principal)> {
+        match self.vm(name) {
+            Ok((cfg, handle)) => {
+                let p = self.authorize(peer, headers, action, Some(cfg), target)?;
+                Ok((cfg, handle, p))
+            }
+            Err(e) => {
+                self.authorize(peer, headers, &Action::ListVms, None, target)?;
+                Err(e)
+            }
+        }
+    }
+
     fn vm(&self, name: &str) -> ApiResult<(&VmConfig, &VmHandle)> {
         match (self.config.vm(name), self.vms.get(name)) {
             (Some(c), Some(h)) => Ok((c, h)),
@@ -154,14 +181,14 @@ impl App {
                 Ok(p) => (Some(p), Ok(())),
                 Err(d) => (self.policy.identify(c), Err(d.reason)),
             },
-            Err(reason) => (None, Err(reason.clone())),
+            Err((_, reason)) => (None, Err(reason.clone())),
         };
         let entry = AuditEntry {
             at_ms: now_ms(),
             principal: principal.map(|p| p.name().to_owned()),
             caller: caller
                 .as_ref()
-                .map_or_else(|e| e.clone(), ToString::to_string),
+                .map_or_else(|(who, _)| who.clone(), ToString::to_string),
             action: action_name(action).to_owned(),
             target,
             allowed: result.is_ok(),
@@ -231,6 +258,9 @@ fn action_name(a: &Action<'_>) -> &'static str {
     }
 }
 
+/// Largest program the API accepts for a push (the guest's own limit may be lower).
+pub const MAX_PUSH_BYTES: usize = 64 << 20;
+
 /// The router of the API.
 pub fn router(app: Arc<App>) -> axum::Router {
     axum::Router::new()
@@ -238,7 +268,10 @@ pub fn router(app: Arc<App>) -> axum::Router {
         .route("/v1/vms/{vm}/commands", get(commands))
         .route("/v1/vms/{vm}/ping", post(ping))
         .route("/v1/vms/{vm}/metrics", get(metrics))
-        .route("/v1/vms/{vm}/push", post(push))
+        .route(
+            "/v1/vms/{vm}/push",
+            post(push).layer(axum::extract::DefaultBodyLimit::max(MAX_PUSH_BYTES)),
+        )
         .route("/v1/exec", post(exec))
         .route("/v1/executions", get(list_executions))
         .route("/v1/executions/{id}", get(execution))
@@ -247,7 +280,7 @@ pub fn router(app: Arc<App>) -> axum::Router {
         .route("/v1/executions/{id}/follow", get(follow))
         .route("/v1/executions/{id}/cancel", post(cancel))
         .route("/v1/audit", get(audit))
-        .fallback(|| async { ApiError::not_found("no such endpoint (see openapi.yaml)") })
+        .fallback(|| async { ApiError::not_found("no such endpoint (see openapi.json)") })
         .with_state(app)
 }
 
@@ -297,12 +330,11 @@ async fn commands(
     headers: HeaderMap,
     Path(vm): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let (cfg, handle) = app.vm(&vm)?;
-    app.authorize(
+    let (_, handle, _) = app.vm_for(
         &peer,
         &headers,
         &Action::ListCommands,
-        Some(cfg),
+        &vm,
         Some(vm.clone()),
     )?;
     let (reply, rx) = oneshot::channel();
@@ -319,8 +351,7 @@ async fn ping(
     headers: HeaderMap,
     Path(vm): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let (cfg, handle) = app.vm(&vm)?;
-    app.authorize(&peer, &headers, &Action::Ping, Some(cfg), Some(vm.clone()))?;
+    let (_, handle, _) = app.vm_for(&peer, &headers, &Action::Ping, &vm, Some(vm.clone()))?;
     let (reply, rx) = oneshot::channel();
     handle.request(Request::Ping { reply })?;
     let rtt = answer(&app, rx).await?;
@@ -335,14 +366,7 @@ async fn metrics(
     headers: HeaderMap,
     Path(vm): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let (cfg, handle) = app.vm(&vm)?;
-    app.authorize(
-        &peer,
-        &headers,
-        &Action::Metrics,
-        Some(cfg),
-        Some(vm.clone()),
-    )?;
+    let (_, handle, _) = app.vm_for(&peer, &headers, &Action::Metrics, &vm, Some(vm.clone()))?;
     let (reply, rx) = oneshot::channel();
     handle.request(Request::Metrics { reply })?;
     let m = answer(&app, rx).await?;
@@ -366,12 +390,11 @@ async fn push(
     body: Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
     use sha2::Digest;
-    let (cfg, handle) = app.vm(&vm)?;
-    let principal = app.authorize(
+    let (_, handle, principal) = app.vm_for(
         &peer,
         &headers,
         &Action::Push,
-        Some(cfg),
+        &vm,
         Some(format!("{vm}:{}", q.name)),
     )?;
     if q.name.is_empty() || q.name.contains('/') || q.name.starts_with('.') {
@@ -399,14 +422,34 @@ async fn push(
     let sha256 = hex::encode(sha2::Sha256::digest(&body));
     let size = body.len();
     let (reply, rx) = oneshot::channel();
-    handle.request(Request::Push {
+    let sent = handle.request(Request::Push {
         name: q.name.clone(),
         data: body.to_vec(),
         run,
         timeout_ms: q.timeout_ms,
         reply,
-    })?;
-    let outcome = answer(&app, rx).await?;
+    });
+    let answered = match sent {
+        Ok(()) => answer(&app, rx).await,
+        Err(e) => Err(e.into()),
+    };
+    let outcome = match answered {
+        Ok(o) => o,
+        Err(e) => {
+            if let Some(id) = run {
+                let end = crate::records::Finish {
+                    state: ExecState::Undeliverable,
+                    exit_code: None,
+                    signal: None,
+                    finished_at_ms: now_ms(),
+                    duration_ms: None,
+                    detail: Some(e.1.clone()),
+                };
+                let _ = app.records.finish(id, &end);
+            }
+            return Err(e);
+        }
+    };
     let (word, error) = match outcome {
         ring_protocol::message::PushOutcome::Stored => ("stored", None),
         ring_protocol::message::PushOutcome::Started(_) => ("started", None),
@@ -513,14 +556,21 @@ async fn exec(
         let (first_tx, first_rx) = oneshot::channel();
         tasks.spawn(async move {
             let d = dispatch(&app2, &name, &principal, command, args, timeout).await;
+            // Refused or undeliverable counts at once, before the next VM is dispatched.
+            let refused =
+                d.error.is_some() || d.state.is_final() && d.state != ExecState::Succeeded;
+            if refused {
+                // Ordering: Relaxed: only counted; the dispatch loop reads it after `first_rx`.
+                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             let _ = first_tx.send(d.clone());
+            // With a concurrency limit, a slot frees when the execution ends; an execution
+            // that ends badly counts as an error too.
             let failed = match d.id {
-                // With a concurrency limit, a slot frees when the execution ends.
-                Some(id) if bounded => !wait_final(&app2, ExecutionId(id), None)
+                Some(id) if bounded && !refused => !wait_final(&app2, ExecutionId(id), None)
                     .await
                     .is_some_and(|r| r.state == ExecState::Succeeded),
-                Some(_) => false,
-                None => true,
+                _ => false,
             };
             if failed {
                 // Ordering: Relaxed: only counted.
@@ -893,8 +943,8 @@ async fn audit(
 ) -> ApiResult<Json<serde_json::Value>> {
     app.authorize(&peer, &headers, &Action::ReadAudit, None, None)?;
     let order = match q.order.as_deref() {
-        None | Some("oldest") => AuditOrder::OldestFirst,
-        Some("newest") => AuditOrder::NewestFirst,
+        Some("oldest") => AuditOrder::OldestFirst,
+        None | Some("newest") => AuditOrder::NewestFirst,
         Some(o) => {
             return Err(ApiError::bad(format!(
                 "order is oldest or newest, not \"{o}\""

@@ -1,0 +1,221 @@
+//! `openapi.json` against the code: the document parses, lists exactly the (method, path)
+//! pairs that `api::router` registers (scanned from the text of `src/api.rs`, so a route added,
+//! removed or renamed there fails here until the document follows), declares every path
+//! parameter of its templates, and resolves every `$ref`.
+
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+
+/// The document, as shipped at the crate root.
+const DOCUMENT: &str = include_str!("../openapi.json");
+/// The source of the router.
+const API_SOURCE: &str = include_str!("../src/api.rs");
+
+/// The HTTP methods an OpenAPI path item can hold, which are also axum's method routers.
+const METHODS: [&str; 8] = [
+    "get", "put", "post", "delete", "options", "head", "patch", "trace",
+];
+
+fn document() -> Value {
+    serde_json::from_str(DOCUMENT).expect("openapi.json is JSON")
+}
+
+/// The text of the call whose opening parenthesis is at `open` in `s`, without the
+/// parentheses.
+fn call_args(s: &str, open: usize) -> &str {
+    let mut depth = 0usize;
+    for (i, c) in s[open..].char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth == 0 {
+                    return &s[open + 1..open + i];
+                }
+            }
+            _ => {}
+        }
+    }
+    panic!("unbalanced parentheses after byte {open} of api.rs");
+}
+
+/// The (method, path) pairs of every `.route("path", get(h).post(h2))` in `src/api.rs`.
+fn routes_in_source() -> BTreeSet<(String, String)> {
+    let mut routes = BTreeSet::new();
+    for (at, _) in API_SOURCE.match_indices(".route(") {
+        let args = call_args(API_SOURCE, at + ".route".len());
+        let rest = args.trim_start();
+        let rest = rest
+            .strip_prefix('"')
+            .unwrap_or_else(|| panic!("a route whose path is not a string literal: {args}"));
+        let end = rest.find('"').expect("the path literal ends");
+        let path = &rest[..end];
+        let router = rest[end + 1..].trim_start();
+        let router = router
+            .strip_prefix(',')
+            .unwrap_or_else(|| panic!("route {path}: no method router in {args}"));
+        // The method routers: `get(..)`, `.post(..)`, ... at the top level of the argument.
+        let mut found = 0;
+        let mut depth = 0usize;
+        let mut word = String::new();
+        for c in router.chars() {
+            match c {
+                '(' => {
+                    // Layers on a method router (`post(h).layer(limit)`) are not methods.
+                    if depth == 0 && word == "layer" {
+                        depth += 1;
+                        word.clear();
+                        continue;
+                    }
+                    if depth == 0 {
+                        assert!(
+                            METHODS.contains(&word.as_str()),
+                            "route {path}: method router `{word}(..)` is not one this test \
+                             knows (any, on, ...): describe it in openapi.json and teach the \
+                             test"
+                        );
+                        let pair = (word.clone(), path.to_owned());
+                        assert!(routes.insert(pair), "route {word} {path} registered twice");
+                        found += 1;
+                    }
+                    depth += 1;
+                    word.clear();
+                }
+                ')' => {
+                    depth -= 1;
+                    word.clear();
+                }
+                c if c.is_alphanumeric() || c == '_' => word.push(c),
+                _ => word.clear(),
+            }
+        }
+        assert!(found > 0, "route {path}: no method router in {args}");
+    }
+    routes
+}
+
+/// The (method, path) pairs of the document's `paths`.
+fn routes_in_document(doc: &Value) -> BTreeSet<(String, String)> {
+    let paths = doc["paths"].as_object().expect("paths is an object");
+    let mut routes = BTreeSet::new();
+    for (path, item) in paths {
+        let item = item.as_object().expect("a path item is an object");
+        for method in item.keys().filter(|k| METHODS.contains(&k.as_str())) {
+            routes.insert((method.clone(), path.clone()));
+        }
+    }
+    routes
+}
+
+/// What a `$ref` of this document points at.
+fn resolve<'a>(doc: &'a Value, reference: &str) -> &'a Value {
+    let pointer = reference
+        .strip_prefix('#')
+        .unwrap_or_else(|| panic!("{reference} is not a reference into the document"));
+    doc.pointer(pointer)
+        .unwrap_or_else(|| panic!("{reference} resolves to nothing"))
+}
+
+/// `value`, or what it refers to.
+fn deref<'a>(doc: &'a Value, value: &'a Value) -> &'a Value {
+    match value.get("$ref").and_then(Value::as_str) {
+        Some(r) => resolve(doc, r),
+        None => value,
+    }
+}
+
+#[test]
+fn the_document_is_openapi_3_1() {
+    let doc = document();
+    let version = doc["openapi"].as_str().expect("openapi version");
+    assert!(version.starts_with("3.1."), "openapi {version}");
+    assert!(doc["info"]["title"].is_string());
+    assert!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer",
+        "the bearer scheme"
+    );
+}
+
+#[test]
+fn the_document_lists_exactly_the_routes_of_the_router() {
+    let code = routes_in_source();
+    assert!(code.len() >= 10, "the scan found too few routes: {code:?}");
+    let doc = routes_in_document(&document());
+    let missing: Vec<_> = code.difference(&doc).collect();
+    let extra: Vec<_> = doc.difference(&code).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "openapi.json is out of step with api::router: routes missing from the document: \
+         {missing:?}; routes in the document the router does not have: {extra:?}"
+    );
+}
+
+#[test]
+fn every_operation_declares_its_path_parameters_and_errors() {
+    let doc = document();
+    for (method, path) in routes_in_document(&doc) {
+        let op = &doc["paths"][&path][&method];
+        let declared: BTreeSet<&str> = op["parameters"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(|p| deref(&doc, p))
+            .filter(|p| p["in"] == "path")
+            .map(|p| p["name"].as_str().expect("a parameter's name"))
+            .collect();
+        let in_template: BTreeSet<&str> = path
+            .split('/')
+            .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+            .collect();
+        assert_eq!(declared, in_template, "{method} {path}: path parameters");
+        assert!(
+            op["operationId"].is_string(),
+            "{method} {path}: operationId"
+        );
+        let responses = op["responses"].as_object().expect("responses");
+        assert!(
+            responses.keys().any(|s| s.starts_with('2')),
+            "{method} {path}: no success response"
+        );
+        // Every route authorizes its caller (and so can refuse it) and audits the decision.
+        assert!(
+            responses.contains_key("403"),
+            "{method} {path}: no 403 response"
+        );
+        assert!(
+            op["x-portless-audit"]["action"].is_string(),
+            "{method} {path}: no audit action"
+        );
+    }
+}
+
+#[test]
+fn every_reference_resolves() {
+    fn walk(doc: &Value, v: &Value, refs: &mut usize) {
+        match v {
+            Value::Object(map) => {
+                if let Some(r) = map.get("$ref").and_then(Value::as_str) {
+                    resolve(doc, r);
+                    *refs += 1;
+                }
+                for (k, child) in map {
+                    // Discriminator mappings are references too.
+                    if k == "mapping" {
+                        for target in child.as_object().expect("a mapping").values() {
+                            resolve(doc, target.as_str().expect("a mapping target"));
+                        }
+                    }
+                    walk(doc, child, refs);
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|i| walk(doc, i, refs)),
+            _ => {}
+        }
+    }
+    let doc = document();
+    let mut refs = 0;
+    walk(&doc, &doc, &mut refs);
+    assert!(refs > 0);
+}

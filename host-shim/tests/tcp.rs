@@ -1,0 +1,245 @@
+//! The daemon's optional TCP listener, driven with raw HTTP/1.1 over `127.0.0.1`: callers
+//! there are identified by `Authorization: Bearer <token>` only (no header, a wrong token:
+//! 403), a principal sees only its VMs, and the denied attempts are in the audit log.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The token of the principal `remote`.
+const TOKEN: &str = "s3cret";
+
+/// A daemon (in a thread of this test) with two plain VMs, no agents, and a TCP listener.
+struct Daemon {
+    addr: SocketAddr,
+    server: Option<std::thread::JoinHandle<()>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr").port()
+}
+
+impl Daemon {
+    fn start(name: &str) -> Self {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let text = format!(
+            r#"
+[daemon]
+socket = "{dir}/portless.sock"
+state_dir = "{dir}/state"
+tcp = "{addr}"
+
+[[vm]]
+name = "vm1"
+channel = "plain"
+path = "{dir}/vm1.region"
+
+[[vm]]
+name = "vm2"
+channel = "plain"
+path = "{dir}/vm2.region"
+
+[[principal]]
+name = "remote"
+token_sha256 = "{hash}"
+vms = ["vm1"]
+audit = true
+"#,
+            dir = dir.display(),
+            hash = host_shim::policy::hash_token(TOKEN),
+        );
+        let config =
+            host_shim::config::HostConfig::parse(&text, "host.toml").expect("valid host.toml");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                tokio::select! {
+                    r = host_shim::daemon::serve(config) => r.expect("daemon runs"),
+                    _ = rx => {}
+                }
+            });
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).is_err() {
+            assert!(
+                !server.is_finished(),
+                "daemon stopped before listening on {addr}"
+            );
+            assert!(Instant::now() < deadline, "daemon never listened on {addr}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self {
+            addr,
+            server: Some(server),
+            stop: Some(tx),
+        }
+    }
+
+    /// One HTTP/1.1 request with the given extra header lines; the status and the body.
+    fn raw(&self, method: &str, path: &str, headers: &[&str], body: &[u8]) -> (u16, Vec<u8>) {
+        let mut s = TcpStream::connect(self.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            self.addr,
+            body.len()
+        );
+        for h in headers {
+            head += h;
+            head += "\r\n";
+        }
+        head += "\r\n";
+        s.write_all(head.as_bytes()).expect("write");
+        s.write_all(body).expect("write");
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).expect("read");
+        let split = resp
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("headers")
+            + 4;
+        let head = String::from_utf8_lossy(&resp[..split]);
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status");
+        (status, resp[split..].to_vec())
+    }
+
+    /// A GET with an optional bearer token; the status and the body as JSON (or a string).
+    fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let auth = token.map(|t| format!("Authorization: Bearer {t}"));
+        let headers: Vec<&str> = auth.iter().map(String::as_str).collect();
+        let (status, body) = self.raw("GET", path, &headers, b"");
+        let v = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+        (status, v)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.server.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The audit entries of `action`, oldest first, as the token's principal reads them.
+fn audit_of(d: &Daemon, action: &str) -> Vec<Value> {
+    let (status, body) = d.get(
+        &format!("/v1/audit?action={action}&order=oldest"),
+        Some(TOKEN),
+    );
+    assert_eq!(status, 200, "{body}");
+    body["entries"].as_array().expect("entries").clone()
+}
+
+#[test]
+fn bearer_tokens_on_tcp() {
+    let d = Daemon::start("tcp-bearer");
+
+    // No token: the TCP listener has no peer credentials to fall back on.
+    let (status, body) = d.get("/v1/vms", None);
+    assert_eq!(status, 403, "{body}");
+    let error = body["error"].as_str().expect("error message");
+    assert!(error.contains("Bearer"), "{error}");
+
+    // Another scheme, or `bearer` in lower case, is no token either.
+    for header in [
+        "Authorization: Basic czNjcmV0",
+        "Authorization: bearer s3cret",
+    ] {
+        let (status, body) = d.raw("GET", "/v1/vms", &[header], b"");
+        assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
+    }
+
+    // A wrong token.
+    let (status, body) = d.get("/v1/vms", Some("wrong"));
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"], "no principal matches the bearer token");
+
+    // The right token: only the principal's VMs.
+    let (status, body) = d.get("/v1/vms", Some(TOKEN));
+    assert_eq!(status, 200, "{body}");
+    let vms = body["vms"].as_array().expect("vms");
+    assert_eq!(vms.len(), 1, "{body}");
+    assert_eq!(vms[0]["name"], "vm1");
+    assert_eq!(vms[0]["state"], "waiting_for_agent");
+    assert_eq!(vms[0]["channel"], "plain");
+    assert_eq!(vms[0]["running"], 0);
+
+    // vm2 is not the principal's (denied before any agent is asked).
+    let (status, body) = d.get("/v1/vms/vm2/commands", Some(TOKEN));
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(
+        body["error"],
+        "principal \"remote\" has no access to vm \"vm2\""
+    );
+
+    // The audit log holds every attempt, allowed or denied, without the token.
+    let entries = audit_of(&d, "list_vms");
+    assert_eq!(entries.len(), 5, "{entries:#?}");
+    let denied: Vec<&Value> = entries.iter().filter(|e| e["allowed"] == false).collect();
+    assert_eq!(denied.len(), 4, "{entries:#?}");
+    for e in &denied {
+        assert_eq!(e["principal"], Value::Null, "{e}");
+        assert_eq!(e["target"], Value::Null, "{e}");
+    }
+    // Without a token the caller is named by its address; the reason mentions Bearer.
+    for e in &denied[..3] {
+        let caller = e["caller"].as_str().unwrap_or("");
+        assert!(
+            caller.starts_with("tcp 127.0.0.1:") && caller.ends_with("(no token)"),
+            "{e}"
+        );
+        assert!(
+            e["reason"].as_str().is_some_and(|r| r.contains("Bearer")),
+            "{e}"
+        );
+    }
+    // A wrong token is a token caller no principal matches.
+    assert_eq!(denied[3]["caller"], "token");
+    assert_eq!(denied[3]["reason"], "no principal matches the bearer token");
+    let allowed = &entries[4];
+    assert_eq!(allowed["allowed"], true);
+    assert_eq!(allowed["caller"], "token");
+    assert_eq!(allowed["principal"], "remote");
+    assert_eq!(allowed["reason"], Value::Null);
+    for e in &entries {
+        assert!(
+            !e.to_string().contains(TOKEN),
+            "token in the audit log: {e}"
+        );
+    }
+    let commands = audit_of(&d, "list_commands");
+    assert_eq!(commands.len(), 1, "{commands:#?}");
+    assert_eq!(commands[0]["allowed"], false);
+    assert_eq!(commands[0]["caller"], "token");
+    assert_eq!(commands[0]["principal"], "remote");
+    assert_eq!(commands[0]["target"], "vm2");
+
+    // The audit log itself needs a principal with `audit = true`.
+    let (status, body) = d.get("/v1/audit", Some("wrong"));
+    assert_eq!(status, 403, "{body}");
+}
