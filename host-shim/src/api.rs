@@ -712,23 +712,31 @@ async fn list_executions(
         ),
         None => None,
     };
-    let filter = crate::records::ExecutionFilter {
-        vm: q.vm.clone(),
-        state,
-        limit: q.limit.or(Some(100)),
-        ..Default::default()
-    };
-    let list: Vec<ExecutionRecord> = app
-        .records
-        .executions(&filter)
-        .map_err(ApiError::internal)?
-        .into_iter()
-        .filter(|r| {
+    // The limit counts what the caller may see: read pages until it is reached.
+    let want = q.limit.unwrap_or(100).min(10_000);
+    let mut list: Vec<ExecutionRecord> = Vec::new();
+    let mut before = None;
+    while list.len() < want {
+        let filter = crate::records::ExecutionFilter {
+            vm: q.vm.clone(),
+            state,
+            before,
+            limit: Some(want.max(100)),
+            ..Default::default()
+        };
+        let page = app
+            .records
+            .executions(&filter)
+            .map_err(ApiError::internal)?;
+        let Some(last) = page.last() else { break };
+        before = Some(last.id);
+        list.extend(page.into_iter().filter(|r| {
             app.config
                 .vm(&r.vm)
                 .is_some_and(|vm| principal.may_access(vm))
-        })
-        .collect();
+        }));
+    }
+    list.truncate(want);
     Ok(Json(serde_json::json!({ "executions": list })))
 }
 

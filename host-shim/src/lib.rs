@@ -8,9 +8,13 @@
 //! - [`vm`]: one VM's driver: its channel, its agent's life, the requests in flight.
 //! - [`api`]: the HTTP/JSON API: callers, policy, audit, handlers.
 //! - [`daemon`]: `portless serve`.
+//! - [`client`]: the API's client side, over the daemon's unix socket.
+//! - [`cli`]: the `portless` command line (every verb but `serve`).
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod api;
+pub mod cli;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod ivshmem;

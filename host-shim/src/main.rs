@@ -1,6 +1,12 @@
-//! `portless`: the host daemon and CLI. Not built out yet.
+//! `portless`: the host daemon (`portless serve`) and the CLI that talks to it, in one
+//! binary. `serve` as the first argument runs the daemon; anything else is the CLI.
 
-fn main() {
-    eprintln!("portless: not implemented yet");
-    std::process::exit(2);
+use std::ffi::OsStr;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    if std::env::args_os().nth(1).as_deref() == Some(OsStr::new("serve")) {
+        return host_shim::daemon::run_from_args(std::env::args_os().skip(2));
+    }
+    host_shim::cli::main_cli(std::env::args_os())
 }
