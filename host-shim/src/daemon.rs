@@ -147,6 +147,14 @@ pub async fn serve(config: HostConfig) -> Result<()> {
     let unix = tokio::net::UnixListener::bind(&d.socket)
         .with_context(|| format!("binding {}", d.socket.display()))?;
     std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(d.socket_mode))?;
+    // Remember which file is ours: at shutdown, remove it only if it is still ours (a new
+    // daemon may have taken the path meanwhile).
+    let ours = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&d.socket)
+            .map(|m| (m.dev(), m.ino()))
+            .ok()
+    };
     eprintln!(
         "portless: serving {} vms on {}",
         app.vms.len(),
@@ -203,7 +211,16 @@ pub async fn serve(config: HostConfig) -> Result<()> {
     if let Some(t) = tcp_server {
         let _ = t.await;
     }
-    let _ = std::fs::remove_file(&d.socket);
+    let still_ours = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&d.socket)
+            .map(|m| (m.dev(), m.ino()))
+            .ok()
+            == ours
+    };
+    if still_ours {
+        let _ = std::fs::remove_file(&d.socket);
+    }
     // The drivers stop once every handle is gone; executions in the guests carry on and are
     // found again by the next daemon.
     drop(app);
