@@ -229,6 +229,16 @@ pub enum ChannelKind {
     Doorbell(Server),
 }
 
+impl ChannelKind {
+    /// The shared region, whichever the kind.
+    pub fn region(&self) -> &dyn SharedMemory {
+        match self {
+            Self::Plain(r) => r,
+            Self::Doorbell(s) => s.region(),
+        }
+    }
+}
+
 /// The API's end of a VM's driver.
 #[derive(Clone)]
 pub struct VmHandle {
@@ -512,10 +522,7 @@ impl Driver {
     }
 
     fn mem(&self) -> &dyn SharedMemory {
-        match &self.channel {
-            ChannelKind::Plain(r) => r,
-            ChannelKind::Doorbell(s) => s.region(),
-        }
+        self.channel.region()
     }
 
     fn request_id(&mut self) -> u64 {
@@ -603,10 +610,7 @@ impl Driver {
             n += 1;
             // Arm the doorbell; only then may we sleep past the polling interval.
             if let Some(ep) = self.ep.as_mut() {
-                let mem: &dyn SharedMemory = match &self.channel {
-                    ChannelKind::Doorbell(s) => s.region(),
-                    ChannelKind::Plain(r) => r,
-                };
+                let mem = self.channel.region();
                 let needed =
                     (!self.outbox.is_empty()).then_some(ring_protocol::MAX_FRAME_LEN as u32);
                 // Armed: the guest rings (or connects) when there is something to do.
@@ -669,10 +673,7 @@ impl Driver {
 
     fn ring_guest(&mut self) {
         let Some(ep) = self.ep.as_mut() else { return };
-        let mem: &dyn SharedMemory = match &self.channel {
-            ChannelKind::Doorbell(s) => s.region(),
-            ChannelKind::Plain(r) => r,
-        };
+        let mem = self.channel.region();
         if ep.take_kick(mem)
             && let (ChannelKind::Doorbell(server), Some(peer)) = (&self.channel, self.peer)
         {
@@ -713,10 +714,7 @@ impl Driver {
         let Some(ep) = self.ep.as_mut() else {
             return false;
         };
-        let mem: &dyn SharedMemory = match &self.channel {
-            ChannelKind::Doorbell(s) => s.region(),
-            ChannelKind::Plain(r) => r,
-        };
+        let mem = self.channel.region();
         while let Some(frame) = self.outbox.front() {
             match ep.send_frame(mem, frame) {
                 Ok(()) => {
@@ -1003,10 +1001,7 @@ impl Driver {
             let Some(ep) = self.ep.as_mut() else {
                 return worked;
             };
-            let mem: &dyn SharedMemory = match &self.channel {
-                ChannelKind::Doorbell(s) => s.region(),
-                ChannelKind::Plain(r) => r,
-            };
+            let mem = self.channel.region();
             match ep.recv(mem, &mut buf) {
                 Ok(Some(msg)) => {
                     worked = true;
@@ -1037,10 +1032,7 @@ impl Driver {
 
     fn begin_reset(&mut self) {
         if let Some(ep) = self.ep.as_mut() {
-            let mem: &dyn SharedMemory = match &self.channel {
-                ChannelKind::Doorbell(s) => s.region(),
-                ChannelKind::Plain(r) => r,
-            };
+            let mem = self.channel.region();
             ep.begin_reset(mem);
             self.reset_started = Some(Instant::now());
         }
@@ -1072,10 +1064,7 @@ impl Driver {
 
     fn tick(&mut self, now: Instant) {
         let Some(ep) = self.ep.as_mut() else { return };
-        let mem: &dyn SharedMemory = match &self.channel {
-            ChannelKind::Doorbell(s) => s.region(),
-            ChannelKind::Plain(r) => r,
-        };
+        let mem = self.channel.region();
         ep.beat(mem);
         if ep.is_resetting() {
             let force = self

@@ -106,6 +106,38 @@ pub mod offsets {
 
     /// End of the words in use; the rest of the header is reserved and zero.
     pub const END: usize = 9 * L;
+
+    /// Every header word, in offset order.
+    pub const ALL: [usize; 28] = [
+        MAGIC0,
+        MAGIC1,
+        VERSION,
+        REGION_SIZE,
+        H2G_OFFSET,
+        H2G_SIZE,
+        G2H_OFFSET,
+        G2H_SIZE,
+        MAX_FRAME,
+        HOST_READY,
+        EPOCH,
+        HOST_GENERATION,
+        HOST_HEARTBEAT,
+        HOST_RESET_ACK,
+        GUEST_EPOCH,
+        GUEST_GENERATION,
+        GUEST_HEARTBEAT,
+        GUEST_RESET_REQUEST,
+        H2G_PROD,
+        H2G_CONS,
+        G2H_PROD,
+        G2H_CONS,
+        H2G_SPACE_WANTED,
+        G2H_DATA_WANTED,
+        GUEST_DOORBELL,
+        H2G_DATA_WANTED,
+        G2H_SPACE_WANTED,
+        HOST_DOORBELL,
+    ];
 }
 
 /// The two directions of the channel.
@@ -442,37 +474,8 @@ mod tests {
 
     #[test]
     fn header_words_do_not_overlap_and_fit() {
-        let mut words = [
-            offsets::MAGIC0,
-            offsets::MAGIC1,
-            offsets::VERSION,
-            offsets::REGION_SIZE,
-            offsets::H2G_OFFSET,
-            offsets::H2G_SIZE,
-            offsets::G2H_OFFSET,
-            offsets::G2H_SIZE,
-            offsets::MAX_FRAME,
-            offsets::HOST_READY,
-            offsets::EPOCH,
-            offsets::HOST_GENERATION,
-            offsets::HOST_HEARTBEAT,
-            offsets::HOST_RESET_ACK,
-            offsets::GUEST_EPOCH,
-            offsets::GUEST_GENERATION,
-            offsets::GUEST_HEARTBEAT,
-            offsets::GUEST_RESET_REQUEST,
-            offsets::H2G_PROD,
-            offsets::H2G_CONS,
-            offsets::G2H_PROD,
-            offsets::G2H_CONS,
-            offsets::H2G_SPACE_WANTED,
-            offsets::G2H_DATA_WANTED,
-            offsets::GUEST_DOORBELL,
-            offsets::H2G_DATA_WANTED,
-            offsets::G2H_SPACE_WANTED,
-            offsets::HOST_DOORBELL,
-        ];
-        words.sort_unstable();
+        let words = offsets::ALL;
+        assert!(words.is_sorted(), "ALL is in offset order");
         assert!(words.windows(2).all(|w| w[0] + 4 <= w[1]));
         assert!(words.iter().all(|w| w % 4 == 0 && *w + 4 <= offsets::END));
         const { assert!(offsets::END <= HEADER_SIZE) };

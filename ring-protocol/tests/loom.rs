@@ -30,36 +30,7 @@ struct LoomRegion {
 
 impl LoomRegion {
     fn new() -> Self {
-        let offsets = [
-            offsets::MAGIC0,
-            offsets::MAGIC1,
-            offsets::VERSION,
-            offsets::REGION_SIZE,
-            offsets::H2G_OFFSET,
-            offsets::H2G_SIZE,
-            offsets::G2H_OFFSET,
-            offsets::G2H_SIZE,
-            offsets::MAX_FRAME,
-            offsets::HOST_READY,
-            offsets::EPOCH,
-            offsets::HOST_GENERATION,
-            offsets::HOST_HEARTBEAT,
-            offsets::HOST_RESET_ACK,
-            offsets::GUEST_EPOCH,
-            offsets::GUEST_GENERATION,
-            offsets::GUEST_HEARTBEAT,
-            offsets::GUEST_RESET_REQUEST,
-            offsets::H2G_PROD,
-            offsets::H2G_CONS,
-            offsets::G2H_PROD,
-            offsets::G2H_CONS,
-            offsets::H2G_SPACE_WANTED,
-            offsets::G2H_DATA_WANTED,
-            offsets::GUEST_DOORBELL,
-            offsets::H2G_DATA_WANTED,
-            offsets::G2H_SPACE_WANTED,
-            offsets::HOST_DOORBELL,
-        ];
+        let offsets = offsets::ALL;
         Self {
             words: offsets.iter().map(|&o| (o, AtomicU32::new(0))).collect(),
             data: std::sync::Mutex::new(vec![0; REGION]),
