@@ -316,11 +316,26 @@ async fn list_vms(
 
 /// Waits for a driver's answer, up to the delivery timeout and a little more.
 async fn answer<T>(app: &App, rx: oneshot::Receiver<Result<T, VmError>>) -> ApiResult<T> {
+    match answer_within(app, rx).await {
+        Some(r) => r,
+        None => Err(ApiError(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the agent has not answered yet (the request is in its queue)".into(),
+        )),
+    }
+}
+
+/// The driver's answer, or `None` if the agent has not answered within the delivery timeout
+/// (and a little more): the request may still be carried out.
+async fn answer_within<T>(
+    app: &App,
+    rx: oneshot::Receiver<Result<T, VmError>>,
+) -> Option<ApiResult<T>> {
     let limit = app.config.daemon.delivery_timeout + Duration::from_secs(5);
     match tokio::time::timeout(limit, rx).await {
-        Ok(Ok(r)) => r.map_err(ApiError::from),
-        Ok(Err(_)) => Err(VmError::ShuttingDown.into()),
-        Err(_) => Err(VmError::Undeliverable.into()),
+        Ok(Ok(r)) => Some(r.map_err(ApiError::from)),
+        Ok(Err(_)) => Some(Err(VmError::ShuttingDown.into())),
+        Err(_) => None,
     }
 }
 
@@ -453,7 +468,9 @@ async fn push(
     let (word, error) = match outcome {
         ring_protocol::message::PushOutcome::Stored => ("stored", None),
         ring_protocol::message::PushOutcome::Started(_) => ("started", None),
-        ring_protocol::message::PushOutcome::Failed(r) => ("failed", Some(format!("{r:?}"))),
+        ring_protocol::message::PushOutcome::Failed(r) => {
+            ("failed", Some(crate::vm::rejection_text(&r)))
+        }
     };
     Ok(Json(serde_json::json!({
         "vm": vm, "name": q.name, "size": size, "sha256": sha256, "outcome": word,
@@ -636,8 +653,10 @@ async fn dispatch(
         timeout_ms,
         reply,
     });
+    // No answer yet is not a failure: the execution is pending and will settle (accepted,
+    // or agent_lost if the agent never answers); its record says which.
     let result = match sent {
-        Ok(()) => answer(app, rx).await,
+        Ok(()) => answer_within(app, rx).await.unwrap_or(Ok(())),
         Err(e) => Err(e.into()),
     };
     let state = app

@@ -123,7 +123,7 @@ pub struct CommandList {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VmError {
     /// The agent refused it.
-    #[error("rejected by the agent: {0:?}")]
+    #[error("rejected by the agent: {}", rejection_text(.0))]
     Rejected(Rejection),
     /// The agent was not ready within the delivery timeout.
     #[error("undeliverable: the agent was not ready within the delivery timeout")]
@@ -137,6 +137,33 @@ pub enum VmError {
     /// The request is malformed (a message too large for a frame, say).
     #[error("{0}")]
     Invalid(String),
+}
+
+/// A rejection in words, for people.
+pub fn rejection_text(r: &Rejection) -> String {
+    use ring_protocol::message::ArgProblem as P;
+    match r {
+        Rejection::UnknownCommand => "no such command in the guest's allow-list".into(),
+        Rejection::InvalidArgument { index, problem } => {
+            let what = match problem {
+                P::Missing => "is missing",
+                P::Unexpected => "is one too many",
+                P::NotInteger => "is not an integer",
+                P::OutOfRange => "is out of the allowed range",
+                P::NotAChoice => "is not one of the allowed choices",
+                P::BadCharacter => "has a character outside the allowed set",
+                P::BadLength => "is too short or too long",
+            };
+            format!("argument {} {what}", u32::from(*index) + 1)
+        }
+        Rejection::Busy => "the agent runs as many commands as its config allows; try again".into(),
+        Rejection::NotAllowed => "the guest's config does not allow this".into(),
+        Rejection::TooLarge => "larger than the guest allows".into(),
+        Rejection::HashMismatch => "the program arrived damaged (SHA-256 mismatch)".into(),
+        Rejection::UnknownExecution => "the agent does not know that execution".into(),
+        Rejection::BadPush => "the push was out of order or its name is not allowed".into(),
+        Rejection::Failed => "the agent could not do it".into(),
+    }
 }
 
 /// Something followers may want to know.
@@ -1268,7 +1295,7 @@ impl Driver {
                         ExecState::Rejected,
                         None,
                         None,
-                        Some(format!("{reason:?}")),
+                        Some(rejection_text(&reason)),
                     );
                     if let Some(r) = reply {
                         let _ = r.send(Err(VmError::Rejected(reason)));
@@ -1329,7 +1356,7 @@ impl Driver {
                                 ExecState::Rejected,
                                 None,
                                 None,
-                                Some(format!("{reason:?}")),
+                                Some(rejection_text(&reason)),
                             );
                         }
                         _ => {}

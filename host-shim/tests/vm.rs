@@ -1,0 +1,462 @@
+//! `portless serve` with two real VMs (QEMU, TCG), driven through its HTTP API on the unix
+//! socket: `vmd` on an `ivshmem-doorbell` device served by the daemon (the agent woken by VFIO
+//! MSI-X interrupts, the daemon by the guest's doorbell) and `vmp` on an `ivshmem-plain`
+//! device backed by a file (both sides poll). Readiness, exec on each and fan-out, output,
+//! ping, metrics, and the daemon's CPU time while both VMs are idle. Needs a kernel and
+//! initramfs in `PORTLESS_VM_DIR` (`cargo xtask image`); `#[ignore]`d otherwise.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// How long a VM under TCG may take to boot and greet.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The daemon (in a thread of this test) and the QEMUs of its two VMs.
+struct Setup {
+    dir: PathBuf,
+    socket: PathBuf,
+    server: Option<std::thread::JoinHandle<()>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    qemus: Vec<(String, Child)>,
+}
+
+fn host_config(dir: &Path) -> String {
+    // SAFETY: `getuid` has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    format!(
+        r#"
+[daemon]
+socket = "{dir}/portless.sock"
+state_dir = "{dir}/state"
+
+[[vm]]
+name = "vmd"
+channel = "doorbell"
+socket = "{dir}/vmd.sock"
+size = "1M"
+
+[[vm]]
+name = "vmp"
+channel = "plain"
+path = "{dir}/vmp.region"
+size = "1M"
+
+[[principal]]
+name = "ops"
+uids = [{uid}]
+vms = ["*"]
+commands = ["uname", "uptime"]
+"#,
+        dir = dir.display()
+    )
+}
+
+impl Setup {
+    /// Starts the daemon (listening on the doorbell VM's ivshmem socket and having created the
+    /// plain VM's region file), then boots both VMs.
+    fn start(name: &str) -> Self {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let config = host_shim::config::HostConfig::parse(&host_config(&dir), "host.toml")
+            .expect("valid host.toml");
+        let mut s = Self {
+            socket: dir.join("portless.sock"),
+            dir,
+            server: None,
+            stop: None,
+            qemus: Vec::new(),
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        s.stop = Some(tx);
+        s.server = Some(std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                tokio::select! {
+                    r = host_shim::daemon::serve(config) => r.expect("daemon runs"),
+                    _ = rx => {}
+                }
+            });
+        }));
+        // The API socket is bound after every VM's channel exists: once it answers, the
+        // ivshmem server listens and the region file is there.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&s.socket).is_err() {
+            assert!(Instant::now() < deadline, "daemon never listened");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(s.dir.join("vmd.sock").exists(), "no ivshmem socket");
+        assert!(s.dir.join("vmp.region").exists(), "no plain region file");
+
+        let chardev = format!("socket,path={},id=iv", s.dir.join("vmd.sock").display());
+        s.boot(
+            "vmd",
+            "intel_iommu=on agent_args=--wakeup,vfio",
+            &[
+                "-machine",
+                "q35",
+                "-device",
+                "intel-iommu",
+                "-chardev",
+                &chardev,
+                "-device",
+                "ivshmem-doorbell,chardev=iv,vectors=1",
+            ],
+        );
+        let memory = format!(
+            "memory-backend-file,id=m,size=1M,share=on,mem-path={}",
+            s.dir.join("vmp.region").display()
+        );
+        s.boot(
+            "vmp",
+            "agent_args=--wakeup,poll",
+            &["-object", &memory, "-device", "ivshmem-plain,memdev=m"],
+        );
+        s
+    }
+
+    /// Boots a QEMU for `vm`; its console goes to `<vm>.console`, QEMU's own errors to
+    /// `<vm>.qemu-err` in the scratch directory.
+    fn boot(&mut self, vm: &str, cmdline: &str, args: &[&str]) {
+        let image = PathBuf::from(std::env::var("PORTLESS_VM_DIR").expect("PORTLESS_VM_DIR"));
+        let console = File::create(self.dir.join(format!("{vm}.console"))).expect("console log");
+        let errors = File::create(self.dir.join(format!("{vm}.qemu-err"))).expect("error log");
+        let child = Command::new("qemu-system-x86_64")
+            .args([
+                "-accel",
+                "tcg",
+                "-m",
+                "256",
+                "-nodefaults",
+                "-nographic",
+                "-serial",
+                "stdio",
+                "-net",
+                "none",
+            ])
+            .arg("-kernel")
+            .arg(image.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(image.join("initrd.gz"))
+            .arg("-append")
+            .arg(format!("console=ttyS0 quiet {cmdline}"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(console)
+            .stderr(errors)
+            .spawn()
+            .expect("start qemu");
+        self.qemus.push((vm.to_owned(), child));
+    }
+
+    /// A VM's console (the agent logs there through /dev/kmsg) and QEMU's errors.
+    fn log(&self, vm: &str) -> String {
+        let console =
+            std::fs::read_to_string(self.dir.join(format!("{vm}.console"))).unwrap_or_default();
+        let errors =
+            std::fs::read_to_string(self.dir.join(format!("{vm}.qemu-err"))).unwrap_or_default();
+        format!("--- {vm} console ---\n{console}\n--- {vm} qemu stderr ---\n{errors}")
+    }
+
+    fn logs(&self) -> String {
+        format!("{}\n{}", self.log("vmd"), self.log("vmp"))
+    }
+
+    /// QEMU's process id for `vm`.
+    fn pid(&self, vm: &str) -> u32 {
+        self.qemus
+            .iter()
+            .find(|(n, _)| n == vm)
+            .map(|(_, c)| c.id())
+            .expect("qemu of that vm")
+    }
+
+    /// Waits until every VM is ready; returns when each became so (since `since`).
+    fn wait_ready(&self, since: Instant) -> Vec<(String, Duration)> {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let mut ready: Vec<(String, Duration)> = Vec::new();
+        loop {
+            let (status, body) = self.call("GET", "/v1/vms", None);
+            assert_eq!(status, 200, "{body}");
+            let vms = body["vms"].as_array().cloned().unwrap_or_default();
+            for vm in &vms {
+                let name = vm["name"].as_str().unwrap_or("").to_owned();
+                if vm["state"] == "ready" && !ready.iter().any(|(n, _)| *n == name) {
+                    ready.push((name, since.elapsed()));
+                }
+            }
+            if !vms.is_empty() && ready.len() == vms.len() {
+                return ready;
+            }
+            for (vm, child) in &self.qemus {
+                // A QEMU that exited will never become ready.
+                let running = std::fs::metadata(format!("/proc/{}", child.id())).is_ok()
+                    && !std::fs::read_to_string(format!("/proc/{}/stat", child.id()))
+                        .unwrap_or_default()
+                        .contains(") Z");
+                assert!(running, "qemu of {vm} exited\n{}", self.logs());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "vms never ready: {body}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// One HTTP/1.1 request on the unix socket; the status and the body.
+    fn raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Vec<u8>) {
+        let mut s = UnixStream::connect(&self.socket).expect("connect");
+        let body = body.unwrap_or_default();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: portless\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).expect("write");
+        s.write_all(body).expect("write");
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).expect("read");
+        let split = resp
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("headers")
+            + 4;
+        let head = String::from_utf8_lossy(&resp[..split]).into_owned();
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status");
+        let mut body = resp[split..].to_vec();
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            body = dechunk(&body);
+        }
+        (status, body)
+    }
+
+    /// One request; the status and the body as JSON (or as a string when it is not JSON).
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let bytes = body.map(|b| b.to_string().into_bytes());
+        let (status, body) = self.raw(method, path, bytes.as_deref());
+        let v = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+        (status, v)
+    }
+
+    /// Starts `command` on `target`; the executions.
+    fn exec(&self, target: &str, command: &str) -> Vec<Value> {
+        let (status, body) = self.call(
+            "POST",
+            "/v1/exec",
+            Some(json!({"target": target, "command": command})),
+        );
+        assert_eq!(status, 200, "{body}\n{}", self.logs());
+        body["executions"].as_array().cloned().expect("executions")
+    }
+
+    /// Waits for an execution to end; its record.
+    fn wait(&self, id: &Value) -> Value {
+        let (status, body) = self.call(
+            "GET",
+            &format!("/v1/executions/{id}/wait?timeout_ms=30000"),
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Waits for an execution, checks that it succeeded; its stdout.
+    fn succeeded(&self, exec: &Value) -> String {
+        let id = &exec["id"];
+        let rec = self.wait(id);
+        assert_eq!(rec["state"], "succeeded", "{rec}\n{}", self.logs());
+        assert_eq!(rec["exit_code"], 0, "{rec}");
+        let (status, out) = self.raw("GET", &format!("/v1/executions/{id}/output"), None);
+        assert_eq!(status, 200);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        for (_, q) in &mut self.qemus {
+            let _ = q.kill();
+            let _ = q.wait();
+        }
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.server.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let len = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
+        if len == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + len]);
+        b = &b[eol + 2 + len + 2..];
+    }
+}
+
+/// CPU time (user + system) of a process so far, from `/proc/<pid>/stat`.
+fn cpu_time_of(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).expect("format");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) are the 12th and 13th after the command name.
+    let ticks: u64 = f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
+    // SAFETY: `sysconf` takes a plain value.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// CPU time of this process (the test and the daemon in it).
+fn cpu_time() -> Duration {
+    cpu_time_of("self")
+}
+
+#[test]
+#[ignore = "boots two VMs; needs PORTLESS_VM_DIR"]
+fn a_doorbell_vm_and_a_plain_vm_through_the_daemon() {
+    let started = Instant::now();
+    let s = Setup::start("host-vm");
+
+    // Both agents greet the daemon.
+    for (vm, after) in s.wait_ready(started) {
+        println!("{vm} ready (agent's hello answered) after {after:.2?}");
+    }
+    assert!(
+        s.log("vmd").contains("vfio interrupts"),
+        "the doorbell VM's agent is not on interrupts:\n{}",
+        s.log("vmd")
+    );
+    let (_, vms) = s.call("GET", "/v1/vms", None);
+    for vm in vms["vms"].as_array().expect("vms") {
+        assert!(vm["agent_generation"].as_u64().is_some(), "{vm}");
+        assert!(
+            vm["agent_software"]
+                .as_str()
+                .is_some_and(|sw| sw.contains("portless")),
+            "{vm}"
+        );
+    }
+
+    // One command on each VM.
+    for vm in ["vmd", "vmp"] {
+        let t = Instant::now();
+        let execs = s.exec(vm, "uname");
+        assert_eq!(execs.len(), 1);
+        assert_eq!(execs[0]["vm"], vm);
+        let out = s.succeeded(&execs[0]);
+        println!("{vm}: uname in {:.1?}: {}", t.elapsed(), out.trim_end());
+        assert!(out.starts_with("Linux portless-guest "), "{vm}: {out:?}");
+    }
+
+    // Fan-out to both.
+    let t = Instant::now();
+    let execs = s.exec("*", "uname");
+    let mut seen: Vec<String> = execs
+        .iter()
+        .map(|e| e["vm"].as_str().unwrap_or("").to_owned())
+        .collect();
+    seen.sort();
+    assert_eq!(seen, ["vmd", "vmp"]);
+    for e in &execs {
+        let out = s.succeeded(e);
+        assert!(out.contains("Linux"), "{}: {out:?}", e["vm"]);
+    }
+    println!("fan-out of uname to both: {:.1?}", t.elapsed());
+    let (_, list) = s.call("GET", "/v1/executions?state=succeeded", None);
+    assert_eq!(
+        list["executions"].as_array().map(Vec::len),
+        Some(4),
+        "{list}"
+    );
+
+    // Ping and metrics.
+    for vm in ["vmd", "vmp"] {
+        let mut rtts = Vec::new();
+        for _ in 0..5 {
+            let (status, p) = s.call("POST", &format!("/v1/vms/{vm}/ping"), None);
+            assert_eq!(status, 200, "{p}");
+            rtts.push(p["rtt_us"].as_u64().expect("rtt_us"));
+        }
+        println!("{vm}: ping rtt_us {rtts:?}");
+        let (status, m) = s.call("GET", &format!("/v1/vms/{vm}/metrics"), None);
+        assert_eq!(status, 200, "{m}");
+        let m = &m["metrics"];
+        println!(
+            "{vm}: metrics: uptime {} ms, mem {} of {} KiB available, {} processes, agent rss {} KiB",
+            m["uptime_ms"],
+            m["mem_available_kib"],
+            m["mem_total_kib"],
+            m["processes"],
+            m["agent_rss_kib"]
+        );
+        let total = m["mem_total_kib"].as_u64().unwrap_or(0);
+        assert!(total > 100_000 && total <= 256 * 1024, "{m}");
+        assert!(m["mem_available_kib"].as_u64().unwrap_or(0) <= total, "{m}");
+        assert!(m["uptime_ms"].as_u64().unwrap_or(0) > 1000, "{m}");
+        assert!(m["processes"].as_u64().unwrap_or(0) > 1, "{m}");
+        assert!(m["agent_rss_kib"].as_u64().unwrap_or(0) > 0, "{m}");
+    }
+
+    // Idle: the doorbell VM's driver sleeps until rung (or its tick); the plain one polls,
+    // backing off once the agent has been quiet for a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (vmd, vmp) = (s.pid("vmd").to_string(), s.pid("vmp").to_string());
+    let before = (cpu_time(), cpu_time_of(&vmd), cpu_time_of(&vmp));
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_time() - before.0;
+    let qemu_d = cpu_time_of(&vmd) - before.1;
+    let qemu_p = cpu_time_of(&vmp) - before.2;
+    println!(
+        "idle 3 s: daemon (this process) {used:?} of CPU; QEMU of vmd (interrupts) {qemu_d:?}, \
+         of vmp (polling guest) {qemu_p:?}"
+    );
+    assert!(
+        used < Duration::from_millis(300),
+        "idle daemon used {used:?} of CPU in 3 s"
+    );
+    let (_, vms) = s.call("GET", "/v1/vms", None);
+    for vm in vms["vms"].as_array().expect("vms") {
+        assert_eq!(vm["state"], "ready", "still ready after idling: {vm}");
+    }
+
+    // After the idle spell the doorbell VM's agent sleeps in the kernel (its idle tick is a
+    // second): a quick answer means the daemon rang it and it rang back.
+    for vm in ["vmd", "vmp"] {
+        let (status, p) = s.call("POST", &format!("/v1/vms/{vm}/ping"), None);
+        assert_eq!(status, 200, "{p}");
+        println!("{vm}: ping after idle: rtt_us {}", p["rtt_us"]);
+        if vm == "vmd" {
+            assert!(
+                p["rtt_us"].as_u64().is_some_and(|us| us < 400_000),
+                "woken by its tick, not the doorbell: {p}"
+            );
+        }
+    }
+}
