@@ -258,6 +258,31 @@ fn action_name(a: &Action<'_>) -> &'static str {
     }
 }
 
+/// Errors that axum produces before a handler runs (a malformed id, query or JSON body, a
+/// wrong method, a body too large) come as plain text: give them the API's JSON shape too.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, 64 * 1024).await {
+        Ok(b) if !b.is_empty() => String::from_utf8_lossy(&b).into_owned(),
+        _ => status.canonical_reason().unwrap_or("error").to_lowercase(),
+    };
+    let mut fixed = ApiError(status, text).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            fixed.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    fixed
+}
+
 /// Largest program the API accepts for a push (the guest's own limit may be lower).
 pub const MAX_PUSH_BYTES: usize = 64 << 20;
 
@@ -281,6 +306,7 @@ pub fn router(app: Arc<App>) -> axum::Router {
         .route("/v1/executions/{id}/cancel", post(cancel))
         .route("/v1/audit", get(audit))
         .fallback(|| async { ApiError::not_found("no such endpoint (see openapi.json)") })
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(app)
 }
 

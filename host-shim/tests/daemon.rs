@@ -469,6 +469,22 @@ fn denials_bad_requests_and_the_audit_log() {
         (400..500).contains(&status),
         "missing target: {status} {body}"
     );
+    assert!(
+        body["error"].as_str().is_some_and(|e| e.contains("target")),
+        "JSON error: {body}"
+    );
+    let (status, body) = d.call("GET", "/v1/executions/abc", None);
+    assert_eq!(status, 400);
+    assert!(
+        body["error"].is_string(),
+        "a malformed id gets a JSON error: {body}"
+    );
+    let (status, body) = d.call("DELETE", "/v1/vms", None);
+    assert_eq!(status, 405);
+    assert!(
+        body["error"].is_string(),
+        "a wrong method gets a JSON error: {body}"
+    );
     let (status, _) = d.call("GET", "/v1/executions/999999", None);
     assert_eq!(status, 404);
     let (status, _) = d.call("GET", "/v1/no/such/thing", None);
