@@ -84,6 +84,15 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
         )
         .run()?;
     }
+    step("VM tests: portless serve with a doorbell VM and a plain VM, through its API");
+    {
+        let _vm = sh.push_env("PORTLESS_VM_DIR", &image.dir);
+        cmd!(
+            sh,
+            "cargo test --locked -p host-shim --test vm -- --ignored --test-threads 1 --nocapture"
+        )
+        .run()?;
+    }
 
     if !opts.quick {
         step("loom model of the notify/sleep race");
