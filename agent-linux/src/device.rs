@@ -157,9 +157,12 @@ fn open_sysfs(sysfs: &Path, bdf: &str, host_peer: u32) -> io::Result<Channel> {
     let bar2 = dir.join("resource2");
     let len = file_len(&bar2)?;
     let memory = Mapping::map(&cpath(&bar2)?, len)?;
+    // ivshmem-plain has register BAR0 too, but no peer to ring: only ivshmem-doorbell has the
+    // MSI-X BAR1 (and a server that hands out doorbells).
     let bar0 = dir.join("resource0");
+    let doorbell = dir.join("resource1").exists();
     let registers = match file_len(&bar0) {
-        Ok(l) if l >= 16 => Some(Mapping::map(&cpath(&bar0)?, l.min(256))?),
+        Ok(l) if l >= 16 && doorbell => Some(Mapping::map(&cpath(&bar0)?, l.min(256))?),
         _ => None,
     };
     Ok(Channel {

@@ -6,7 +6,7 @@
 //! This module holds the crate's `unsafe` code: creating descriptors and passing them over
 //! the socket. The memory itself is mapped with `vm-memory` (see [`crate::memory`]).
 
-use std::io;
+use std::io::{self, Read as _};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -108,8 +108,8 @@ pub struct Peer {
     pub id: u16,
     /// Written to interrupt it, one per vector.
     events: Vec<OwnedFd>,
-    /// Kept open: closing it tells QEMU the server is gone.
-    _stream: UnixStream,
+    /// Kept open: closing it tells QEMU the server is gone; end-of-file on it, that QEMU is.
+    stream: UnixStream,
 }
 
 /// The ivshmem server for one region.
@@ -184,10 +184,23 @@ impl Server {
         self.welcome(stream)
     }
 
+    /// Forgets peers whose QEMU has gone (their socket reads end-of-file; QEMU never sends
+    /// the server anything), closing their eventfds.
+    fn prune(&mut self) {
+        self.peers.retain(|p| {
+            let mut b = [0u8; 1];
+            let _ = p.stream.set_nonblocking(true);
+            !matches!((&p.stream).read(&mut b), Ok(0))
+        });
+    }
+
     fn welcome(&mut self, stream: UnixStream) -> io::Result<u16> {
+        self.prune();
         stream.set_nonblocking(false)?;
-        let id =
-            u16::try_from(self.peers.len() + 1).map_err(|_| io::Error::other("too many peers"))?;
+        // The lowest id not in use (the host is 0).
+        let id = (1..=u16::MAX)
+            .find(|id| self.peers.iter().all(|p| p.id != *id))
+            .ok_or_else(|| io::Error::other("too many peers"))?;
         let events: Vec<OwnedFd> = (0..self.vectors)
             .map(|_| eventfd())
             .collect::<io::Result<_>>()?;
@@ -201,11 +214,7 @@ impl Server {
         for e in &events {
             send_msg(&stream, i64::from(id), Some(e.as_raw_fd()))?;
         }
-        self.peers.push(Peer {
-            id,
-            events,
-            _stream: stream,
-        });
+        self.peers.push(Peer { id, events, stream });
         Ok(id)
     }
 
