@@ -95,14 +95,21 @@ fn plain_region(path: &Path, size: usize) -> Result<GuestRegion> {
     Ok(GuestRegion::from_file(file, size)?)
 }
 
-fn channel(vm: &VmConfig) -> Result<ChannelKind> {
+fn channel(vm: &VmConfig, state_dir: &Path) -> Result<ChannelKind> {
     Ok(match &vm.channel {
         ChannelConfig::Plain { path, size } => ChannelKind::Plain(plain_region(path, *size)?),
         ChannelConfig::Doorbell { socket, size } => {
             if let Some(dir) = socket.parent() {
                 std::fs::create_dir_all(dir)?;
             }
-            ChannelKind::Doorbell(crate::ivshmem::Server::new(socket, *size, 1)?)
+            // The memory is a file in the state directory, so that a restarted daemon
+            // finds it again under a QEMU that kept running.
+            let regions = state_dir.join("regions");
+            std::fs::create_dir_all(&regions)?;
+            let region = regions.join(format!("{}.region", vm.name));
+            ChannelKind::Doorbell(crate::ivshmem::Server::with_file(
+                socket, &region, *size, 1,
+            )?)
         }
     })
 }
@@ -127,7 +134,7 @@ pub async fn serve(config: HostConfig) -> Result<()> {
             poll_max: Duration::from_millis(1),
             reset_timeout: d.heartbeat_timeout,
         };
-        let ch = channel(vm).with_context(|| format!("vm \"{}\"", vm.name))?;
+        let ch = channel(vm, &d.state_dir).with_context(|| format!("vm \"{}\"", vm.name))?;
         let (handle, thread) = vm::spawn(settings, ch, records.clone(), events.clone())?;
         vms.insert(vm.name.clone(), handle);
         threads.push(thread);

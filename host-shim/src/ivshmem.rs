@@ -126,16 +126,36 @@ pub struct Server {
 impl Server {
     /// Creates the shared memory (`size` bytes) and listens on `socket` (replacing a stale
     /// socket file). QEMU must be started after this.
-    pub fn new(socket: &Path, size: usize, vectors: u32) -> io::Result<Self> {
-        // SAFETY: the name is a NUL-terminated literal.
-        let fd =
-            check(unsafe { libc::memfd_create(c"portless-region".as_ptr(), libc::MFD_CLOEXEC) })?;
-        // SAFETY: just created, owned by nothing else.
-        let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let len = i64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: plain values on a descriptor we own.
-        check(unsafe { libc::ftruncate(memfd.as_raw_fd(), len) })?;
-        let mapping = GuestRegion::from_file(std::fs::File::from(memfd.try_clone()?), size)?;
+    /// Like [`new`](Self::new), but the memory is the file at `region` (created with `size`
+    /// bytes if missing or empty, else kept as it is): a daemon that restarts maps the same
+    /// memory again and carries on with a QEMU that kept running.
+    pub fn with_file(socket: &Path, region: &Path, size: usize, vectors: u32) -> io::Result<Self> {
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(region)?;
+        let len = file.metadata()?.len();
+        if len == 0 {
+            file.set_len(size as u64)?;
+        } else if len != size as u64 {
+            return Err(io::Error::other(format!(
+                "{} is {len} bytes but the configuration says {size}",
+                region.display()
+            )));
+        }
+        let shm = OwnedFd::from(file.try_clone()?);
+        let mapping = GuestRegion::from_file(file, size)?;
+        Self::serve(socket, shm, mapping, vectors)
+    }
+
+    fn serve(
+        socket: &Path,
+        memfd: OwnedFd,
+        mapping: GuestRegion,
+        vectors: u32,
+    ) -> io::Result<Self> {
         let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket)?;
         let host_events = (0..vectors).map(|_| eventfd()).collect::<io::Result<_>>()?;
@@ -147,6 +167,21 @@ impl Server {
             host_events,
             peers: Vec::new(),
         })
+    }
+
+    /// Creates the shared memory (an anonymous memfd of `size` bytes) and listens on
+    /// `socket` (replacing a stale socket file). QEMU must be started after this.
+    pub fn new(socket: &Path, size: usize, vectors: u32) -> io::Result<Self> {
+        // SAFETY: the name is a NUL-terminated literal.
+        let fd =
+            check(unsafe { libc::memfd_create(c"portless-region".as_ptr(), libc::MFD_CLOEXEC) })?;
+        // SAFETY: just created, owned by nothing else.
+        let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let len = i64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: plain values on a descriptor we own.
+        check(unsafe { libc::ftruncate(memfd.as_raw_fd(), len) })?;
+        let mapping = GuestRegion::from_file(std::fs::File::from(memfd.try_clone()?), size)?;
+        Self::serve(socket, memfd, mapping, vectors)
     }
 
     /// The shared memory.

@@ -640,9 +640,15 @@ impl Driver {
                 let mem = self.channel.region();
                 let needed =
                     (!self.outbox.is_empty()).then_some(ring_protocol::MAX_FRAME_LEN as u32);
-                // Armed: the guest rings (or connects) when there is something to do.
+                // Armed: a guest whose QEMU is connected rings when there is something to
+                // do, and a QEMU that connects wakes us. A guest attached with no QEMU
+                // connected (this daemon restarted under a running VM) cannot ring: poll it.
+                let unreachable = self.peer.is_none() && ep.guest_attached(mem);
                 match ep.prepare_wait(mem, needed) {
-                    Ok(true) => timeout = timeout.max(TICK.min(self.until_deadline())),
+                    Ok(true) if !unreachable => {
+                        timeout = timeout.max(TICK.min(self.until_deadline()))
+                    }
+                    Ok(true) => {}
                     _ => timeout = Duration::ZERO,
                 }
             }
