@@ -1,6 +1,6 @@
 //! `cargo xtask image`: a minimal bootable guest for the VM tests: Debian's cloud kernel
 //! (downloaded once with `apt-get download` into `target/vm-cache/`, never committed) and an
-//! initramfs with busybox, the static `portless-agent`, the example allow-list, the VFIO
+//! initramfs with busybox, the static `portless-agent`, its allow-list (`image/allow-list.toml`), the VFIO
 //! modules and an `/init` that starts the agent. Written to `target/vm/`.
 
 use std::path::{Path, PathBuf};
@@ -24,6 +24,8 @@ const MODULES: &[&str] = &[
     "kernel/drivers/vfio/pci/vfio-pci.ko",
 ];
 const INIT: &str = include_str!("image/init.sh");
+/// The image's allow-list: useful commands, push enabled.
+const ALLOW_LIST: &str = include_str!("image/allow-list.toml");
 
 /// Debian packages the VM tooling needs, and the command each provides.
 pub(crate) const TOOLS: &[(&str, &str)] = &[
@@ -157,10 +159,7 @@ pub(crate) fn build(sh: &Shell) -> Result<Image> {
     let busybox = cmd!(sh, "which busybox").read()?;
     sh.copy_file(&busybox, tree.join("bin/busybox"))?;
     sh.copy_file(&agent, tree.join("bin/portless-agent"))?;
-    sh.copy_file(
-        root.join("examples/allow-list.toml"),
-        tree.join("etc/portless-agent/allow-list.toml"),
-    )?;
+    sh.write_file(tree.join("etc/portless-agent/allow-list.toml"), ALLOW_LIST)?;
     sh.write_file(
         tree.join("etc/passwd"),
         "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
