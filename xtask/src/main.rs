@@ -6,6 +6,7 @@ mod footprint;
 mod fuzz;
 mod image;
 mod loopback;
+mod run;
 mod test;
 
 use std::path::PathBuf;
@@ -21,6 +22,8 @@ commands:
                          toolchain with miri is installed) and a short fuzz run (--quick
                          skips loom, miri and fuzzing)
   fuzz [--seconds N]     run every fuzz target for N seconds each (default 30)
+  run [--keep]           boot two VMs (interrupts and polling) with `portless serve` and
+                         tour the CLI; --keep leaves them up to try by hand
   loopback [--vms N] [--dir DIR]
                          run `portless serve` and N agents over shared files on this
                          machine (default 2, in target/loopback) until Ctrl-C
@@ -41,6 +44,7 @@ fn main() -> Result<()> {
         "fuzz" => fuzz::run(&sh, parse_seconds(&rest, 30)?),
         "footprint" => footprint::run(&sh),
         "image" => image::build(&sh).map(|_| ()),
+        "run" => run::run(&sh, &run::Options::parse(&rest)?),
         "loopback" => loopback::run(&sh, &loopback::Options::parse(&rest)?),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
