@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Event, Harness};
-use ring_protocol::message::{HostToAgent, Outcome};
+use ring_protocol::message::{HostToAgent, Outcome, PushOutcome, Rejection};
 
 #[test]
 #[ignore = "boots a VM; needs PORTLESS_VM_DIR"]
@@ -65,4 +65,75 @@ fn doorbell_ivshmem_with_vfio_interrupts() {
         );
         std::thread::sleep(Duration::from_millis(1500));
     }
+}
+
+/// Pushes `program` as `name` in chunks and commits it (run); the push result.
+fn push(h: &mut Harness, push_id: u64, name: &str, program: &[u8], sha256: [u8; 32]) -> Event {
+    h.send(&HostToAgent::PushBegin {
+        push_id,
+        name,
+        size: program.len() as u64,
+        sha256,
+    });
+    for (k, chunk) in program.chunks(3000).enumerate() {
+        h.send(&HostToAgent::PushChunk {
+            push_id,
+            offset: (k * 3000) as u64,
+            data: chunk,
+        });
+    }
+    h.send(&HostToAgent::PushCommit {
+        push_id,
+        run: true,
+        timeout_ms: Some(20_000),
+    });
+    h.wait_for(
+        Duration::from_secs(30),
+        |e| matches!(e, Event::PushResult { push_id: p, .. } if *p == push_id),
+    )
+}
+
+#[test]
+#[ignore = "boots a VM; needs PORTLESS_VM_DIR (cargo xtask test runs it)"]
+fn a_pushed_program_with_a_bad_hash_is_refused_and_a_good_one_runs() {
+    use sha2::{Digest, Sha256};
+    let mut h = Harness::start_vm_doorbell("vm-push");
+    let _gen = h.hello_within(Duration::from_secs(90));
+    let script = format!(
+        "#!/bin/sh\necho \"pushed and running on $(uname -n)\"\n# {}\nexit 0\n",
+        "x".repeat(9000)
+    );
+    let hash: [u8; 32] = Sha256::digest(script.as_bytes()).into();
+
+    let mut bad = hash;
+    bad[0] ^= 1;
+    let ev = push(&mut h, 1, "patch.sh", script.as_bytes(), bad);
+    assert_eq!(
+        ev,
+        Event::PushResult {
+            push_id: 1,
+            outcome: PushOutcome::Failed(Rejection::HashMismatch)
+        },
+        "agent log:\n{}",
+        h.log()
+    );
+
+    let ev = push(&mut h, 2, "patch.sh", script.as_bytes(), hash);
+    let Event::PushResult {
+        outcome: PushOutcome::Started(id),
+        ..
+    } = ev
+    else {
+        panic!("not started: {ev:?}\nagent log:\n{}", h.log());
+    };
+    let run = h.collect(id, Duration::from_secs(30));
+    let out = String::from_utf8_lossy(&run.stdout);
+    println!("pushed program: {}", out.trim_end());
+    assert_eq!(
+        run.outcome(),
+        Outcome::Exited(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(out, "pushed and running on portless-guest\n");
 }

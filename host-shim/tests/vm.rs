@@ -2,7 +2,10 @@
 //! socket: `vmd` on an `ivshmem-doorbell` device served by the daemon (the agent woken by VFIO
 //! MSI-X interrupts, the daemon by the guest's doorbell) and `vmp` on an `ivshmem-plain`
 //! device backed by a file (both sides poll). Readiness, exec on each and fan-out, output,
-//! ping, metrics, and the daemon's CPU time while both VMs are idle. Needs a kernel and
+//! ping, metrics, the daemon's CPU time while both VMs are idle; how executions end
+//! (rejected, failed, timed out, cancelled, 16 MiB of output byte for byte) on both wakeup
+//! modes; `agent_lost` on an agent restart and a VM reset (through QEMU's monitor, at
+//! `<vm>.monitor`), and the VM ready again with a new agent. Needs a kernel and
 //! initramfs in `PORTLESS_VM_DIR` (`cargo xtask image`); `#[ignore]`d otherwise.
 
 use std::fs::File;
@@ -51,7 +54,7 @@ size = "1M"
 name = "ops"
 uids = [{uid}]
 vms = ["*"]
-commands = ["uname", "uptime", "sleep"]
+commands = ["*"]
 "#,
         dir = dir.display()
     )
@@ -143,11 +146,15 @@ impl Setup {
     }
 
     /// Boots a QEMU for `vm`; its console goes to `<vm>.console`, QEMU's own errors to
-    /// `<vm>.qemu-err` in the scratch directory.
+    /// `<vm>.qemu-err` in the scratch directory; its human monitor listens on `<vm>.monitor`.
     fn boot(&mut self, vm: &str, cmdline: &str, args: &[&str]) {
         let image = PathBuf::from(std::env::var("PORTLESS_VM_DIR").expect("PORTLESS_VM_DIR"));
         let console = File::create(self.dir.join(format!("{vm}.console"))).expect("console log");
         let errors = File::create(self.dir.join(format!("{vm}.qemu-err"))).expect("error log");
+        let monitor = format!(
+            "unix:{},server,nowait",
+            self.dir.join(format!("{vm}.monitor")).display()
+        );
         let child = Command::new("qemu-system-x86_64")
             .args([
                 "-accel",
@@ -160,6 +167,8 @@ impl Setup {
                 "stdio",
                 "-net",
                 "none",
+                "-monitor",
+                &monitor,
             ])
             .arg("-kernel")
             .arg(image.join("vmlinuz"))
@@ -305,6 +314,83 @@ impl Setup {
         let (status, out) = self.raw("GET", &format!("/v1/executions/{id}/output"), None);
         assert_eq!(status, 200);
         String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Starts `command` with `args` (and a timeout) on one VM; its dispatch record.
+    fn start_one(&self, vm: &str, command: &str, args: &[&str], timeout_ms: Option<u32>) -> Value {
+        let mut body = json!({"target": vm, "command": command, "args": args});
+        if let Some(ms) = timeout_ms {
+            body["timeout_ms"] = json!(ms);
+        }
+        let (status, body) = self.call("POST", "/v1/exec", Some(body));
+        assert_eq!(status, 200, "{body}\n{}", self.logs());
+        let execs = body["executions"].as_array().cloned().expect("executions");
+        assert_eq!(execs.len(), 1, "{body}");
+        execs[0].clone()
+    }
+
+    /// Waits for an execution to end in `state`; its record.
+    fn ends(&self, exec: &Value, state: &str) -> Value {
+        let id = &exec["id"];
+        assert!(id.is_u64(), "no execution id: {exec}");
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let mut rec = self.wait(id);
+        while (rec["state"] == "running" || rec["state"] == "pending") && Instant::now() < deadline
+        {
+            rec = self.wait(id);
+        }
+        assert_eq!(rec["state"], state, "{rec}\n{}", self.logs());
+        rec
+    }
+
+    /// The stored bytes of one stream of an execution.
+    fn output(&self, id: &Value, stream: &str) -> Vec<u8> {
+        let (status, out) = self.raw(
+            "GET",
+            &format!("/v1/executions/{id}/output?stream={stream}"),
+            None,
+        );
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&out));
+        out
+    }
+
+    /// The VM's entry in `GET /v1/vms`.
+    fn vm(&self, vm: &str) -> Value {
+        let (status, body) = self.call("GET", "/v1/vms", None);
+        assert_eq!(status, 200, "{body}");
+        body["vms"]
+            .as_array()
+            .and_then(|vms| vms.iter().find(|v| v["name"] == vm).cloned())
+            .unwrap_or_else(|| panic!("no vm {vm}: {body}"))
+    }
+
+    /// Waits until `vm` is ready with an agent generation other than `old`; the new one.
+    fn wait_new_generation(&self, vm: &str, old: &Value) -> Value {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            let v = self.vm(vm);
+            if v["state"] == "ready"
+                && v["agent_generation"].is_u64()
+                && v["agent_generation"] != *old
+            {
+                return v["agent_generation"].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{vm} never came back with a new agent: {v}\n{}",
+                self.log(vm)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sends one command line to a VM's QEMU monitor.
+    fn monitor(&self, vm: &str, line: &str) {
+        let mut m = UnixStream::connect(self.dir.join(format!("{vm}.monitor"))).expect("monitor");
+        m.write_all(format!("{line}\n").as_bytes())
+            .expect("monitor write");
+        // Let QEMU read it before the connection goes.
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
@@ -509,4 +595,121 @@ fn a_daemon_restart_loses_nothing_of_a_running_doorbell_vm() {
         let out = s.succeeded(&e);
         assert!(out.starts_with("Linux"), "{out}");
     }
+}
+
+/// What the image's `bytes COUNT` prints: `yes 0123…XYZ | head -c COUNT`.
+fn pattern(count: usize) -> Vec<u8> {
+    let line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\n";
+    line.iter().copied().cycle().take(count).collect()
+}
+
+#[test]
+#[ignore = "boots two VMs; needs PORTLESS_VM_DIR (cargo xtask test runs it)"]
+fn commands_end_as_they_should_on_both_wakeup_modes() {
+    let started = Instant::now();
+    let s = Setup::start("host-vm-outcomes");
+    s.wait_ready(started);
+    for vm in ["vmd", "vmp"] {
+        let t = Instant::now();
+        // Long ones first, so that they run while the others are checked.
+        let timed = s.start_one(vm, "sleep", &["30"], Some(1000));
+        let cancel = s.start_one(vm, "sleep", &["600"], None);
+
+        // Not in the guest's allow-list, and bad arguments: refused by the agent.
+        for (command, args) in [
+            ("no-such-command", &[][..]),
+            ("sleep", &["0"][..]),
+            ("sleep", &["abc"][..]),
+        ] {
+            let d = s.start_one(vm, command, args, None);
+            let state = if d["id"].is_u64() {
+                s.wait(&d["id"])["state"].clone()
+            } else {
+                d["state"].clone()
+            };
+            assert_eq!(state, "rejected", "{vm}: {command} {args:?}: {d}");
+        }
+
+        // Exit codes.
+        let rec = s.ends(&s.start_one(vm, "fail", &[], None), "failed");
+        assert_eq!(rec["exit_code"], 3, "{vm}: {rec}");
+        assert_eq!(s.output(&rec["id"], "stderr"), b"failing on purpose\n");
+        let rec = s.ends(&s.start_one(vm, "uname", &[], None), "succeeded");
+        assert_eq!(rec["exit_code"], 0, "{vm}: {rec}");
+
+        // Cancel, then the timeout (1 s, long past by now).
+        let (status, body) = s.call(
+            "POST",
+            &format!("/v1/executions/{}/cancel", cancel["id"]),
+            None,
+        );
+        assert!(status == 200 || status == 202, "{status}: {body}");
+        s.ends(&cancel, "cancelled");
+        s.ends(&timed, "timed_out");
+        println!(
+            "{vm}: rejected, failed, succeeded, cancelled, timed out in {:.1?}",
+            t.elapsed()
+        );
+    }
+
+    // Large output, byte for byte, through the doorbell VM.
+    const N: usize = 16 << 20;
+    let t = Instant::now();
+    let rec = s.ends(
+        &s.start_one("vmd", "bytes", &[&N.to_string()], None),
+        "succeeded",
+    );
+    let took = t.elapsed();
+    assert_eq!(rec["stdout"]["total_len"], N, "{rec}");
+    let out = s.output(&rec["id"], "stdout");
+    assert_eq!(out.len(), N);
+    assert!(
+        out == pattern(N),
+        "vmd: 16 MiB of output differs from the pattern"
+    );
+    println!(
+        "vmd: 16 MiB of output in {took:.1?} ({:.1} MiB/s)",
+        16.0 / took.as_secs_f64()
+    );
+}
+
+#[test]
+#[ignore = "boots two VMs; needs PORTLESS_VM_DIR (cargo xtask test runs it)"]
+fn an_agent_restart_and_a_vm_reset_lose_running_executions() {
+    let started = Instant::now();
+    let s = Setup::start("host-vm-lost");
+    s.wait_ready(started);
+    let vm = "vmd";
+
+    // The agent restarts inside the guest.
+    let old = s.vm(vm)["agent_generation"].clone();
+    let sleeping = s.start_one(vm, "sleep", &["600"], None);
+    let t = Instant::now();
+    let restart = s.start_one(vm, "restart-agent", &[], None);
+    s.ends(&sleeping, "agent_lost");
+    let new = s.wait_new_generation(vm, &old);
+    println!(
+        "{vm}: agent restarted (generation {old} -> {new}) in {:.1?}",
+        t.elapsed()
+    );
+    let rec = s.wait(&restart["id"]);
+    println!("{vm}: restart-agent itself ended {}", rec["state"]);
+    let out = s.succeeded(&s.exec(vm, "uname")[0]);
+    assert!(out.starts_with("Linux"), "{out}");
+
+    // The VM resets.
+    let old = new;
+    let sleeping = s.start_one(vm, "sleep", &["600"], None);
+    let t = Instant::now();
+    s.monitor(vm, "system_reset");
+    s.ends(&sleeping, "agent_lost");
+    let new = s.wait_new_generation(vm, &old);
+    println!(
+        "{vm}: back after a reset (generation {old} -> {new}) in {:.1?}",
+        t.elapsed()
+    );
+    let boots = s.log(vm).matches("init: starting portless-agent").count();
+    assert_eq!(boots, 2, "the guest did not boot again:\n{}", s.log(vm));
+    let out = s.succeeded(&s.exec(vm, "uname")[0]);
+    assert!(out.starts_with("Linux"), "{out}");
 }
