@@ -219,7 +219,7 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
                 .push((vm.into(), boot(&dir, &image.dir, accel, vm)?));
         }
         let limit = if *accel == "kvm" {
-            Duration::from_secs(20)
+            Duration::from_secs(10)
         } else {
             Duration::from_secs(120)
         };
