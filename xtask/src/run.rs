@@ -14,6 +14,7 @@ use xshell::{Shell, cmd};
 use crate::step;
 
 /// Options of `run`.
+#[derive(Default)]
 pub(crate) struct Options {
     keep: bool,
 }

@@ -95,6 +95,11 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
     }
 
     if !opts.quick {
+        step("cargo xtask run: the README's first command, end to end");
+        crate::run::run(sh, &crate::run::Options::default())?;
+    }
+
+    if !opts.quick {
         step("loom model of the notify/sleep race");
         let _flags = sh.push_env("RUSTFLAGS", "--cfg loom");
         let _dir = sh.push_env("CARGO_TARGET_DIR", "target/loom");
