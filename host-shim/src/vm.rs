@@ -355,15 +355,7 @@ impl Pending {
                 } else {
                     ExecState::AgentLost
                 };
-                finish_record(
-                    records,
-                    events,
-                    id,
-                    state,
-                    None,
-                    None,
-                    Some(err.to_string()),
-                );
+                end_unrun(records, events, id, state, err.to_string());
                 if let Some(r) = reply {
                     let _ = r.send(Err(err));
                 }
@@ -377,15 +369,7 @@ impl Pending {
             }
             Self::Push { run, reply } => {
                 if let Some(id) = run {
-                    finish_record(
-                        records,
-                        events,
-                        id,
-                        ExecState::AgentLost,
-                        None,
-                        None,
-                        Some(err.to_string()),
-                    );
+                    end_unrun(records, events, id, ExecState::AgentLost, err.to_string());
                 }
                 let _ = reply.send(Err(err));
             }
@@ -419,6 +403,18 @@ fn finish_record(
     if let Ok(true) = records.finish(id, &end) {
         let _ = events.send(VmEvent::Finished(id));
     }
+}
+
+/// Ends the record of an execution that never ran to an exit (refused, lost, undeliverable),
+/// saying why.
+fn end_unrun(
+    records: &Records,
+    events: &broadcast::Sender<VmEvent>,
+    id: ExecutionId,
+    state: ExecState,
+    detail: impl Into<String>,
+) {
+    finish_record(records, events, id, state, None, None, Some(detail.into()));
 }
 
 /// The record state an agent's outcome maps to.
@@ -851,14 +847,12 @@ impl Driver {
                         "at most {} arguments",
                         ring_protocol::message::MAX_ARGS
                     ));
-                    finish_record(
+                    end_unrun(
                         &self.records,
                         &self.events,
                         id,
                         ExecState::Rejected,
-                        None,
-                        None,
-                        Some(err.to_string()),
+                        err.to_string(),
                     );
                     let _ = reply.send(Err(err));
                     return;
@@ -880,14 +874,12 @@ impl Driver {
                         );
                     }
                     Err(e) => {
-                        finish_record(
+                        end_unrun(
                             &self.records,
                             &self.events,
                             id,
                             ExecState::Rejected,
-                            None,
-                            None,
-                            Some(e.to_string()),
+                            e.to_string(),
                         );
                         let _ = reply.send(Err(e));
                     }
@@ -992,14 +984,12 @@ impl Driver {
                     }
                     Err(e) => {
                         if let Some(id) = run {
-                            finish_record(
+                            end_unrun(
                                 &self.records,
                                 &self.events,
                                 id,
                                 ExecState::Rejected,
-                                None,
-                                None,
-                                Some(e.to_string()),
+                                e.to_string(),
                             );
                         }
                         let _ = reply.send(Err(e));
@@ -1082,14 +1072,12 @@ impl Driver {
             pending.fail(err.clone(), &self.records, &self.events);
         }
         for (_, id) in std::mem::take(&mut self.running) {
-            finish_record(
+            end_unrun(
                 &self.records,
                 &self.events,
                 id,
                 ExecState::AgentLost,
-                None,
-                None,
-                Some(err.to_string()),
+                err.to_string(),
             );
         }
         self.listing = None;
@@ -1188,14 +1176,12 @@ impl Driver {
                 .collect();
             for (k, id) in lost {
                 self.running.remove(&k);
-                finish_record(
+                end_unrun(
                     &self.records,
                     &self.events,
                     id,
                     ExecState::AgentLost,
-                    None,
-                    None,
-                    Some("the agent restarted".into()),
+                    "the agent restarted",
                 );
             }
             // Requests sent before the restart were dropped by the new agent.
@@ -1294,14 +1280,12 @@ impl Driver {
             },
             OwnedMsg::Rejected { request_id, reason } => match self.pending.remove(&request_id) {
                 Some(Pending::Exec { id, reply }) => {
-                    finish_record(
+                    end_unrun(
                         &self.records,
                         &self.events,
                         id,
                         ExecState::Rejected,
-                        None,
-                        None,
-                        Some(rejection_text(&reason)),
+                        rejection_text(&reason),
                     );
                     if let Some(r) = reply {
                         let _ = r.send(Err(VmError::Rejected(reason)));
@@ -1355,14 +1339,12 @@ impl Driver {
                             self.running.insert(agent_id, id);
                         }
                         (PushOutcome::Failed(reason), Some(id)) => {
-                            finish_record(
+                            end_unrun(
                                 &self.records,
                                 &self.events,
                                 id,
                                 ExecState::Rejected,
-                                None,
-                                None,
-                                Some(rejection_text(&reason)),
+                                rejection_text(&reason),
                             );
                         }
                         _ => {}
