@@ -11,6 +11,8 @@
 //! the workspace (`cargo build -p agent-linux`) as `tests/daemon.rs` expects too. Nothing of
 //! `cargo xtask loopback` is needed: each test writes its own `host.toml` and allow-lists.
 
+mod common;
+
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -34,17 +36,6 @@ const NO_DAEMON_TAIL: &str = "; `portless serve` must be running (or pass --sock
 
 fn portless_binary() -> &'static str {
     env!("CARGO_BIN_EXE_portless")
-}
-
-fn agent_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("PORTLESS_AGENT_BIN") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("test path");
-    exe.parent()
-        .and_then(|d| d.parent())
-        .expect("target/debug")
-        .join("portless-agent")
 }
 
 /// The allow-list of every agent; `PUSH_ENABLED` and `PUSH_DIR` are filled in.
@@ -328,7 +319,7 @@ impl Portless {
     }
 
     fn start_agent(&mut self, vm: &str, config: &str) {
-        let agent = Command::new(agent_binary())
+        let agent = Command::new(common::agent_binary())
             .arg("--shm-file")
             .arg(self.dir.join(format!("{vm}.region")))
             .arg("--config")
@@ -340,7 +331,7 @@ impl Portless {
             .unwrap_or_else(|e| {
                 panic!(
                     "{}: {e} (build it: cargo build -p agent-linux)",
-                    agent_binary().display()
+                    common::agent_binary().display()
                 )
             });
         self.agents.push((vm.to_owned(), Reaped(Some(agent))));

@@ -3,24 +3,14 @@
 //! metrics, policy denials with their audit entries, bad requests, and a daemon restart
 //! while an execution runs.
 
-use std::io::{Read, Write};
+mod common;
+
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-
-fn agent_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("PORTLESS_AGENT_BIN") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("test path");
-    exe.parent()
-        .and_then(|d| d.parent())
-        .expect("target/debug")
-        .join("portless-agent")
-}
 
 const AGENT_CONFIG: &str = r#"
 [agent]
@@ -103,6 +93,14 @@ audit = true
 }
 
 impl Daemon {
+    fn raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Vec<u8>) {
+        common::http(&self.socket, method, path, body)
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        common::call(&self.socket, method, path, body)
+    }
+
     fn start(name: &str) -> Self {
         Self::start_with(name, 2)
     }
@@ -171,7 +169,7 @@ impl Daemon {
         let log = std::fs::File::create(self.dir.join(format!("{vm}.log"))).expect("log");
         self.agents.push((
             vm.to_owned(),
-            Command::new(agent_binary())
+            Command::new(common::agent_binary())
                 .arg("--shm-file")
                 .arg(self.dir.join(format!("{vm}.region")))
                 .arg("--config")
@@ -208,48 +206,6 @@ impl Daemon {
         }
     }
 
-    /// One HTTP/1.1 request on the unix socket; the status and the body as JSON (or as a
-    /// string when it is not JSON).
-    fn raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Vec<u8>) {
-        let mut s = UnixStream::connect(&self.socket).expect("connect");
-        let body = body.unwrap_or_default();
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: portless\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        s.write_all(head.as_bytes()).expect("write");
-        s.write_all(body).expect("write");
-        let mut resp = Vec::new();
-        s.read_to_end(&mut resp).expect("read");
-        let split = resp
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .expect("headers")
-            + 4;
-        let head = String::from_utf8_lossy(&resp[..split]).into_owned();
-        let status: u16 = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .expect("status");
-        let mut body = resp[split..].to_vec();
-        if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            body = dechunk(&body);
-        }
-        (status, body)
-    }
-
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let bytes = body.map(|b| b.to_string().into_bytes());
-        let (status, body) = self.raw(method, path, bytes.as_deref());
-        let v = serde_json::from_slice(&body)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
-        (status, v)
-    }
-
     fn exec(&self, target: &str, command: &str, args: &[&str]) -> Value {
         let (status, body) = self.call(
             "POST",
@@ -278,21 +234,6 @@ impl Drop for Daemon {
             let _ = a.wait();
         }
         self.stop_server();
-    }
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
-            return out;
-        };
-        let len = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
-        if len == 0 {
-            return out;
-        }
-        out.extend_from_slice(&b[eol + 2..eol + 2 + len]);
-        b = &b[eol + 2 + len + 2..];
     }
 }
 

@@ -1,21 +1,11 @@
 //! An idle daemon with fifty `doorbell` VMs uses no measurable CPU: its drivers sleep until
 //! rung. A test binary of its own, so that this process's CPU time is the daemon's alone.
 
+mod common;
+
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-/// CPU time (user + system) of this process so far.
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("stat");
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).expect("format");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 (utime, stime) are the 12th and 13th after the command name.
-    let ticks: u64 = f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
-    // SAFETY: `sysconf` takes a plain value.
-    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
-    Duration::from_millis(ticks * 1000 / hz)
-}
 
 #[test]
 fn an_idle_daemon_with_fifty_doorbell_vms_uses_no_measurable_cpu() {
@@ -50,9 +40,9 @@ fn an_idle_daemon_with_fifty_doorbell_vms_uses_no_measurable_cpu() {
         std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(Duration::from_millis(500));
-    let before = cpu_time();
+    let before = common::cpu_time();
     std::thread::sleep(Duration::from_secs(3));
-    let used = cpu_time() - before;
+    let used = common::cpu_time() - before;
     let _ = tx.send(());
     server.join().expect("daemon thread");
     println!("50 idle doorbell VMs: {used:?} of CPU in 3 s");

@@ -8,8 +8,10 @@
 //! `<vm>.monitor`), and the VM ready again with a new agent. Needs a kernel and
 //! initramfs in `PORTLESS_VM_DIR` (`cargo xtask image`); `#[ignore]`d otherwise.
 
+mod common;
+
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -61,6 +63,14 @@ commands = ["*"]
 }
 
 impl Setup {
+    fn raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Vec<u8>) {
+        common::http(&self.socket, method, path, body)
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        common::call(&self.socket, method, path, body)
+    }
+
     /// Starts the daemon (listening on the doorbell VM's ivshmem socket and having created the
     /// plain VM's region file), then boots both VMs.
     fn start(name: &str) -> Self {
@@ -241,48 +251,6 @@ impl Setup {
         }
     }
 
-    /// One HTTP/1.1 request on the unix socket; the status and the body.
-    fn raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Vec<u8>) {
-        let mut s = UnixStream::connect(&self.socket).expect("connect");
-        let body = body.unwrap_or_default();
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: portless\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        s.write_all(head.as_bytes()).expect("write");
-        s.write_all(body).expect("write");
-        let mut resp = Vec::new();
-        s.read_to_end(&mut resp).expect("read");
-        let split = resp
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .expect("headers")
-            + 4;
-        let head = String::from_utf8_lossy(&resp[..split]).into_owned();
-        let status: u16 = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .expect("status");
-        let mut body = resp[split..].to_vec();
-        if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            body = dechunk(&body);
-        }
-        (status, body)
-    }
-
-    /// One request; the status and the body as JSON (or as a string when it is not JSON).
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let bytes = body.map(|b| b.to_string().into_bytes());
-        let (status, body) = self.raw(method, path, bytes.as_deref());
-        let v = serde_json::from_slice(&body)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
-        (status, v)
-    }
-
     /// Starts `command` on `target`; the executions.
     fn exec(&self, target: &str, command: &str) -> Vec<Value> {
         let (status, body) = self.call(
@@ -409,38 +377,6 @@ impl Drop for Setup {
     }
 }
 
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
-            return out;
-        };
-        let len = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
-        if len == 0 {
-            return out;
-        }
-        out.extend_from_slice(&b[eol + 2..eol + 2 + len]);
-        b = &b[eol + 2 + len + 2..];
-    }
-}
-
-/// CPU time (user + system) of a process so far, from `/proc/<pid>/stat`.
-fn cpu_time_of(pid: &str) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).expect("format");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 (utime, stime) are the 12th and 13th after the command name.
-    let ticks: u64 = f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
-    // SAFETY: `sysconf` takes a plain value.
-    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
-    Duration::from_millis(ticks * 1000 / hz)
-}
-
-/// CPU time of this process (the test and the daemon in it).
-fn cpu_time() -> Duration {
-    cpu_time_of("self")
-}
-
 #[test]
 #[ignore = "boots two VMs; needs PORTLESS_VM_DIR"]
 fn a_doorbell_vm_and_a_plain_vm_through_the_daemon() {
@@ -531,11 +467,15 @@ fn a_doorbell_vm_and_a_plain_vm_through_the_daemon() {
     // backing off once the agent has been quiet for a second.
     std::thread::sleep(Duration::from_millis(1500));
     let (vmd, vmp) = (s.pid("vmd").to_string(), s.pid("vmp").to_string());
-    let before = (cpu_time(), cpu_time_of(&vmd), cpu_time_of(&vmp));
+    let before = (
+        common::cpu_time(),
+        common::cpu_time_of(&vmd),
+        common::cpu_time_of(&vmp),
+    );
     std::thread::sleep(Duration::from_secs(3));
-    let used = cpu_time() - before.0;
-    let qemu_d = cpu_time_of(&vmd) - before.1;
-    let qemu_p = cpu_time_of(&vmp) - before.2;
+    let used = common::cpu_time() - before.0;
+    let qemu_d = common::cpu_time_of(&vmd) - before.1;
+    let qemu_p = common::cpu_time_of(&vmp) - before.2;
     println!(
         "idle 3 s: daemon (this process) {used:?} of CPU; QEMU of vmd (interrupts) {qemu_d:?}, \
          of vmp (polling guest) {qemu_p:?}"

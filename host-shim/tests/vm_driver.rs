@@ -2,6 +2,8 @@
 //! lifecycle, exec with output into the records, rejections, ping, metrics, the command
 //! cache, cancel, push, agent restarts (`agent_lost`) and undeliverable requests.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -12,16 +14,6 @@ use host_shim::records::{ExecState, ExecutionId, NewExecution, OutputStream, Rec
 use host_shim::vm::{self, ChannelKind, Request, VmError, VmEvent, VmHandle, VmSettings, VmState};
 use ring_protocol::message::{ArgProblem, Rejection};
 use tokio::sync::{broadcast, oneshot};
-
-/// The agent binary cargo built for the workspace's tests.
-fn agent_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("PORTLESS_AGENT_BIN") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("test path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target/debug");
-    dir.join("portless-agent")
-}
 
 const CONFIG: &str = r#"
 [agent]
@@ -105,7 +97,7 @@ impl Setup {
     fn start_agent(&mut self) {
         let log = std::fs::File::create(self.dir.join("agent.log")).expect("log");
         self.agent = Some(
-            Command::new(agent_binary())
+            Command::new(common::agent_binary())
                 .arg("--shm-file")
                 .arg(self.dir.join("region"))
                 .arg("--config")

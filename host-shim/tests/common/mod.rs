@@ -1,0 +1,99 @@
+//! Pieces the host-shim integration tests share: where the agent binary is, one HTTP/1.1
+//! request over the daemon's unix socket, and CPU time from /proc.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// The agent binary cargo built for the workspace's tests (or `PORTLESS_AGENT_BIN`).
+pub fn agent_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("PORTLESS_AGENT_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("test path");
+    exe.parent()
+        .and_then(|d| d.parent())
+        .expect("target/debug")
+        .join("portless-agent")
+}
+
+/// One HTTP/1.1 request on the daemon's unix socket: the status and the (de-chunked) body.
+pub fn http(socket: &Path, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Vec<u8>) {
+    let mut s = UnixStream::connect(socket).expect("connect");
+    let body = body.unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: portless\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("write");
+    s.write_all(body).expect("write");
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).expect("read");
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("headers")
+        + 4;
+    let head = String::from_utf8_lossy(&resp[..split]).into_owned();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    let mut body = resp[split..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, body)
+}
+
+/// One request with a JSON body; the status and the body as JSON (or as a string when it is
+/// not JSON).
+pub fn call(socket: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let bytes = body.map(|b| b.to_string().into_bytes());
+    let (status, body) = http(socket, method, path, bytes.as_deref());
+    let v = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+    (status, v)
+}
+
+/// The data of a chunked HTTP body.
+pub fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let len = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
+        if len == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + len]);
+        b = &b[eol + 2 + len + 2..];
+    }
+}
+
+/// CPU time (user + system) of a process so far, from `/proc/<pid>/stat` (`self` for this
+/// one).
+pub fn cpu_time_of(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).expect("format");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) are the 12th and 13th after the command name.
+    let ticks: u64 = f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
+    // SAFETY: `sysconf` takes a plain value.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// CPU time of this process.
+pub fn cpu_time() -> Duration {
+    cpu_time_of("self")
+}
