@@ -1,6 +1,6 @@
 //! Criterion benchmarks of the channel over a region in ordinary memory: the cost of one frame
-//! through a ring on one thread, the latency of a ping/pong round trip between two spinning
-//! threads, and one-way byte throughput from a producer thread to a consumer thread. Together
+//! through a ring on one thread, the latency of a ping/pong round trip between two threads
+//! (spinning, adaptive polling with sleeps, eventfd doorbells), and one-way byte throughput from a producer thread to a consumer thread. Together
 //! with `codec.rs` they show where the time of a message goes.
 
 use std::hint::{black_box, spin_loop};
@@ -112,6 +112,257 @@ fn echo_pings(region: &HeapRegion, stop: &AtomicBool) {
         guest
             .send(mem, &AgentToHost::Pong { nonce })
             .expect("a ping-pong never fills the ring");
+    }
+}
+
+/// How long the adaptive guest spins after a message before it starts sleeping (as
+/// `portless-agent` does).
+const ADAPTIVE_SPIN: Duration = Duration::from_micros(50);
+/// Its first sleep; each further one doubles, up to [`ADAPTIVE_MAX_SLEEP`].
+const ADAPTIVE_FIRST_SLEEP: Duration = Duration::from_micros(10);
+/// Its longest sleep.
+const ADAPTIVE_MAX_SLEEP: Duration = Duration::from_millis(1);
+/// The host's pause between pings in `round_trip/adaptive_polling_idle_gap`.
+const IDLE_GAP: Duration = Duration::from_millis(2);
+
+/// `round_trip/adaptive_polling` and `round_trip/adaptive_polling_idle_gap`: as
+/// `round_trip/spin`, but the guest thread waits as `portless-agent` does when it has no
+/// doorbell: it spins for 50 us after a message, then sleeps (`thread::sleep`) for 10 us,
+/// 20 us, ... up to 1 ms between looks at the ring. Back to back, pings find it spinning;
+/// with a 2 ms gap before each ping (not timed) they find it in its 1 ms sleeps.
+fn round_trip_adaptive(c: &mut Criterion) {
+    let region = Arc::new(region());
+    let mem: &MappedRegion = &region;
+    let mut host = create_host(&region);
+    let stop = Arc::new(AtomicBool::new(false));
+    let echo = thread::spawn({
+        let (region, stop) = (Arc::clone(&region), Arc::clone(&stop));
+        move || echo_pings_adaptive(&region, &stop)
+    });
+    while !host.guest_attached(mem) {
+        thread::yield_now();
+    }
+
+    let mut group = c.benchmark_group("round_trip");
+    let mut buf = frame_buf();
+    let mut nonce = 0u64;
+    let mut ping = |host: &mut HostEndpoint, buf: &mut FrameBuf| {
+        nonce = nonce.wrapping_add(1);
+        host.send(mem, &HostToAgent::Ping { nonce })
+            .expect("a ping-pong never fills the ring");
+        let echoed = loop {
+            match host.recv(mem, buf) {
+                Ok(Some(AgentToHost::Pong { nonce })) => break nonce,
+                Ok(None) => spin_loop(),
+                other => panic!("expected a pong, got {other:?}"),
+            }
+        };
+        assert_eq!(echoed, nonce, "the pong echoes the ping's nonce");
+    };
+    group.bench_function("adaptive_polling", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                ping(&mut host, &mut buf);
+            }
+            start.elapsed()
+        });
+    });
+    // Each iteration takes the gap plus the latency of wall time, of which only the latency
+    // counts towards criterion's targets: keep them small.
+    group
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
+    group.bench_function("adaptive_polling_idle_gap", |b| {
+        b.iter_custom(|iters| {
+            let mut timed = Duration::ZERO;
+            for _ in 0..iters {
+                thread::sleep(IDLE_GAP);
+                let start = Instant::now();
+                ping(&mut host, &mut buf);
+                timed += start.elapsed();
+            }
+            timed
+        });
+    });
+    group.finish();
+
+    // Ordering: Relaxed: the flag carries no data; `join` synchronises with the thread's end.
+    stop.store(true, Ordering::Relaxed);
+    echo.join().expect("the echo thread does not panic");
+}
+
+/// The guest of `round_trip_adaptive`: answers every ping until `stop` is set, spinning
+/// then sleeping for doubling intervals while idle.
+fn echo_pings_adaptive(region: &HeapRegion, stop: &AtomicBool) {
+    let mem: &MappedRegion = region;
+    let mut guest = attach_guest(region);
+    let mut buf = frame_buf();
+    let mut last_message = Instant::now();
+    let mut sleep = Duration::ZERO;
+    // Ordering: Relaxed: only a request to stop; nothing is read after seeing it.
+    while !stop.load(Ordering::Relaxed) {
+        let nonce = match guest.recv(mem, &mut buf) {
+            Ok(Some(HostToAgent::Ping { nonce })) => nonce,
+            Ok(None) => {
+                if last_message.elapsed() < ADAPTIVE_SPIN {
+                    spin_loop();
+                } else {
+                    sleep = if sleep.is_zero() {
+                        ADAPTIVE_FIRST_SLEEP
+                    } else {
+                        (sleep * 2).min(ADAPTIVE_MAX_SLEEP)
+                    };
+                    thread::sleep(sleep);
+                }
+                continue;
+            }
+            other => panic!("expected a ping, got {other:?}"),
+        };
+        guest
+            .send(mem, &AgentToHost::Pong { nonce })
+            .expect("a ping-pong never fills the ring");
+        last_message = Instant::now();
+        sleep = Duration::ZERO;
+    }
+}
+
+/// An eventfd, closed on drop.
+struct EventFd(libc::c_int);
+
+impl EventFd {
+    fn new() -> Self {
+        // SAFETY: eventfd takes no pointers; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
+        Self(fd)
+    }
+
+    /// Adds 1 to the counter, waking a reader.
+    fn ring(&self) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a live u64 to a descriptor this value owns.
+        let n = unsafe { libc::write(self.0, (&raw const one).cast(), 8) };
+        assert_eq!(n, 8, "eventfd write: {}", std::io::Error::last_os_error());
+    }
+
+    /// Blocks until the counter is non-zero, then resets it.
+    fn wait(&self) {
+        let mut count = 0u64;
+        loop {
+            // SAFETY: reads 8 bytes into a live u64 from a descriptor this value owns.
+            let n = unsafe { libc::read(self.0, (&raw mut count).cast(), 8) };
+            if n == 8 {
+                return;
+            }
+            let err = std::io::Error::last_os_error();
+            assert_eq!(
+                err.kind(),
+                std::io::ErrorKind::Interrupted,
+                "eventfd read: {err}"
+            );
+        }
+    }
+}
+
+impl Drop for EventFd {
+    fn drop(&mut self) {
+        // SAFETY: the descriptor is owned by this value and closed once.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+/// Sleeps on `own` until a message may be waiting, with the channel's notification
+/// protocol: arm, sleep only if the ring is still empty, disarm.
+fn sleep_for_message<R: ring_protocol::Role>(
+    ep: &mut ring_protocol::Endpoint<R>,
+    mem: &MappedRegion,
+    own: &EventFd,
+) {
+    if ep.prepare_wait(mem, None).expect("the ring is valid") {
+        own.wait();
+    }
+    ep.end_wait(mem);
+}
+
+/// `round_trip/eventfd_doorbell`: as `round_trip/spin`, but both sides sleep in a blocking
+/// `read` of their own eventfd whenever their ring is empty (after `prepare_wait`), and ring
+/// the peer's eventfd after sending when `take_kick` says the peer is asleep: every round
+/// trip pays for two kernel wakeups.
+fn round_trip_eventfd(c: &mut Criterion) {
+    let region = Arc::new(region());
+    let mem: &MappedRegion = &region;
+    let mut host = create_host(&region);
+    let host_fd = Arc::new(EventFd::new());
+    let guest_fd = Arc::new(EventFd::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let echo = thread::spawn({
+        let (region, stop) = (Arc::clone(&region), Arc::clone(&stop));
+        let (host_fd, guest_fd) = (Arc::clone(&host_fd), Arc::clone(&guest_fd));
+        move || echo_pings_eventfd(&region, &stop, &guest_fd, &host_fd)
+    });
+    while !host.guest_attached(mem) {
+        thread::yield_now();
+    }
+
+    let mut group = c.benchmark_group("round_trip");
+    let mut buf = frame_buf();
+    let mut nonce = 0u64;
+    group.bench_function("eventfd_doorbell", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                nonce = nonce.wrapping_add(1);
+                host.send(mem, &HostToAgent::Ping { nonce })
+                    .expect("a ping-pong never fills the ring");
+                if host.take_kick(mem) {
+                    guest_fd.ring();
+                }
+                let echoed = loop {
+                    match host.recv(mem, &mut buf) {
+                        Ok(Some(AgentToHost::Pong { nonce })) => break nonce,
+                        Ok(None) => sleep_for_message(&mut host, mem, &host_fd),
+                        other => panic!("expected a pong, got {other:?}"),
+                    }
+                };
+                assert_eq!(echoed, nonce, "the pong echoes the ping's nonce");
+            }
+            start.elapsed()
+        });
+    });
+    group.finish();
+
+    // Ordering: Relaxed: the flag carries no data; the eventfd write wakes the guest, which
+    // then sees it, and `join` synchronises with the thread's end.
+    stop.store(true, Ordering::Relaxed);
+    guest_fd.ring();
+    echo.join().expect("the echo thread does not panic");
+}
+
+/// The guest of `round_trip_eventfd`: answers every ping until `stop` is set, sleeping on
+/// `own` while its ring is empty and ringing `peer` when the host sleeps.
+fn echo_pings_eventfd(region: &HeapRegion, stop: &AtomicBool, own: &EventFd, peer: &EventFd) {
+    let mem: &MappedRegion = region;
+    let mut guest = attach_guest(region);
+    let mut buf = frame_buf();
+    // Ordering: Relaxed: only a request to stop; nothing is read after seeing it.
+    while !stop.load(Ordering::Relaxed) {
+        let nonce = match guest.recv(mem, &mut buf) {
+            Ok(Some(HostToAgent::Ping { nonce })) => nonce,
+            Ok(None) => {
+                sleep_for_message(&mut guest, mem, own);
+                continue;
+            }
+            other => panic!("expected a ping, got {other:?}"),
+        };
+        guest
+            .send(mem, &AgentToHost::Pong { nonce })
+            .expect("a ping-pong never fills the ring");
+        if guest.take_kick(mem) {
+            peer.ring();
+        }
     }
 }
 
@@ -263,6 +514,6 @@ criterion_group! {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4))
         .sample_size(30);
-    targets = frame_send_recv, round_trip, throughput
+    targets = frame_send_recv, round_trip, round_trip_adaptive, round_trip_eventfd, throughput
 }
 criterion_main!(benches);
