@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -55,8 +54,7 @@ program = "/bin/true"
 struct Daemon {
     dir: PathBuf,
     socket: PathBuf,
-    server: Option<std::thread::JoinHandle<()>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    daemon: Option<common::InProcessDaemon>,
     agents: Vec<(String, Child)>,
 }
 
@@ -119,8 +117,7 @@ impl Daemon {
         let mut d = Self {
             socket: dir.join("portless.sock"),
             dir,
-            server: None,
-            stop: None,
+            daemon: None,
             agents: Vec::new(),
         };
         d.start_server();
@@ -134,34 +131,12 @@ impl Daemon {
     fn start_server(&mut self) {
         let config = host_shim::config::HostConfig::load(self.dir.join("host.toml"))
             .expect("valid host.toml");
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        self.stop = Some(tx);
-        let _ = std::fs::remove_file(&self.socket);
-        self.server = Some(std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                tokio::select! {
-                    r = host_shim::daemon::serve(config) => r.expect("daemon runs"),
-                    _ = rx => {}
-                }
-            });
-        }));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&self.socket).is_err() {
-            assert!(Instant::now() < deadline, "daemon never listened");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.daemon = Some(common::InProcessDaemon::start_on(config));
     }
 
     fn stop_server(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.server.take() {
-            t.join().expect("daemon thread");
+        if let Some(mut d) = self.daemon.take() {
+            d.stop();
         }
     }
 

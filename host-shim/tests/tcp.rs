@@ -2,10 +2,12 @@
 //! there are identified by `Authorization: Bearer <token>` only (no header, a wrong token:
 //! 403), a principal sees only its VMs, and the denied attempts are in the audit log.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -15,8 +17,7 @@ const TOKEN: &str = "s3cret";
 /// A daemon (in a thread of this test) with two plain VMs, no agents, and a TCP listener.
 struct Daemon {
     addr: SocketAddr,
-    server: Option<std::thread::JoinHandle<()>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _daemon: common::InProcessDaemon,
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
@@ -60,33 +61,11 @@ audit = true
         );
         let config =
             host_shim::config::HostConfig::parse(&text, "host.toml").expect("valid host.toml");
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                tokio::select! {
-                    r = host_shim::daemon::serve(config) => r.expect("daemon runs"),
-                    _ = rx => {}
-                }
-            });
-        });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(addr).is_err() {
-            assert!(
-                !server.is_finished(),
-                "daemon stopped before listening on {addr}"
-            );
-            assert!(Instant::now() < deadline, "daemon never listened on {addr}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let daemon =
+            common::InProcessDaemon::start(config, move || TcpStream::connect(addr).is_ok());
         Self {
             addr,
-            server: Some(server),
-            stop: Some(tx),
+            _daemon: daemon,
         }
     }
 
@@ -131,17 +110,6 @@ audit = true
         let v = serde_json::from_slice(&body)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
         (status, v)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.server.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -26,8 +26,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 struct Setup {
     dir: PathBuf,
     socket: PathBuf,
-    server: Option<std::thread::JoinHandle<()>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    daemon: Option<common::InProcessDaemon>,
     qemus: Vec<(String, Child)>,
 }
 
@@ -81,8 +80,7 @@ impl Setup {
         let mut s = Self {
             socket: dir.join("portless.sock"),
             dir,
-            server: None,
-            stop: None,
+            daemon: None,
             qemus: Vec::new(),
         };
         s.start_daemon();
@@ -121,35 +119,13 @@ impl Setup {
     fn start_daemon(&mut self) {
         let config = host_shim::config::HostConfig::parse(&host_config(&self.dir), "host.toml")
             .expect("valid host.toml");
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        self.stop = Some(tx);
-        let _ = std::fs::remove_file(&self.socket);
-        self.server = Some(std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                tokio::select! {
-                    r = host_shim::daemon::serve(config) => r.expect("daemon runs"),
-                    _ = rx => {}
-                }
-            });
-        }));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&self.socket).is_err() {
-            assert!(Instant::now() < deadline, "daemon never listened");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.daemon = Some(common::InProcessDaemon::start_on(config));
     }
 
     /// Stops the daemon (the VMs keep running).
     fn stop_daemon(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.server.take() {
-            t.join().expect("daemon thread");
+        if let Some(mut d) = self.daemon.take() {
+            d.stop();
         }
         // Its VM drivers notice that the daemon is gone at their next wake-up.
         std::thread::sleep(Duration::from_millis(700));
@@ -368,12 +344,7 @@ impl Drop for Setup {
             let _ = q.kill();
             let _ = q.wait();
         }
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.server.take() {
-            let _ = t.join();
-        }
+        self.daemon = None;
     }
 }
 

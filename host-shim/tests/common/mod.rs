@@ -97,3 +97,71 @@ pub fn cpu_time_of(pid: &str) -> Duration {
 pub fn cpu_time() -> Duration {
     cpu_time_of("self")
 }
+
+/// `portless serve` in a thread of the test; stopped and joined by [`stop`](Self::stop) or
+/// on drop.
+pub struct InProcessDaemon {
+    server: Option<std::thread::JoinHandle<()>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl InProcessDaemon {
+    /// Starts the daemon with `config` and waits (up to 10 s) until `listening()` says it
+    /// answers.
+    pub fn start(config: host_shim::config::HostConfig, listening: impl Fn() -> bool) -> Self {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                tokio::select! {
+                    r = host_shim::daemon::serve(config) => r.expect("daemon runs"),
+                    _ = rx => {}
+                }
+            });
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !listening() {
+            assert!(!server.is_finished(), "daemon stopped before listening");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "daemon never listened"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self {
+            server: Some(server),
+            stop: Some(tx),
+        }
+    }
+
+    /// Starts the daemon and waits for its API socket.
+    pub fn start_on(config: host_shim::config::HostConfig) -> Self {
+        let socket = config.daemon.socket.clone();
+        let _ = std::fs::remove_file(&socket);
+        Self::start(config, move || UnixStream::connect(&socket).is_ok())
+    }
+
+    /// Stops the daemon and waits for its thread.
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.server.take() {
+            t.join().expect("daemon thread");
+        }
+    }
+}
+
+impl Drop for InProcessDaemon {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.server.take() {
+            let _ = t.join();
+        }
+    }
+}
