@@ -56,14 +56,7 @@ fn round_trip(c: &mut Criterion) {
     let region = Arc::new(region());
     let mem: &MappedRegion = &region;
     let mut host = create_host(&region);
-    let stop = Arc::new(AtomicBool::new(false));
-    let echo = thread::spawn({
-        let (region, stop) = (Arc::clone(&region), Arc::clone(&stop));
-        move || echo_pings(&region, &stop)
-    });
-    while !host.guest_attached(mem) {
-        thread::yield_now();
-    }
+    let echo = Echo::start(&region, &host, echo_pings);
 
     let mut group = c.benchmark_group("round_trip");
     let mut buf = frame_buf();
@@ -89,9 +82,42 @@ fn round_trip(c: &mut Criterion) {
     });
     group.finish();
 
-    // Ordering: Relaxed: the flag carries no data; `join` synchronises with the thread's end.
-    stop.store(true, Ordering::Relaxed);
-    echo.join().expect("the echo thread does not panic");
+    echo.finish(|| {});
+}
+
+/// A guest thread answering pings for the length of a benchmark.
+struct Echo {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl Echo {
+    /// Starts `guest` on `region` and waits until it has attached.
+    fn start(
+        region: &Arc<HeapRegion>,
+        host: &HostEndpoint,
+        guest: impl FnOnce(&HeapRegion, &AtomicBool) + Send + 'static,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = thread::spawn({
+            let (region, stop) = (Arc::clone(region), Arc::clone(&stop));
+            move || guest(&region, &stop)
+        });
+        let mem: &MappedRegion = region;
+        while !host.guest_attached(mem) {
+            thread::yield_now();
+        }
+        Self { stop, thread }
+    }
+
+    /// Stops the guest (`wake` rouses it if it may be asleep) and waits for it.
+    fn finish(self, wake: impl FnOnce()) {
+        // Ordering: Relaxed: the flag carries no data; `join` synchronises with the thread's
+        // end.
+        self.stop.store(true, Ordering::Relaxed);
+        wake();
+        self.thread.join().expect("the echo thread does not panic");
+    }
 }
 
 /// The guest of `round_trip`: answers every ping until `stop` is set.
@@ -134,14 +160,7 @@ fn round_trip_adaptive(c: &mut Criterion) {
     let region = Arc::new(region());
     let mem: &MappedRegion = &region;
     let mut host = create_host(&region);
-    let stop = Arc::new(AtomicBool::new(false));
-    let echo = thread::spawn({
-        let (region, stop) = (Arc::clone(&region), Arc::clone(&stop));
-        move || echo_pings_adaptive(&region, &stop)
-    });
-    while !host.guest_attached(mem) {
-        thread::yield_now();
-    }
+    let echo = Echo::start(&region, &host, echo_pings_adaptive);
 
     let mut group = c.benchmark_group("round_trip");
     let mut buf = frame_buf();
@@ -189,9 +208,7 @@ fn round_trip_adaptive(c: &mut Criterion) {
     });
     group.finish();
 
-    // Ordering: Relaxed: the flag carries no data; `join` synchronises with the thread's end.
-    stop.store(true, Ordering::Relaxed);
-    echo.join().expect("the echo thread does not panic");
+    echo.finish(|| {});
 }
 
 /// The guest of `round_trip_adaptive`: answers every ping until `stop` is set, spinning
@@ -297,15 +314,12 @@ fn round_trip_eventfd(c: &mut Criterion) {
     let mut host = create_host(&region);
     let host_fd = Arc::new(EventFd::new());
     let guest_fd = Arc::new(EventFd::new());
-    let stop = Arc::new(AtomicBool::new(false));
-    let echo = thread::spawn({
-        let (region, stop) = (Arc::clone(&region), Arc::clone(&stop));
+    let echo = Echo::start(&region, &host, {
         let (host_fd, guest_fd) = (Arc::clone(&host_fd), Arc::clone(&guest_fd));
-        move || echo_pings_eventfd(&region, &stop, &guest_fd, &host_fd)
+        move |region: &HeapRegion, stop: &AtomicBool| {
+            echo_pings_eventfd(region, stop, &guest_fd, &host_fd);
+        }
     });
-    while !host.guest_attached(mem) {
-        thread::yield_now();
-    }
 
     let mut group = c.benchmark_group("round_trip");
     let mut buf = frame_buf();
@@ -334,11 +348,8 @@ fn round_trip_eventfd(c: &mut Criterion) {
     });
     group.finish();
 
-    // Ordering: Relaxed: the flag carries no data; the eventfd write wakes the guest, which
-    // then sees it, and `join` synchronises with the thread's end.
-    stop.store(true, Ordering::Relaxed);
-    guest_fd.ring();
-    echo.join().expect("the echo thread does not panic");
+    // The eventfd write wakes the sleeping guest, which then sees the stop flag.
+    echo.finish(|| guest_fd.ring());
 }
 
 /// The guest of `round_trip_eventfd`: answers every ping until `stop` is set, sleeping on
