@@ -726,8 +726,19 @@ impl Driver {
         }
     }
 
-    /// Encodes and sends a message, or queues it (in order) when the ring is full.
+    /// Sends a message, or queues it (in order) when the ring is full or being reset.
     fn send(&mut self, msg: &HostToAgent<'_>) -> Result<(), VmError> {
+        // Nothing waiting: encode straight into the ring (no copy, no allocation).
+        if self.outbox.is_empty()
+            && let Some(ep) = self.ep.as_mut()
+        {
+            match ep.send(self.channel.region(), msg) {
+                Ok(()) => return Ok(()),
+                Err(SendError::Full { .. } | SendError::Detached) => {}
+                Err(e) => return Err(VmError::Invalid(e.to_string())),
+            }
+        }
+        // Keep it, in order, until there is room.
         let mut buf = vec![0u8; ring_protocol::MAX_PAYLOAD_LEN];
         let len = ring_protocol::message::encode(msg, &mut buf)
             .map_err(|e| VmError::Invalid(e.to_string()))?
