@@ -145,13 +145,7 @@ pub(crate) fn load_config(
 
 /// A generation for execution ids that differs across agent starts: random, never 0.
 fn new_generation() -> u32 {
-    let mut b = [0u8; 4];
-    if sys::read_file(c"/dev/urandom", &mut b).ok() != Some(4) {
-        b = u32::try_from(sys::now_ms() & 0xffff_ffff)
-            .unwrap_or(1)
-            .to_ne_bytes();
-    }
-    u32::from_ne_bytes(b).max(1)
+    sys::random_u32().max(1)
 }
 
 fn main() -> ExitCode {

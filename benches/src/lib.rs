@@ -3,6 +3,8 @@
 //! agent does, by retrying until the host has made the region ready; and a fake platform
 //! for driving `agent_core::Agent` without processes.
 
+pub mod plot;
+
 use agent_core::Agent;
 use agent_core::agent::OUTPUT_CHUNK;
 use agent_core::config::Config;

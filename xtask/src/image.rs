@@ -2,7 +2,13 @@
 //! (downloaded once with `apt-get download` into `target/vm-cache/`, never committed) and an
 //! initramfs with busybox, the static `portless-agent`, its allow-list (`image/allow-list.toml`), the VFIO
 //! modules and an `/init` that starts the agent. Written to `target/vm/`.
+//!
+//! `cargo xtask image --bench`: the same guest plus the QEMU guest agent, for the benchmark
+//! that compares the two agents in one VM: Debian's `qemu-ga` with exactly the shared
+//! libraries it loads (also cached in `target/vm-cache/`) and the virtio console modules its
+//! port needs. Written to `target/vm-bench/`; the same `/init` starts both agents.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -23,6 +29,24 @@ const MODULES: &[&str] = &[
     "kernel/drivers/vfio/pci/vfio-pci-core.ko",
     "kernel/drivers/vfio/pci/vfio-pci.ko",
 ];
+/// Modules for a virtio-serial port (qemu-ga's channel), in load order (each depends only on
+/// the ones before). Bench image only.
+const VIRTIO_MODULES: &[&str] = &[
+    "kernel/drivers/virtio/virtio_ring.ko",
+    "kernel/drivers/virtio/virtio.ko",
+    "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
+    "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
+    "kernel/drivers/virtio/virtio_pci.ko",
+    "kernel/drivers/char/virtio_console.ko",
+];
+/// The Debian package of the QEMU guest agent; its dependencies come from `apt-cache depends`.
+const QEMU_GA_PACKAGE: &str = "qemu-guest-agent";
+/// Where qemu-ga lives, in its package and in the image.
+const QEMU_GA: &str = "usr/sbin/qemu-ga";
+/// Where the image keeps qemu-ga's libraries (and the loader the interpreter path points to).
+const LIB_DIR: &str = "lib/x86_64-linux-gnu";
+/// Where a soname is looked up in the unpacked packages, in order.
+const LIB_SEARCH: &[&str] = &["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"];
 const INIT: &str = include_str!("image/init.sh");
 /// The image's allow-list: useful commands, push enabled.
 const ALLOW_LIST: &str = include_str!("image/allow-list.toml");
@@ -34,9 +58,23 @@ pub(crate) const TOOLS: &[(&str, &str)] = &[
     ("cpio", "cpio"),
 ];
 
+/// Tools only the bench image needs (to unpack qemu-ga and walk its libraries), and the
+/// Debian package of each.
+const BENCH_TOOLS: &[(&str, &str)] = &[
+    ("readelf", "binutils"),
+    ("apt-cache", "apt"),
+    ("dpkg", "dpkg"),
+];
+
 /// Installs missing tools with apt-get when root on Debian; otherwise says what to install.
 pub(crate) fn ensure_tools(sh: &Shell) -> Result<()> {
-    let missing: Vec<&str> = TOOLS
+    ensure(sh, TOOLS)
+}
+
+/// Installs the packages of the missing `tools` (command, package) with apt-get when root on
+/// Debian; otherwise says what to install.
+fn ensure(sh: &Shell, tools: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = tools
         .iter()
         .filter(|(bin, _)| {
             cmd!(sh, "which {bin}")
@@ -78,7 +116,35 @@ pub(crate) fn ensure_tools(sh: &Shell) -> Result<()> {
 
 /// The image's files.
 pub(crate) struct Image {
+    /// The folder with `vmlinuz`, `initrd.gz` and the initramfs tree `root/`.
     pub(crate) dir: PathBuf,
+}
+
+/// Which image to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavour {
+    /// `target/vm/`: portless-agent alone, for the VM tests.
+    Test,
+    /// `target/vm-bench/`: also qemu-ga and the virtio console, for the agent comparison.
+    Bench,
+}
+
+impl Flavour {
+    /// The output folder, relative to the project root.
+    fn dir(self) -> &'static str {
+        match self {
+            Self::Test => "target/vm",
+            Self::Bench => "target/vm-bench",
+        }
+    }
+
+    /// The kernel modules in the image, as paths under `lib/modules/<version>/`.
+    fn modules(self) -> Vec<&'static str> {
+        match self {
+            Self::Test => MODULES.to_vec(),
+            Self::Bench => VIRTIO_MODULES.iter().chain(MODULES).copied().collect(),
+        }
+    }
 }
 
 fn kernel_tree(sh: &Shell, cache: &Path) -> Result<PathBuf> {
@@ -131,13 +197,213 @@ fn kernel_tree(sh: &Shell, cache: &Path) -> Result<PathBuf> {
     Ok(tree)
 }
 
-/// Builds the image into `target/vm/`.
+/// Debian's `qemu-guest-agent` and every package it depends on, unpacked into one tree
+/// (`target/vm-cache/qemu-ga/`) the first time and reused after.
+fn qemu_ga_tree(sh: &Shell, cache: &Path) -> Result<PathBuf> {
+    let tree = cache.join("qemu-ga");
+    if tree.join(QEMU_GA).exists() {
+        return Ok(tree);
+    }
+    sh.create_dir(cache)?;
+    let debs = cache.join("qemu-ga.debs");
+    let download = || -> Result<()> {
+        let _ = sh.remove_path(&debs);
+        sh.create_dir(&debs)?;
+        let packages = qemu_ga_packages(sh)?;
+        let _dir = sh.push_dir(&debs);
+        cmd!(sh, "apt-get download -q {packages...}").run()?;
+        Ok(())
+    };
+    if download().is_err() {
+        cmd!(sh, "apt-get update -q").run()?;
+        download().context("downloading qemu-guest-agent and its dependencies")?;
+    }
+    let tmp = cache.join("qemu-ga.tmp");
+    let _ = sh.remove_path(&tmp);
+    for deb in sh.read_dir(&debs)? {
+        if deb.extension().is_some_and(|e| e == "deb") {
+            cmd!(sh, "dpkg -x {deb} {tmp}").run()?;
+        }
+    }
+    sh.remove_path(&debs)?;
+    if !tmp.join(QEMU_GA).exists() {
+        bail!("no {QEMU_GA} in the unpacked {QEMU_GA_PACKAGE} package");
+    }
+    std::fs::rename(&tmp, &tree)?;
+    Ok(tree)
+}
+
+/// `qemu-guest-agent` and the packages it depends on, recursively, from `apt-cache depends`
+/// (real packages of this architecture only).
+fn qemu_ga_packages(sh: &Shell) -> Result<Vec<String>> {
+    let tree = cmd!(
+        sh,
+        "apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks
+            --no-replaces --no-enhances --no-pre-depends {QEMU_GA_PACKAGE}"
+    )
+    .read()?;
+    // Package names start a line; their dependencies are indented under them.
+    let packages: BTreeSet<String> = tree
+        .lines()
+        .filter(|l| !l.starts_with(char::is_whitespace))
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('<') && !l.contains(':'))
+        .map(str::to_owned)
+        .collect();
+    if !packages.contains(QEMU_GA_PACKAGE) {
+        bail!("apt-cache depends does not know {QEMU_GA_PACKAGE}");
+    }
+    Ok(packages.into_iter().collect())
+}
+
+/// `readelf` on `elf` with `option` (`-d`, `-l`), in the C locale so the output parses.
+fn readelf(sh: &Shell, option: &str, elf: &Path) -> Result<String> {
+    cmd!(sh, "readelf {option} {elf}")
+        .env("LC_ALL", "C")
+        .quiet()
+        .read()
+        .with_context(|| format!("readelf {option} {}", elf.display()))
+}
+
+/// The text between the first `[` and the next `]` of `line`.
+fn bracketed(line: &str) -> Option<&str> {
+    let (_, rest) = line.split_once('[')?;
+    rest.split_once(']').map(|(inside, _)| inside)
+}
+
+/// The sonames `elf` needs directly (its `DT_NEEDED` entries).
+fn needed(sh: &Shell, elf: &Path) -> Result<Vec<String>> {
+    Ok(readelf(sh, "-d", elf)?
+        .lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .filter_map(bracketed)
+        .map(str::to_owned)
+        .collect())
+}
+
+/// The program interpreter (`PT_INTERP`) of `elf`, such as `/lib64/ld-linux-x86-64.so.2`.
+fn interpreter(sh: &Shell, elf: &Path) -> Result<String> {
+    readelf(sh, "-l", elf)?
+        .lines()
+        .filter_map(bracketed)
+        .find_map(|b| b.strip_prefix("Requesting program interpreter: "))
+        .map(str::to_owned)
+        .with_context(|| format!("{} has no program interpreter", elf.display()))
+}
+
+/// `path` with its symlinks followed inside `root` (an absolute target is taken relative to
+/// `root`, as it would be in the guest, never on this machine).
+fn resolve_in(root: &Path, mut path: PathBuf) -> Result<PathBuf> {
+    for _ in 0..16 {
+        let meta = path
+            .symlink_metadata()
+            .with_context(|| format!("{} is missing", path.display()))?;
+        if !meta.file_type().is_symlink() {
+            return Ok(path);
+        }
+        let target = std::fs::read_link(&path)?;
+        path = match target.strip_prefix("/") {
+            Ok(inside) => root.join(inside),
+            Err(_) => path
+                .parent()
+                .context("symlink without a parent")?
+                .join(target),
+        };
+    }
+    bail!("too many levels of symlinks at {}", path.display())
+}
+
+/// The real file behind `soname` in the unpacked packages at `root`.
+fn find_library(root: &Path, soname: &str) -> Result<PathBuf> {
+    let path = LIB_SEARCH
+        .iter()
+        .map(|dir| root.join(dir).join(soname))
+        .find(|p| p.symlink_metadata().is_ok())
+        .with_context(|| {
+            format!(
+                "qemu-ga needs {soname}, which no unpacked package has (looked in {} under {})",
+                LIB_SEARCH.join(" and "),
+                root.display()
+            )
+        })?;
+    resolve_in(root, path)
+}
+
+/// Copies qemu-ga from the unpacked packages at `from` into the image tree `to`, with every
+/// library it loads (its `DT_NEEDED`, recursively) in [`LIB_DIR`] under its soname and its
+/// interpreter path linked to the loader there. Prints what was added.
+fn add_qemu_ga(sh: &Shell, from: &Path, to: &Path) -> Result<()> {
+    let exe = from.join(QEMU_GA);
+    sh.create_dir(to.join("usr/sbin"))?;
+    sh.create_dir(to.join(LIB_DIR))?;
+    sh.copy_file(&exe, to.join(QEMU_GA))?;
+    let interp = interpreter(sh, &exe)?;
+    let (interp_dir, loader) = interp
+        .rsplit_once('/')
+        .with_context(|| format!("interpreter `{interp}` is not a path"))?;
+
+    let mut queue = needed(sh, &exe)?;
+    queue.push(loader.to_owned());
+    let mut copied = BTreeSet::new();
+    let mut bytes = 0;
+    while let Some(soname) = queue.pop() {
+        if copied.contains(&soname) {
+            continue;
+        }
+        let file = find_library(from, &soname)?;
+        sh.copy_file(&file, to.join(LIB_DIR).join(&soname))?;
+        bytes += std::fs::metadata(&file)?.len();
+        queue.extend(needed(sh, &file)?);
+        copied.insert(soname);
+    }
+
+    // The interpreter path (Debian: /lib64/ld-linux-x86-64.so.2) links to the loader, as on
+    // Debian itself.
+    let interp_dir = interp_dir.trim_start_matches('/');
+    if interp_dir != LIB_DIR {
+        let link = to.join(interp_dir).join(loader);
+        sh.create_dir(to.join(interp_dir))?;
+        let up = "../".repeat(interp_dir.split('/').filter(|c| !c.is_empty()).count());
+        std::os::unix::fs::symlink(format!("{up}{LIB_DIR}/{loader}"), &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    println!(
+        "qemu-ga: {} KiB, {} libraries {} KiB ({})",
+        std::fs::metadata(&exe)?.len() / 1024,
+        copied.len(),
+        bytes / 1024,
+        copied.into_iter().collect::<Vec<_>>().join(" ")
+    );
+    Ok(())
+}
+
+/// Builds the test image into `target/vm/`.
 pub(crate) fn build(sh: &Shell) -> Result<Image> {
-    step("VM image");
+    build_flavour(sh, Flavour::Test)
+}
+
+/// Builds the bench image into `target/vm-bench/`: the test image plus qemu-ga, its
+/// libraries and the virtio console modules. The initramfs tree stays in `root/`.
+pub(crate) fn build_bench(sh: &Shell) -> Result<Image> {
+    build_flavour(sh, Flavour::Bench)
+}
+
+fn build_flavour(sh: &Shell, flavour: Flavour) -> Result<Image> {
+    step(match flavour {
+        Flavour::Test => "VM image",
+        Flavour::Bench => "VM image (bench: with qemu-ga)",
+    });
     ensure_tools(sh)?;
+    if flavour == Flavour::Bench {
+        ensure(sh, BENCH_TOOLS)?;
+    }
     let root = crate::project_root();
     let cache = root.join("target/vm-cache");
     let kernel = kernel_tree(sh, &cache)?;
+    let qemu_ga = match flavour {
+        Flavour::Test => None,
+        Flavour::Bench => Some(qemu_ga_tree(sh, &cache)?),
+    };
     cmd!(
         sh,
         "cargo build --locked -p agent-linux --profile agent --target {MUSL}"
@@ -145,7 +411,7 @@ pub(crate) fn build(sh: &Shell) -> Result<Image> {
     .run()?;
     let agent = root.join("target").join(MUSL).join("agent/portless-agent");
 
-    let out = root.join("target/vm");
+    let out = root.join(flavour.dir());
     let tree = out.join("root");
     let _ = sh.remove_path(&tree);
     for d in [
@@ -176,10 +442,14 @@ pub(crate) fn build(sh: &Shell) -> Result<Image> {
         .into_iter()
         .next()
         .context("no modules in the kernel package")?;
-    for m in MODULES {
+    let module_list = flavour.modules();
+    for m in &module_list {
         let src = modules.join(m);
         let name = src.file_name().context("module name")?;
         sh.copy_file(&src, tree.join("lib/modules").join(name))?;
+    }
+    if let Some(qemu_ga) = &qemu_ga {
+        add_qemu_ga(sh, qemu_ga, &tree)?;
     }
     let vmlinuz = sh
         .read_dir(kernel.join("boot"))?
@@ -207,12 +477,16 @@ pub(crate) fn build(sh: &Shell) -> Result<Image> {
     let gz = cmd!(sh, "gzip -6").stdin(archive).output()?.stdout;
     std::fs::write(out.join("initrd.gz"), &gz)?;
     let kernel_size = std::fs::metadata(out.join("vmlinuz"))?.len();
+    let agents = match flavour {
+        Flavour::Test => "portless-agent",
+        Flavour::Bench => "portless-agent, qemu-ga",
+    };
     println!(
-        "image: {} (kernel {} KiB, initramfs {} KiB: busybox, portless-agent, {} modules)",
+        "image: {} (kernel {} KiB, initramfs {} KiB: busybox, {agents}, {} modules)",
         out.display(),
         kernel_size / 1024,
         gz.len() / 1024,
-        MODULES.len()
+        module_list.len()
     );
     Ok(Image { dir: out })
 }

@@ -27,7 +27,9 @@ commands:
   loopback [--vms N] [--dir DIR]
                          run `portless serve` and N agents over shared files on this
                          machine (default 2, in target/loopback) until Ctrl-C
-  image                  build the VM test image (kernel and initramfs) into target/vm
+  image [--bench]        build the VM test image (kernel and initramfs) into target/vm;
+                         --bench builds the benchmark's image, which adds the QEMU guest
+                         agent (qemu-ga) and its virtio-serial port, into target/vm-bench
   footprint              build the static portless-agent, print its size and resident
                          memory idle and streaming, check the targets
   help                   this text
@@ -43,7 +45,11 @@ fn main() -> Result<()> {
         "test" => test::run(&sh, &test::Options::parse(&rest)?),
         "fuzz" => fuzz::run(&sh, parse_seconds(&rest, 30)?),
         "footprint" => footprint::run(&sh),
-        "image" => image::build(&sh).map(|_| ()),
+        "image" => match rest.as_slice() {
+            [] => image::build(&sh).map(|_| ()),
+            [flag] if flag == "--bench" => image::build_bench(&sh).map(|_| ()),
+            _ => bail!("unexpected arguments {rest:?} (expected nothing or `--bench`)"),
+        },
         "run" => run::run(&sh, &run::Options::parse(&rest)?),
         "loopback" => loopback::run(&sh, &loopback::Options::parse(&rest)?),
         "help" | "--help" | "-h" => {

@@ -1,0 +1,413 @@
+//! The figures of one run: statistics of samples, each Portless figure beside qemu-ga's with
+//! their ratio and target, `summary.json`, and the results section of BENCHMARKS.md.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use serde_json::Value;
+
+/// Minimum, median, 99th percentile and maximum of some samples.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub(crate) struct Stats {
+    /// How many samples.
+    pub(crate) samples: usize,
+    /// The smallest.
+    pub(crate) min: f64,
+    /// The median (the mean of the middle two for an even count).
+    pub(crate) median: f64,
+    /// The 99th percentile (nearest rank).
+    pub(crate) p99: f64,
+    /// The largest.
+    pub(crate) max: f64,
+}
+
+impl Stats {
+    /// The statistics of `samples`; `None` if there are none (non-finite ones are dropped).
+    pub(crate) fn of(samples: &[f64]) -> Option<Self> {
+        let mut s: Vec<f64> = samples.iter().copied().filter(|x| x.is_finite()).collect();
+        if s.is_empty() {
+            return None;
+        }
+        s.sort_by(f64::total_cmp);
+        let n = s.len();
+        let median = if n % 2 == 1 {
+            s[n / 2]
+        } else {
+            (s[n / 2 - 1] + s[n / 2]) / 2.0
+        };
+        // Nearest rank: the smallest sample with at least 99% of the samples at or below it.
+        let rank = (n * 99).div_ceil(100).max(1);
+        Some(Self {
+            samples: n,
+            min: s[0],
+            median,
+            p99: s[rank - 1],
+            max: s[n - 1],
+        })
+    }
+}
+
+/// One figure: Portless's value, qemu-ga's (when there is one to compare with), the ratio
+/// of the two (Portless / qemu-ga, so lower is better) and the target ratio.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Figure {
+    /// A stable key for tools.
+    pub(crate) key: String,
+    /// What it measures.
+    pub(crate) label: String,
+    /// The unit of the values (`us`, `ms`, `KiB`, `s`, `ms CPU`, ...).
+    pub(crate) unit: String,
+    /// Portless's value: a number, or `Stats` for a latency distribution.
+    pub(crate) portless: Value,
+    /// qemu-ga's value, in the same form.
+    pub(crate) qemu_ga: Option<Value>,
+    /// Portless / qemu-ga (of the medians for distributions).
+    pub(crate) ratio: Option<f64>,
+    /// The ratio Portless must stay at or under.
+    pub(crate) target: Option<f64>,
+    /// Whether the target was met.
+    pub(crate) met: Option<bool>,
+    /// Anything a reader needs to read the figure right.
+    pub(crate) note: Option<String>,
+}
+
+impl Figure {
+    /// A latency figure from samples in microseconds.
+    pub(crate) fn latency(
+        key: &str,
+        label: &str,
+        portless: &[f64],
+        qemu_ga: Option<&[f64]>,
+        target: Option<f64>,
+    ) -> Result<Self> {
+        let p = Stats::of(portless).with_context(|| format!("{key}: no Portless samples"))?;
+        let q = match qemu_ga {
+            Some(q) => Some(Stats::of(q).with_context(|| format!("{key}: no qemu-ga samples"))?),
+            None => None,
+        };
+        Ok(Self::compare(
+            key,
+            label,
+            "us",
+            p.median,
+            q.map(|q| q.median),
+            target,
+            serde_json::to_value(p)?,
+            q.map(serde_json::to_value).transpose()?,
+        ))
+    }
+
+    /// A single-valued figure.
+    pub(crate) fn amount(
+        key: &str,
+        label: &str,
+        unit: &str,
+        portless: f64,
+        qemu_ga: Option<f64>,
+        target: Option<f64>,
+    ) -> Self {
+        Self::compare(
+            key,
+            label,
+            unit,
+            portless,
+            qemu_ga,
+            target,
+            Value::from(round(portless)),
+            qemu_ga.map(|q| Value::from(round(q))),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn compare(
+        key: &str,
+        label: &str,
+        unit: &str,
+        p: f64,
+        q: Option<f64>,
+        target: Option<f64>,
+        portless: Value,
+        qemu_ga: Option<Value>,
+    ) -> Self {
+        let ratio = q.filter(|q| *q > 0.0).map(|q| p / q);
+        Self {
+            key: key.to_owned(),
+            label: label.to_owned(),
+            unit: unit.to_owned(),
+            portless,
+            qemu_ga,
+            ratio: ratio.map(|r| (r * 10_000.0).round() / 10_000.0),
+            target,
+            met: ratio.zip(target).map(|(r, t)| r <= t),
+            note: None,
+        }
+    }
+
+    /// Adds a note.
+    pub(crate) fn with_note(mut self, note: impl Into<String>) -> Self {
+        self.note = Some(note.into());
+        self
+    }
+}
+
+fn round(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Everything one run measured.
+#[derive(Debug, Serialize)]
+pub(crate) struct Summary {
+    /// When the run ended (UTC, RFC 3339).
+    pub(crate) generated: String,
+    /// The command that produced it.
+    pub(crate) command: String,
+    /// The accelerator every VM ran with.
+    pub(crate) accelerator: String,
+    /// The machine: CPU model, CPUs, kernel.
+    pub(crate) host: Value,
+    /// `qemu-system-x86_64 --version`.
+    pub(crate) qemu: String,
+    /// qemu-ga's version, as it reports it.
+    pub(crate) qemu_ga: String,
+    /// The figures.
+    pub(crate) figures: Vec<Figure>,
+}
+
+impl Summary {
+    /// Writes `summary.json` into `dir`.
+    pub(crate) fn write_json(&self, dir: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        std::fs::write(dir.join("summary.json"), text + "\n")?;
+        Ok(())
+    }
+
+    /// The results as a Markdown table with a heading line.
+    pub(crate) fn markdown(&self, plot: &str) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "Measured {} with `{}` on {} ({} accelerator), {}; qemu-ga {}.\n",
+            self.generated,
+            self.command,
+            self.host["description"].as_str().unwrap_or("this machine"),
+            self.accelerator,
+            self.qemu,
+            self.qemu_ga
+        );
+        s.push_str("| Figure | Portless | qemu-ga | Portless / qemu-ga | Target | |\n");
+        s.push_str("|---|---:|---:|---:|---:|---|\n");
+        for f in &self.figures {
+            let verdict = match f.met {
+                Some(true) => "met",
+                Some(false) => "**missed**",
+                None => "",
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} |",
+                f.label,
+                show(&f.portless, &f.unit),
+                f.qemu_ga
+                    .as_ref()
+                    .map_or_else(|| "".to_owned(), |q| show(q, &f.unit)),
+                f.ratio.map_or_else(String::new, show_ratio),
+                f.target
+                    .map_or_else(String::new, |t| format!("≤ {}", show_ratio(t))),
+                verdict
+            );
+        }
+        let notes: Vec<&Figure> = self.figures.iter().filter(|f| f.note.is_some()).collect();
+        if !notes.is_empty() {
+            s.push('\n');
+            for f in notes {
+                let _ = writeln!(s, "- {}: {}", f.label, f.note.as_deref().unwrap_or(""));
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\nLatencies are medians, with min and p99 below them; ratios are of medians. \
+             The distributions:\n\n![Latency distributions]({plot})"
+        );
+        s
+    }
+
+    /// One line per compared figure, for the README.
+    pub(crate) fn ratios(&self) -> String {
+        let mut s = String::new();
+        for f in self.figures.iter().filter(|f| f.ratio.is_some()) {
+            let r = f.ratio.unwrap_or(0.0);
+            let factor = if r > 0.0 {
+                format!(" ({:.1}x)", 1.0 / r)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                s,
+                "- {}: {} of qemu-ga's{factor}{}",
+                f.label,
+                show_ratio(r),
+                match f.met {
+                    Some(true) => ", target met",
+                    Some(false) => ", **target missed**",
+                    None => "",
+                }
+            );
+        }
+        s
+    }
+}
+
+/// A value for the table: a distribution as "median (min-p99)", a number with its unit.
+fn show(v: &Value, unit: &str) -> String {
+    if let Some(median) = v.get("median").and_then(Value::as_f64) {
+        let min = v["min"].as_f64().unwrap_or(0.0);
+        let p99 = v["p99"].as_f64().unwrap_or(0.0);
+        return format!(
+            "{}<br><sub>{} – {}</sub>",
+            micros(median),
+            micros(min),
+            micros(p99)
+        );
+    }
+    match v.as_f64() {
+        Some(x) => format!("{} {unit}", number(x)),
+        None => v.to_string(),
+    }
+}
+
+/// A time in microseconds, in the unit that reads best.
+pub(crate) fn micros(us: f64) -> String {
+    if us < 1_000.0 {
+        format!("{} us", number(us))
+    } else if us < 1_000_000.0 {
+        format!("{} ms", number(us / 1_000.0))
+    } else {
+        format!("{} s", number(us / 1_000_000.0))
+    }
+}
+
+/// Three significant digits, thousands separated.
+fn number(x: f64) -> String {
+    let digits = if x.abs() >= 100.0 {
+        0
+    } else if x.abs() >= 10.0 {
+        1
+    } else {
+        2
+    };
+    let text = format!("{x:.digits$}");
+    let (int, frac) = text.split_once('.').unwrap_or((&text, ""));
+    let (sign, int) = int.strip_prefix('-').map_or(("", int), |i| ("-", i));
+    let mut grouped = String::new();
+    for (i, c) in int.chars().enumerate() {
+        if i > 0 && (int.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    if frac.is_empty() {
+        format!("{sign}{grouped}")
+    } else {
+        format!("{sign}{grouped}.{frac}")
+    }
+}
+
+/// A ratio: "1/37" below one half, else a decimal.
+fn show_ratio(r: f64) -> String {
+    if r > 0.0 && r < 0.5 {
+        format!("1/{:.0}", 1.0 / r)
+    } else {
+        format!("{r:.2}")
+    }
+}
+
+/// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in `path`.
+pub(crate) fn replace_section(path: &Path, name: &str, body: &str) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let begin = format!("<!-- {name}:begin -->");
+    let end = format!("<!-- {name}:end -->");
+    let (Some(b), Some(e)) = (text.find(&begin), text.find(&end)) else {
+        bail!("{} has no `{begin}` ... `{end}` section", path.display());
+    };
+    if e < b {
+        bail!("{}: `{end}` comes before `{begin}`", path.display());
+    }
+    let new = format!(
+        "{}{begin}\n{}{}",
+        &text[..b],
+        body.trim_end().to_owned() + "\n",
+        &text[e..]
+    );
+    std::fs::write(path, new)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statistics_of_samples() {
+        let s = Stats::of(&[5.0, 1.0, 3.0, f64::NAN]).expect("samples");
+        assert_eq!((s.samples, s.min, s.median, s.max), (3, 1.0, 3.0, 5.0));
+        assert_eq!(s.p99, 5.0);
+        let s = Stats::of(&[4.0, 1.0, 3.0, 2.0]).expect("samples");
+        assert_eq!(s.median, 2.5);
+        let hundred: Vec<f64> = (1..=200).map(f64::from).collect();
+        assert_eq!(Stats::of(&hundred).expect("samples").p99, 198.0);
+        assert_eq!(Stats::of(&[]), None);
+        assert_eq!(Stats::of(&[f64::INFINITY]), None);
+    }
+
+    #[test]
+    fn figures_compare_medians_against_the_target() {
+        let f = Figure::latency(
+            "k",
+            "K",
+            &[10.0, 20.0, 30.0],
+            Some(&[100.0, 200.0]),
+            Some(0.25),
+        )
+        .expect("figure");
+        assert_eq!(
+            f.ratio,
+            Some(20.0 / 150.0_f64).map(|r| (r * 1e4).round() / 1e4)
+        );
+        assert_eq!(f.met, Some(true));
+        let f = Figure::amount("k", "K", "KiB", 600.0, Some(1000.0), Some(0.2));
+        assert_eq!((f.ratio, f.met), (Some(0.6), Some(false)));
+        let f = Figure::amount("k", "K", "ms", 3.0, None, None);
+        assert_eq!((f.ratio, f.met), (None, None));
+        assert!(Figure::latency("k", "K", &[], None, None).is_err());
+    }
+
+    #[test]
+    fn numbers_read_well() {
+        assert_eq!(micros(4.123), "4.12 us");
+        assert_eq!(micros(523.4), "523 us");
+        assert_eq!(micros(12_345.0), "12.3 ms");
+        assert_eq!(micros(2_500_000.0), "2.50 s");
+        assert_eq!(number(1_234_567.0), "1,234,567");
+        assert_eq!(number(-1234.0), "-1,234");
+        assert_eq!(show_ratio(0.02), "1/50");
+        assert_eq!(show_ratio(0.75), "0.75");
+    }
+
+    #[test]
+    fn sections_are_replaced_in_place() {
+        let dir = std::env::temp_dir().join(format!("vm-bench-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("doc.md");
+        std::fs::write(&path, "head\n<!-- x:begin -->\nold\n<!-- x:end -->\ntail\n").expect("w");
+        replace_section(&path, "x", "new\n\n").expect("replace");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            "head\n<!-- x:begin -->\nnew\n<!-- x:end -->\ntail\n"
+        );
+        assert!(replace_section(&path, "y", "z").is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
