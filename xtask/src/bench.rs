@@ -18,6 +18,14 @@ pub(crate) struct Options {
 }
 
 impl Options {
+    /// `--quick` with the accelerator chosen as usual.
+    pub(crate) fn quick() -> Self {
+        Self {
+            quick: true,
+            accel: None,
+        }
+    }
+
     pub(crate) fn parse(args: &[String]) -> Result<Self> {
         let mut o = Self {
             quick: false,

@@ -1,7 +1,8 @@
-//! `cargo xtask`: the one entry point for automation (checks, tests, fuzzing; later images,
-//! VMs and benches). Run `cargo xtask help` for the list.
+//! `cargo xtask`: the one entry point for automation (checks, tests, fuzzing, images, VMs,
+//! benches). Run `cargo xtask help` for the list.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod footprint;
 mod fuzz;
 mod image;
@@ -18,15 +19,20 @@ cargo xtask <command> [options]
 
 commands:
   test [--quick]         everything CI checks: fmt, clippy -D warnings, all tests, the no_std
-                         build for thumbv7em-none-eabihf, the loom model, miri (when a nightly
-                         toolchain with miri is installed) and a short fuzz run (--quick
-                         skips loom, miri and fuzzing)
+                         build for thumbv7em-none-eabihf, the VM tests, `run`, `bench --quick`,
+                         the loom model, miri (when a nightly toolchain with miri is
+                         installed) and a short fuzz run (--quick skips run, bench, loom,
+                         miri and fuzzing)
   fuzz [--seconds N]     run every fuzz target for N seconds each (default 30)
   run [--keep]           boot two VMs (interrupts and polling) with `portless serve` and
                          tour the CLI; --keep leaves them up to try by hand
   loopback [--vms N] [--dir DIR]
                          run `portless serve` and N agents over shared files on this
                          machine (default 2, in target/loopback) until Ctrl-C
+  bench [--quick] [--accel auto|kvm|tcg]
+                         Portless against the QEMU guest agent in real VMs, side by side:
+                         writes target/bench/summary.json and (not with --quick) the results
+                         in BENCHMARKS.md and README.md; see BENCHMARKS.md
   image [--bench]        build the VM test image (kernel and initramfs) into target/vm;
                          --bench builds the benchmark's image, which adds the QEMU guest
                          agent (qemu-ga) and its virtio-serial port, into target/vm-bench
@@ -51,6 +57,7 @@ fn main() -> Result<()> {
             _ => bail!("unexpected arguments {rest:?} (expected nothing or `--bench`)"),
         },
         "run" => run::run(&sh, &run::Options::parse(&rest)?),
+        "bench" => bench::run(&sh, &bench::Options::parse(&rest)?),
         "loopback" => loopback::run(&sh, &loopback::Options::parse(&rest)?),
         "help" | "--help" | "-h" => {
             print!("{HELP}");

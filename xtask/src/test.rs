@@ -100,6 +100,11 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
     }
 
     if !opts.quick {
+        step("cargo xtask bench --quick: every measurement against qemu-ga works");
+        crate::bench::run(sh, &crate::bench::Options::quick())?;
+    }
+
+    if !opts.quick {
         step("loom model of the notify/sleep race");
         let _flags = sh.push_env("RUSTFLAGS", "--cfg loom");
         let _dir = sh.push_env("CARGO_TARGET_DIR", "target/loom");

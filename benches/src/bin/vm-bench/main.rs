@@ -51,13 +51,6 @@ const PATTERN: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRS
 /// The program behind the `bytes` command, run the same way through qemu-ga.
 const BYTES_SCRIPT: &str =
     "yes 0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ | head -c \"$0\"";
-/// Runs of /bin/true in the spawn-floor loop.
-const SPAWN_FLOOR_RUNS: u32 = 200;
-/// Prints the mean time, in microseconds, busybox sh takes to run /bin/true (timed with
-/// /proc/uptime's centiseconds, over enough runs for that to be precise).
-const SPAWN_FLOOR_SCRIPT: &str = "read a x < /proc/uptime; i=0; while [ $i -lt 200 ]; do \
-     /bin/true; i=$((i+1)); done; read b x < /proc/uptime; \
-     echo $(( (${b%.*}${b#*.} - ${a%.*}${a#*.}) * 10000 / 200 ))";
 /// Time allowed from QEMU start to an agent's first answer, per accelerator.
 const BOOT_LIMIT_KVM: Duration = Duration::from_secs(15);
 const BOOT_LIMIT_TCG: Duration = Duration::from_secs(180);
@@ -477,10 +470,12 @@ fn single_vm(
     // /bin/true to final status.
     let (mut p, mut q) = (Vec::new(), Vec::new());
     let mut polls = 0;
+    let mut life_ms = 0;
     for _ in 0..counts.execs {
         let t = Instant::now();
-        host.run_ok("true", &[])?;
+        let run = host.run_ok("true", &[])?;
         p.push(us(t.elapsed()));
+        life_ms += run.finished.duration_ms;
         let t = Instant::now();
         let run = qga.run("/bin/true", &[])?;
         q.push(us(t.elapsed()));
@@ -499,29 +494,11 @@ fn single_vm(
         )?
         .with_note(format!(
             "Portless: exec, then the agent's exit message; qemu-ga: guest-exec, then \
-             guest-exec-status back to back ({:.1} calls per run on average)",
-            f64::from(polls) / counts.execs as f64
-        )),
-    );
-    // What any agent pays at least: the guest's own fork, exec and wait of /bin/true, timed
-    // inside the guest by busybox sh.
-    let floor = qga.run("/bin/sh", &["-c", SPAWN_FLOOR_SCRIPT])?;
-    let floor_us: f64 = String::from_utf8_lossy(&floor.stdout)
-        .trim()
-        .parse()
-        .with_context(|| format!("spawn floor: {:?}", String::from_utf8_lossy(&floor.stdout)))?;
-    results.figures.push(
-        Figure::amount(
-            &format!("guest_spawn_floor_{mode}"),
-            &format!("The guest's own fork + exec + wait of /bin/true ({mode})"),
-            "ms",
-            floor_us / 1e3,
-            None,
-            None,
-        )
-        .with_note(format!(
-            "busybox sh running /bin/true {SPAWN_FLOOR_RUNS} times in a loop, timed in the \
-             guest: a floor under both agents' /bin/true figure"
+             guest-exec-status back to back ({:.1} calls per run on average). Of Portless's \
+             time, the process's own life (started to reaped, by the agent's millisecond \
+             clock) is {:.1} ms on average: a cost any agent pays",
+            f64::from(polls) / counts.execs as f64,
+            life_ms as f64 / counts.execs as f64
         )),
     );
     results.samples.insert(format!("portless_true_{mode}"), p);
@@ -535,10 +512,12 @@ fn single_vm(
         let expected = pattern(size);
         let count = size.to_string();
         let (mut p, mut q) = (Vec::new(), Vec::new());
+        let mut life_ms = 0;
         for _ in 0..n {
             let t = Instant::now();
             let run = host.run_ok("bytes", &[&count])?;
             p.push(us(t.elapsed()));
+            life_ms += run.finished.duration_ms;
             check_bytes("Portless", label, &run.stdout, &expected)?;
             let t = Instant::now();
             let run = qga.run("/bin/sh", &["-c", BYTES_SCRIPT, &count])?;
@@ -551,13 +530,20 @@ fn single_vm(
             check_bytes(who, label, &run.stdout, &expected)?;
         }
         let key = label.replace(' ', "").to_lowercase();
-        results.figures.push(Figure::latency(
-            &format!("output_{key}_{mode}"),
-            &format!("{label} of output, all of it at the host ({mode})"),
-            &p,
-            Some(&q),
-            target,
-        )?);
+        results.figures.push(
+            Figure::latency(
+                &format!("output_{key}_{mode}"),
+                &format!("{label} of output, all of it at the host ({mode})"),
+                &p,
+                Some(&q),
+                target,
+            )?
+            .with_note(format!(
+                "`sh -c 'yes ... | head -c N'` (three processes); its own life in the guest \
+                 (the agent's clock) is {:.1} ms on average of Portless's time",
+                life_ms as f64 / n as f64
+            )),
+        );
     }
 
     let rss_after = rss(&mut host)?;
@@ -603,7 +589,10 @@ fn single_vm(
 
 /// A file in `/dev/shm` private to this run.
 fn shm_file(name: &str) -> PathBuf {
-    PathBuf::from(format!("/dev/shm/portless-bench-{}-{name}", std::process::id()))
+    PathBuf::from(format!(
+        "/dev/shm/portless-bench-{}-{name}",
+        std::process::id()
+    ))
 }
 
 impl Cpu {

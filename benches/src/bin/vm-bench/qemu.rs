@@ -96,7 +96,10 @@ impl Vm {
                     file.display()
                 );
                 c.args(["-object", &mem, "-device", "ivshmem-plain,memdev=m"]);
-                c.args(["-append", "console=ttyS0 quiet agent_log=kmsg agent_args=--wakeup,poll"]);
+                c.args([
+                    "-append",
+                    "console=ttyS0 quiet agent_log=kmsg agent_args=--wakeup,poll",
+                ]);
             }
         }
         let chardev = format!("socket,id=qga,path={},server=on,wait=off", qga.display());
