@@ -17,6 +17,8 @@ use crate::{Options, sys};
 
 /// How often the agent bumps its heartbeat and re-checks its session while idle.
 const TICK_MS: u64 = 1000;
+/// How often a busy agent (one that has not slept) looks for signals.
+const SIGNAL_CHECK_MS: u64 = 10;
 /// How long the agent spins on the channel after activity before it sleeps.
 const SPIN_NS: u64 = 50_000;
 /// How often the agent looks for the region while no host has set it up.
@@ -254,16 +256,25 @@ impl Runner<'_> {
         let mut sleep_ns = 0u64;
         let cap_ns = self.opts.poll_max_us * 1000;
         let mut pending_announce = false;
+        // Signals are read after every sleep (the signalfd is among the descriptors it
+        // watches) and, while busy, every SIGNAL_CHECK_MS: not on every pass, which would
+        // add a system call to every request's path.
+        let mut signals_due = true;
+        let mut signals_checked = 0u64;
         loop {
-            match self.signals.take() {
-                SignalAction::Stop => return SessionEnd::Stop,
-                SignalAction::Reload => {
-                    let before = self.agent.config_revision();
-                    self.reload();
-                    pending_announce |= self.agent.config_revision() != before;
+            if signals_due || sys::now_ms().saturating_sub(signals_checked) >= SIGNAL_CHECK_MS {
+                signals_due = false;
+                signals_checked = sys::now_ms();
+                match self.signals.take() {
+                    SignalAction::Stop => return SessionEnd::Stop,
+                    SignalAction::Reload => {
+                        let before = self.agent.config_revision();
+                        self.reload();
+                        pending_announce |= self.agent.config_revision() != before;
+                    }
+                    SignalAction::Report => self.report(),
+                    SignalAction::None => {}
                 }
-                SignalAction::Report => self.report(),
-                SignalAction::None => {}
             }
             if ep.check_session(mem).is_err() {
                 self.platform
@@ -358,6 +369,7 @@ impl Runner<'_> {
                     timeout_ns = timeout_ns.min(sleep_ns);
                 }
                 sys::poll(fds.get_mut(..n).unwrap_or_default(), Some(timeout_ns));
+                signals_due = true;
                 channel.take_interrupts();
                 sleep_ns = (sleep_ns * 2).min(cap_ns);
             }

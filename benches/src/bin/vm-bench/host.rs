@@ -4,8 +4,8 @@
 //!
 //! With interrupts the host sleeps on the eventfd the guest's doorbell makes readable and
 //! rings the guest when notification suppression asks for it; when polling, the host spins
-//! on the ring while it waits for an answer, and looks at it every [`IDLE_POLL`] while idle
-//! (as `portless serve` does).
+//! on the ring for [`SPIN`] while it waits for an answer, then naps [`NAP`] between looks,
+//! and looks every [`IDLE_POLL`] while idle (as `portless serve` does).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -20,6 +20,11 @@ use ring_protocol::{FrameBuf, HostEndpoint, SendError, SharedMemory, frame_buf};
 
 use crate::qemu::{REGION, Wakeup};
 
+/// How long a polling host spins for an answer before it naps between looks: long enough
+/// for a no-op's answer, short enough not to take a core from QEMU during a command.
+const SPIN: Duration = Duration::from_micros(100);
+/// A polling host's nap between looks after [`SPIN`].
+const NAP: Duration = Duration::from_micros(20);
 /// How often an idle polling host looks at the ring (`portless serve` after 1 s of quiet).
 pub(crate) const IDLE_POLL: Duration = Duration::from_millis(10);
 /// How long a single answer may take before the bench gives up.
@@ -146,12 +151,16 @@ impl Host {
                 ep.end_wait(mem);
             }
             Link::File(region) => {
-                let until = Instant::now() + limit;
+                let start = Instant::now();
                 while !ep.has_incoming(region)
                     && tx_needed.is_none_or(|n| ep.tx_free(region).is_ok_and(|f| f < n))
-                    && Instant::now() < until
+                    && start.elapsed() < limit
                 {
-                    std::hint::spin_loop();
+                    if start.elapsed() < SPIN {
+                        std::hint::spin_loop();
+                    } else {
+                        std::thread::sleep(NAP);
+                    }
                 }
             }
         }

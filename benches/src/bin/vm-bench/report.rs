@@ -314,10 +314,12 @@ fn number(x: f64) -> String {
     }
 }
 
-/// A ratio: "1/37" below one half, else a decimal.
+/// A ratio: "1/37" or "1/2.7" below one half, else a decimal.
 fn show_ratio(r: f64) -> String {
-    if r > 0.0 && r < 0.5 {
+    if r > 0.0 && r < 0.1 {
         format!("1/{:.0}", 1.0 / r)
+    } else if r > 0.0 && r < 0.5 {
+        format!("1/{:.1}", 1.0 / r)
     } else {
         format!("{r:.2}")
     }
@@ -394,6 +396,7 @@ mod tests {
         assert_eq!(number(-1234.0), "-1,234");
         assert_eq!(show_ratio(0.02), "1/50");
         assert_eq!(show_ratio(0.75), "0.75");
+        assert_eq!(show_ratio(0.375), "1/2.7");
     }
 
     #[test]
