@@ -348,6 +348,10 @@ impl<P: Platform> Agent<P> {
         platform: &mut P,
         act: &mut Activity,
     ) -> Result<(), ChannelError> {
+        // Most polls find nothing: do not clear a frame-sized buffer for them.
+        if self.listing.is_some() || !ep.has_incoming(mem) {
+            return Ok(());
+        }
         let mut buf = ring_protocol::frame_buf();
         for _ in 0..MAX_REQUESTS_PER_POLL {
             if self.listing.is_some() {

@@ -460,6 +460,12 @@ fn single_vm(
         Some(&q),
         (wakeup == Wakeup::Interrupts).then_some(0.25),
     )?;
+    results
+        .samples
+        .insert(format!("portless_ping_after_idle_{mode}"), p);
+    results
+        .samples
+        .insert(format!("qemu_ga_ping_after_idle_{mode}"), q);
     if wakeup == Wakeup::Polling {
         fig = fig.with_note(
             "an idle polling agent has backed off to sleeps of up to 1 ms (--poll-max-us)",
@@ -501,6 +507,13 @@ fn single_vm(
             life_ms as f64 / counts.execs as f64
         )),
     );
+    results.figures.push(overhead(
+        &format!("bin_true_overhead_{mode}"),
+        &format!("/bin/true: the agent's part, beyond the process's own life ({mode})"),
+        &p,
+        &q,
+        life_ms as f64 / counts.execs as f64,
+    )?);
     results.samples.insert(format!("portless_true_{mode}"), p);
     results.samples.insert(format!("qemu_ga_true_{mode}"), q);
 
@@ -544,6 +557,17 @@ fn single_vm(
                 life_ms as f64 / n as f64
             )),
         );
+        if target.is_some() {
+            results.figures.push(overhead(
+                &format!("output_{key}_overhead_{mode}"),
+                &format!(
+                    "{label} of output: the agent's part, beyond the processes' life ({mode})"
+                ),
+                &p,
+                &q,
+                life_ms as f64 / n as f64,
+            )?);
+        }
     }
 
     let rss_after = rss(&mut host)?;
@@ -560,23 +584,40 @@ fn single_vm(
 
     // Idle: what the mode costs while nobody asks anything.
     let ((), idle) = measure_cpu(&vm, || host.idle(counts.idle))?;
+    let secs = counts.idle.as_secs();
     results.figures.push(
         Figure::amount(
-            &format!("idle_cpu_{mode}"),
-            &format!(
-                "Host + QEMU CPU while idle {} s ({mode})",
-                counts.idle.as_secs()
-            ),
+            &format!("idle_host_cpu_{mode}"),
+            &format!("Host CPU while idle {secs} s ({mode})"),
             "ms",
-            (idle.host + idle.qemu).as_secs_f64() * 1e3,
+            idle.host.as_secs_f64() * 1e3,
             None,
             None,
         )
-        .with_note(format!(
-            "host {:.1} ms, QEMU {:.1} ms (the whole guest, qemu-ga idle in it too)",
-            idle.host.as_secs_f64() * 1e3,
-            idle.qemu.as_secs_f64() * 1e3
-        )),
+        .with_note(match wakeup {
+            Wakeup::Interrupts => "the host sleeps on the guest's doorbell",
+            Wakeup::Polling => "the host looks at the ring every 10 ms, as `portless serve` does",
+        }),
+    );
+    results.figures.push(
+        Figure::amount(
+            &format!("idle_qemu_cpu_{mode}"),
+            &format!("QEMU CPU while idle {secs} s ({mode})"),
+            "ms",
+            idle.qemu.as_secs_f64() * 1e3,
+            None,
+            None,
+        )
+        .with_note(match wakeup {
+            Wakeup::Interrupts => {
+                "the whole guest, with qemu-ga idle in it too; the agent sleeps until an \
+                 interrupt or its 1 s heartbeat"
+            }
+            Wakeup::Polling => {
+                "the whole guest, with qemu-ga idle in it too; the agent looks at the ring \
+                 every 1 ms (--poll-max-us)"
+            }
+        }),
     );
     // The guest's kernel log (with the agent's lines), for a look at where time went.
     let dmesg = qga.run("/bin/dmesg", &[])?;
@@ -607,6 +648,28 @@ impl Cpu {
         self.host += other.host;
         self.qemu += other.qemu;
     }
+}
+
+/// What an agent adds to a command beyond the command's own life in the guest: each side's
+/// median minus the mean life the Portless agent measured for the same program (the same
+/// program in the same guest lives as long under either agent).
+fn overhead(key: &str, label: &str, p: &[f64], q: &[f64], life_ms: f64) -> Result<Figure> {
+    let median = |s: &[f64]| report::Stats::of(s).map(|s| s.median / 1e3);
+    let (Some(pm), Some(qm)) = (median(p), median(q)) else {
+        bail!("{key}: no samples");
+    };
+    Ok(Figure::amount(
+        key,
+        label,
+        "ms",
+        (pm - life_ms).max(0.0),
+        Some((qm - life_ms).max(0.0)),
+        None,
+    )
+    .with_note(format!(
+        "each median minus the {life_ms:.1} ms the program itself lives (the Portless agent's \
+         mean, by its millisecond clock)"
+    )))
 }
 
 /// The agents' resident memory (portless-agent, qemu-ga) in KiB, from the image's
@@ -891,6 +954,14 @@ fn plot_series(samples: &BTreeMap<String, Vec<f64>>) -> Vec<Series> {
         ("portless_ping_polling", "Portless no-op, polling"),
         ("portless_ping_interrupts", "Portless no-op, interrupts"),
         ("qemu_ga_ping_interrupts", "qemu-ga guest-ping"),
+        (
+            "portless_ping_after_idle_interrupts",
+            "Portless no-op after 20 ms idle, interrupts",
+        ),
+        (
+            "qemu_ga_ping_after_idle_interrupts",
+            "qemu-ga guest-ping after 20 ms idle",
+        ),
         ("portless_true_interrupts", "Portless /bin/true, interrupts"),
         ("qemu_ga_true_interrupts", "qemu-ga /bin/true"),
     ]

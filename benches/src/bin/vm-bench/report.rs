@@ -218,9 +218,25 @@ impl Summary {
                 verdict
             );
         }
+        let targets: Vec<&Figure> = self.figures.iter().filter(|f| f.met.is_some()).collect();
+        if !targets.is_empty() {
+            let met = targets.iter().filter(|f| f.met == Some(true)).count();
+            let _ = writeln!(s, "\nTargets: {met} of {} met.", targets.len());
+            for f in targets.iter().filter(|f| f.met == Some(false)) {
+                let (r, t) = (f.ratio.unwrap_or(0.0), f.target.unwrap_or(0.0));
+                let _ = writeln!(
+                    s,
+                    "- missed: {}: {} against ≤ {} ({:.0}% over)",
+                    f.label,
+                    show_ratio(r),
+                    show_ratio(t),
+                    (r / t - 1.0) * 100.0
+                );
+            }
+        }
         let notes: Vec<&Figure> = self.figures.iter().filter(|f| f.note.is_some()).collect();
         if !notes.is_empty() {
-            s.push('\n');
+            s.push_str("\nNotes:\n\n");
             for f in notes {
                 let _ = writeln!(s, "- {}: {}", f.label, f.note.as_deref().unwrap_or(""));
             }
@@ -319,7 +335,12 @@ fn show_ratio(r: f64) -> String {
     if r > 0.0 && r < 0.1 {
         format!("1/{:.0}", 1.0 / r)
     } else if r > 0.0 && r < 0.5 {
-        format!("1/{:.1}", 1.0 / r)
+        let d = 1.0 / r;
+        if (d - d.round()).abs() < 0.05 {
+            format!("1/{d:.0}")
+        } else {
+            format!("1/{d:.1}")
+        }
     } else {
         format!("{r:.2}")
     }
@@ -397,6 +418,7 @@ mod tests {
         assert_eq!(show_ratio(0.02), "1/50");
         assert_eq!(show_ratio(0.75), "0.75");
         assert_eq!(show_ratio(0.375), "1/2.7");
+        assert_eq!(show_ratio(0.25), "1/4");
     }
 
     #[test]
