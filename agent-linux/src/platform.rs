@@ -1,4 +1,4 @@
-//! `agent_core::Platform` for Linux: fork/exec into process groups, non-blocking pipes,
+//! `agent_core::Platform` for Linux: clone/exec into process groups, non-blocking pipes,
 //! signals, the push staging file, and figures from /proc. No heap allocation after start-up.
 
 use std::ffi::CStr;

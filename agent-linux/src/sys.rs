@@ -165,7 +165,7 @@ pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 }
 
 /// NUL-terminated strings and the pointer arrays `execve` wants, built in fixed buffers
-/// before `fork` (the child may not allocate).
+/// before the child starts (the child may not allocate).
 pub(crate) struct ExecImage {
     bytes: [u8; Self::BYTES],
     used: usize,
@@ -280,8 +280,8 @@ struct ChildArgs {
 /// The child is made the way `posix_spawn` makes it: `clone(CLONE_VM | CLONE_VFORK)`, on a
 /// stack of its own inside this function's frame, sharing this process's memory until it
 /// `execve`s (this thread is suspended until then). Unlike `fork` it copies no page tables
-/// and makes neither side take copy-on-write faults, which under TCG made `fork` most of the
-/// cost of a short command.
+/// and makes neither side take copy-on-write faults, so starting a command costs the same
+/// whatever the agent's own size.
 pub(crate) fn spawn(image: &ExecImage, uid: Option<u32>, gid: Option<u32>) -> Result<Child, i32> {
     let io = |e: io::Error| e.raw_os_error().unwrap_or(libc::EIO);
     let (out_r, out_w) = pipe(true).map_err(io)?;
