@@ -325,6 +325,10 @@ impl<P: Platform> Agent<P> {
     /// then rings the host if `ep.take_kick` says so, and sleeps until a doorbell, a pipe, a
     /// child or `next_deadline`. A channel error means the channel must be reset; the
     /// executions carry on and their results are sent after the next attach.
+    ///
+    /// Requests are copied out of the ring into a frame-sized buffer on the stack, cleared
+    /// whenever one has come in; [`poll_with_buffer`](Self::poll_with_buffer) reuses one the
+    /// caller keeps instead.
     pub fn poll<M: SharedMemory + ?Sized>(
         &mut self,
         now: u64,
@@ -332,9 +336,43 @@ impl<P: Platform> Agent<P> {
         mem: &M,
         platform: &mut P,
     ) -> Result<Activity, ChannelError> {
+        // Most polls find no request: do not clear a frame-sized buffer for them. One that
+        // comes in just after this look is found by the caller's next look at the ring.
+        if self.listing.is_none() && ep.has_incoming(mem) {
+            let mut buf = ring_protocol::frame_buf();
+            self.poll_inner(now, ep, mem, platform, Some(&mut buf))
+        } else {
+            self.poll_inner(now, ep, mem, platform, None)
+        }
+    }
+
+    /// [`poll`](Self::poll), copying requests into `buf` (a [`ring_protocol::frame_buf`]
+    /// kept across calls), so that no call clears 8 KiB of stack: in an emulated guest that
+    /// costs more than handling a small request.
+    pub fn poll_with_buffer<M: SharedMemory + ?Sized>(
+        &mut self,
+        now: u64,
+        ep: &mut GuestEndpoint,
+        mem: &M,
+        platform: &mut P,
+        buf: &mut ring_protocol::FrameBuf,
+    ) -> Result<Activity, ChannelError> {
+        self.poll_inner(now, ep, mem, platform, Some(buf))
+    }
+
+    fn poll_inner<M: SharedMemory + ?Sized>(
+        &mut self,
+        now: u64,
+        ep: &mut GuestEndpoint,
+        mem: &M,
+        platform: &mut P,
+        buf: Option<&mut ring_protocol::FrameBuf>,
+    ) -> Result<Activity, ChannelError> {
         let mut act = Activity::default();
         self.continue_listing(ep, mem, &mut act)?;
-        self.take_requests(now, ep, mem, platform, &mut act)?;
+        if let Some(buf) = buf {
+            self.take_requests(now, ep, mem, platform, &mut act, buf)?;
+        }
         self.service_executions(now, ep, mem, platform, &mut act)?;
         act.running = self.running.len();
         Ok(act)
@@ -347,12 +385,8 @@ impl<P: Platform> Agent<P> {
         mem: &M,
         platform: &mut P,
         act: &mut Activity,
+        buf: &mut ring_protocol::FrameBuf,
     ) -> Result<(), ChannelError> {
-        // Most polls find nothing: do not clear a frame-sized buffer for them.
-        if self.listing.is_some() || !ep.has_incoming(mem) {
-            return Ok(());
-        }
-        let mut buf = ring_protocol::frame_buf();
         for _ in 0..MAX_REQUESTS_PER_POLL {
             if self.listing.is_some() {
                 return Ok(());
@@ -363,7 +397,7 @@ impl<P: Platform> Agent<P> {
                 }
                 return Ok(());
             }
-            let msg = match ep.recv(mem, &mut buf) {
+            let msg = match ep.recv(mem, buf) {
                 Ok(Some(msg)) => msg,
                 Ok(None) => return Ok(()),
                 Err(RecvError::Channel(e)) => return Err(e),

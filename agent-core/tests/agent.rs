@@ -297,6 +297,35 @@ fn ping_is_answered_with_its_nonce_without_a_hello() {
 }
 
 #[test]
+fn a_kept_request_buffer_with_stale_bytes_serves_like_a_fresh_one() {
+    let mut rig = Rig::standard();
+    rig.kept = Some(Box::new([0xa5; ring_protocol::MAX_PAYLOAD_LEN]));
+    rig.request(&HostToAgent::Ping { nonce: 7 });
+    rig.expect(&[AgentToHost::Pong { nonce: 7 }]);
+    // A long request, then a short one over what it left in the buffer.
+    let long = "x".repeat(2000);
+    rig.request(&exec_request(1, "greet", &[&long, "3", "loud"], None));
+    assert!(
+        matches!(
+            rig.recv_all().as_slice(),
+            [AgentToHost::Rejected { request_id: 1, .. }]
+        ),
+        "an over-long name is refused"
+    );
+    rig.exec(2, "greet", &["bob", "3", "loud"]);
+    assert_eq!(
+        rig.fake.spawns.last().map(|s| s.args.clone()),
+        Some(
+            ["--mode", "loud", "--", "bob", "3"]
+                .map(String::from)
+                .to_vec()
+        )
+    );
+    rig.request(&HostToAgent::Ping { nonce: 8 });
+    rig.expect(&[AgentToHost::Pong { nonce: 8 }]);
+}
+
+#[test]
 fn metrics_report_platform_figures_and_counters() {
     let mut rig = Rig::standard(); // frames out: the greeting
     rig.request(&HostToAgent::Ping { nonce: 1 }); // in 1, out 2

@@ -87,6 +87,8 @@ struct Runner<'o> {
     spare: Box<Config>,
     signals: Signals,
     generation: u32,
+    /// Where requests are copied out of the ring (kept, so no poll clears 8 KiB).
+    frame: Box<ring_protocol::FrameBuf>,
 }
 
 /// Runs until SIGTERM/SIGINT.
@@ -107,6 +109,7 @@ pub(crate) fn run(
         spare: Box::new(Config::new()),
         signals,
         generation,
+        frame: Box::new(ring_protocol::frame_buf()),
     };
     let channel = r.find_channel()?;
     let Some(channel) = channel else {
@@ -287,19 +290,23 @@ impl Runner<'_> {
                 pending_announce = false;
             }
             let now = sys::now_ms();
-            let activity = match self.agent.poll(now, ep, mem, &mut self.platform) {
-                Ok(a) => a,
-                Err(ChannelError::Detached) => return SessionEnd::Reattach,
-                Err(ChannelError::Ring(e)) => {
-                    self.platform.log_line(format_args!(
-                        "channel corrupt ({e}); asking the host to reset it"
-                    ));
-                    let refused = ep.clone().request_reset(mem);
-                    channel.ring_host();
-                    return SessionEnd::Corrupt(refused);
-                }
-                Err(_) => return SessionEnd::Reattach,
-            };
+            let activity =
+                match self
+                    .agent
+                    .poll_with_buffer(now, ep, mem, &mut self.platform, &mut self.frame)
+                {
+                    Ok(a) => a,
+                    Err(ChannelError::Detached) => return SessionEnd::Reattach,
+                    Err(ChannelError::Ring(e)) => {
+                        self.platform.log_line(format_args!(
+                            "channel corrupt ({e}); asking the host to reset it"
+                        ));
+                        let refused = ep.clone().request_reset(mem);
+                        channel.ring_host();
+                        return SessionEnd::Corrupt(refused);
+                    }
+                    Err(_) => return SessionEnd::Reattach,
+                };
             if now >= next_tick {
                 ep.beat(mem);
                 next_tick = now + TICK_MS;

@@ -503,6 +503,8 @@ pub struct Rig {
     /// The fake clock, in ms.
     pub now: u64,
     buf: Box<FrameBuf>,
+    /// A request buffer kept across polls (`Agent::poll_with_buffer`), if set; else `poll`.
+    pub kept: Option<Box<FrameBuf>>,
 }
 
 impl Rig {
@@ -523,6 +525,7 @@ impl Rig {
             fake: FakePlatform::new(),
             now: T0,
             buf: Box::new(frame_buf()),
+            kept: None,
         }
     }
 
@@ -557,9 +560,19 @@ impl Rig {
 
     /// Polls the agent once at the current time.
     pub fn poll(&mut self) -> Activity {
-        self.agent
-            .poll(self.now, &mut self.guest, &self.region, &mut self.fake)
-            .expect("channel is fine")
+        match &mut self.kept {
+            Some(buf) => self.agent.poll_with_buffer(
+                self.now,
+                &mut self.guest,
+                &self.region,
+                &mut self.fake,
+                buf,
+            ),
+            None => self
+                .agent
+                .poll(self.now, &mut self.guest, &self.region, &mut self.fake),
+        }
+        .expect("channel is fine")
     }
 
     /// Polls until a poll does nothing; returns that poll's activity (what the agent then

@@ -40,6 +40,7 @@ vm-bench [options]   (normally run by `cargo xtask bench`)
   --portless FILE   the `portless` binary for the daemon figures (target/release/portless)
   --out DIR         where summary.json, samples.json and latency.svg go (target/bench)
   --accel A         auto (KVM if it boots, else TCG), kvm or tcg (auto)
+  --region-dir DIR  where the polling guest's memory-backend file goes (/dev/shm)
   --quick           fewer samples (a check that all of it works)
   --only PARTS      run only these parts: interrupts, polling, fan-out (comma-separated);
                     the documents are not updated then
@@ -79,6 +80,7 @@ struct Options {
     portless: PathBuf,
     out: PathBuf,
     accel: String,
+    region_dir: PathBuf,
     quick: bool,
     docs: bool,
     parts: Vec<String>,
@@ -95,6 +97,7 @@ impl Options {
             portless: root.join("target/release/portless"),
             out: root.join("target/bench"),
             accel: "auto".into(),
+            region_dir: PathBuf::from("/dev/shm"),
             quick: false,
             docs: false,
             parts: PARTS.iter().map(|p| (*p).to_owned()).collect(),
@@ -110,6 +113,7 @@ impl Options {
                 "--portless" => o.portless = value("--portless")?.into(),
                 "--out" => o.out = value("--out")?.into(),
                 "--accel" => o.accel = value("--accel")?,
+                "--region-dir" => o.region_dir = value("--region-dir")?.into(),
                 "--quick" => o.quick = true,
                 "--docs" => o.docs = true,
                 "--only" => {
@@ -184,6 +188,7 @@ struct Results {
     /// Latency samples in microseconds, by series key.
     samples: BTreeMap<String, Vec<f64>>,
     qemu_ga: String,
+    guest: String,
 }
 
 fn run() -> Result<()> {
@@ -225,6 +230,7 @@ fn run() -> Result<()> {
             .unwrap_or("")
             .to_owned(),
         qemu_ga: results.qemu_ga.clone(),
+        guest: results.guest.clone(),
         figures: results.figures,
     };
     summary.write_json(&opts.out)?;
@@ -341,9 +347,9 @@ fn single_vm(
     let mode = wakeup.name();
     let dir = work.join(mode);
     std::fs::create_dir_all(&dir)?;
-    // The polling guest's memory-backend file lives in tmpfs, as guest RAM would: on a
-    // disk file system the same round trip takes over 20 times as long here.
-    let region = shm_file(&format!("{mode}.region"));
+    // The polling guest's memory-backend file lives in tmpfs (`--region-dir`), as guest
+    // RAM would.
+    let region = region_file(opts, mode);
     let mut host = Host::create(wakeup, &dir.join("ivshmem.sock"), &region)?;
     let ivshmem = match wakeup {
         Wakeup::Interrupts => Ivshmem::Server(dir.join("ivshmem.sock")),
@@ -385,6 +391,8 @@ fn single_vm(
         None,
     ));
     let rss_idle = rss(&mut host)?;
+    let uname = host.run_ok("uname", &[])?;
+    results.guest = String::from_utf8_lossy(&uname.stdout).trim().to_owned();
 
     // Warm both up.
     for _ in 0..50 {
@@ -624,14 +632,14 @@ fn single_vm(
     std::fs::write(dir.join(format!("{mode}.dmesg")), &dmesg.stdout)?;
     vm.check_alive()?;
     drop(vm);
-    let _ = std::fs::remove_file(shm_file(&format!("{mode}.region")));
+    let _ = std::fs::remove_file(region_file(opts, mode));
     Ok(())
 }
 
-/// A file in `/dev/shm` private to this run.
-fn shm_file(name: &str) -> PathBuf {
-    PathBuf::from(format!(
-        "/dev/shm/portless-bench-{}-{name}",
+/// The polling guest's memory-backend file, private to this run.
+fn region_file(opts: &Options, mode: &str) -> PathBuf {
+    opts.region_dir.join(format!(
+        "portless-bench-{}-{mode}.region",
         std::process::id()
     ))
 }

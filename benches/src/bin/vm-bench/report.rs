@@ -41,10 +41,10 @@ impl Stats {
         let rank = (n * 99).div_ceil(100).max(1);
         Some(Self {
             samples: n,
-            min: s[0],
-            median,
-            p99: s[rank - 1],
-            max: s[n - 1],
+            min: round(s[0]),
+            median: round(median),
+            p99: round(s[rank - 1]),
+            max: round(s[n - 1]),
         })
     }
 }
@@ -171,6 +171,8 @@ pub(crate) struct Summary {
     pub(crate) qemu: String,
     /// qemu-ga's version, as it reports it.
     pub(crate) qemu_ga: String,
+    /// The guest's `uname -a`.
+    pub(crate) guest: String,
     /// The figures.
     pub(crate) figures: Vec<Figure>,
 }
@@ -188,13 +190,14 @@ impl Summary {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "Measured {} with `{}` on {} ({} accelerator), {}; qemu-ga {}.\n",
+            "Measured {} with `{}` on {} ({} accelerator), {}; qemu-ga {}; guest `{}`.\n",
             self.generated,
             self.command,
             self.host["description"].as_str().unwrap_or("this machine"),
             self.accelerator,
             self.qemu,
-            self.qemu_ga
+            self.qemu_ga,
+            self.guest
         );
         s.push_str("| Figure | Portless | qemu-ga | Portless / qemu-ga | Target | |\n");
         s.push_str("|---|---:|---:|---:|---:|---|\n");
