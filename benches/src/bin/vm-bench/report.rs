@@ -252,29 +252,42 @@ impl Summary {
         s
     }
 
-    /// One line per compared figure, for the README.
+    /// One line per figure with a target, and the fan-out, for the README.
     pub(crate) fn ratios(&self) -> String {
         let mut s = String::new();
-        for f in self.figures.iter().filter(|f| f.ratio.is_some()) {
-            let r = f.ratio.unwrap_or(0.0);
-            let factor = if r > 0.0 {
-                format!(" ({:.1}x)", 1.0 / r)
-            } else {
-                String::new()
+        for f in self
+            .figures
+            .iter()
+            .filter(|f| f.target.is_some() || f.key.starts_with("fan_out"))
+        {
+            let (Some(q), Some(r)) = (&f.qemu_ga, f.ratio) else {
+                continue;
+            };
+            let verdict = match (f.met, f.target) {
+                (Some(true), Some(t)) => format!(" (target ≤ {}: met)", show_ratio(t)),
+                (Some(false), Some(t)) => format!(" (target ≤ {}: **missed**)", show_ratio(t)),
+                _ => String::new(),
             };
             let _ = writeln!(
                 s,
-                "- {}: {} of qemu-ga's{factor}{}",
+                "- {}: {} against {}, {}{verdict}",
                 f.label,
+                short(&f.portless, &f.unit),
+                short(q, &f.unit),
                 show_ratio(r),
-                match f.met {
-                    Some(true) => ", target met",
-                    Some(false) => ", **target missed**",
-                    None => "",
-                }
             );
         }
         s
+    }
+}
+
+/// A value in a sentence: a distribution's median, a number with its unit.
+fn short(v: &Value, unit: &str) -> String {
+    match v.get("median").and_then(Value::as_f64) {
+        Some(median) => micros(median),
+        None => v
+            .as_f64()
+            .map_or_else(|| v.to_string(), |x| format!("{} {unit}", number(x))),
     }
 }
 
@@ -408,6 +421,37 @@ mod tests {
         let f = Figure::amount("k", "K", "ms", 3.0, None, None);
         assert_eq!((f.ratio, f.met), (None, None));
         assert!(Figure::latency("k", "K", &[], None, None).is_err());
+    }
+
+    #[test]
+    fn the_readme_lines_quote_figures_with_targets() {
+        let summary = Summary {
+            generated: "now".into(),
+            command: "cargo xtask bench".into(),
+            accelerator: "tcg".into(),
+            host: serde_json::json!({ "description": "here" }),
+            qemu: "QEMU".into(),
+            qemu_ga: "7.2".into(),
+            guest: "Linux".into(),
+            figures: vec![
+                Figure::latency("ping", "Ping", &[2.0], Some(&[150.0]), Some(0.02))
+                    .expect("figure"),
+                Figure::amount("rss", "RSS", "KiB", 2000.0, Some(4000.0), Some(1.0 / 3.0)),
+                Figure::amount("cpu", "CPU", "ms", 1.0, Some(2.0), None),
+            ],
+        };
+        assert_eq!(
+            summary.ratios(),
+            "- Ping: 2.00 us against 150 us, 1/75 (target ≤ 1/50: met)\n\
+             - RSS: 2,000 KiB against 4,000 KiB, 0.50 (target ≤ 1/3: **missed**)\n"
+        );
+        let md = summary.markdown("plot.svg");
+        assert!(md.contains("Targets: 1 of 2 met."), "{md}");
+        assert!(
+            md.contains("- missed: RSS: 0.50 against ≤ 1/3 (50% over)"),
+            "{md}"
+        );
+        assert!(md.contains("![Latency distributions](plot.svg)"), "{md}");
     }
 
     #[test]
