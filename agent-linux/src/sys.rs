@@ -262,6 +262,7 @@ pub(crate) struct Child {
 const CHILD_STACK: usize = 16 * 1024;
 
 /// What the child of [`spawn`] needs, read from the parent's memory it shares.
+#[derive(Clone, Copy)]
 struct ChildArgs {
     program: *const c_char,
     argv: *const *const c_char,
@@ -356,11 +357,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> c_int {
     let a = unsafe { &*arg.cast_const().cast::<ChildArgs>() };
     // SAFETY: called in the child `spawn` cloned, with the pointers `spawn` built from an
     // `ExecImage` that stays alive and unchanged while the parent is suspended.
-    unsafe {
-        child_exec(
-            a.program, a.argv, a.envp, a.cwd, a.uid, a.gid, a.stdio, a.status,
-        )
-    }
+    unsafe { child_exec(a) }
 }
 
 /// The child's side of `spawn`: only async-signal-safe calls and raw system calls, then
@@ -373,17 +370,18 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> c_int {
 ///
 /// Must be called in a child cloned by `spawn`, with pointers to NUL-terminated strings and
 /// NULL-terminated pointer arrays that stay valid until it execs or exits.
-#[allow(clippy::too_many_arguments, clippy::multiple_unsafe_ops_per_block)]
-unsafe fn child_exec(
-    program: *const c_char,
-    argv: *const *const c_char,
-    envp: *const *const c_char,
-    cwd: Option<*const c_char>,
-    uid: Option<u32>,
-    gid: Option<u32>,
-    stdio: [RawFd; 3],
-    status: RawFd,
-) -> ! {
+#[allow(clippy::multiple_unsafe_ops_per_block)]
+unsafe fn child_exec(a: &ChildArgs) -> ! {
+    let ChildArgs {
+        program,
+        argv,
+        envp,
+        cwd,
+        uid,
+        gid,
+        stdio,
+        status,
+    } = *a;
     let fail = |status: RawFd| -> ! {
         let code = errno().to_ne_bytes();
         // SAFETY: `code` is 4 readable bytes; `write` is async-signal-safe.

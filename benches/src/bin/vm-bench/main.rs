@@ -76,6 +76,8 @@ struct Counts {
 }
 
 struct Options {
+    /// The workspace, whose documents `--docs` updates.
+    root: PathBuf,
     image: PathBuf,
     portless: PathBuf,
     out: PathBuf,
@@ -93,6 +95,7 @@ impl Options {
             .map(Path::to_path_buf)
             .context("workspace root")?;
         let mut o = Self {
+            root: root.clone(),
             image: root.join("target/vm-bench"),
             portless: root.join("target/release/portless"),
             out: root.join("target/bench"),
@@ -217,10 +220,13 @@ fn run() -> Result<()> {
 
     let summary = Summary {
         generated: utc_now(),
-        command: if opts.quick {
-            "cargo xtask bench --quick".into()
-        } else {
+        command: if opts.docs {
             "cargo xtask bench".into()
+        } else {
+            std::iter::once("vm-bench".to_owned())
+                .chain(std::env::args().skip(1))
+                .collect::<Vec<_>>()
+                .join(" ")
         },
         accelerator: accel,
         host: host_description(),
@@ -246,8 +252,7 @@ fn run() -> Result<()> {
     )?;
     println!("\n{}", summary.markdown("latency.svg"));
     if opts.docs {
-        let root = opts.image.join("../..");
-        let root = root.canonicalize().unwrap_or(root);
+        let root = &opts.root;
         std::fs::create_dir_all(root.join("docs"))?;
         std::fs::copy(
             opts.out.join("latency.svg"),
