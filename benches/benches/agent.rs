@@ -49,6 +49,8 @@ fn dispatch(c: &mut Criterion) {
     let mut agent = bench_agent();
     let mut platform = BenchPlatform::new(0);
     let mut buf = ring_protocol::frame_buf();
+    // The agent's request buffer, kept across polls as portless-agent keeps it.
+    let mut rx = ring_protocol::frame_buf();
     agent
         .on_attach(&mut guest, mem)
         .expect("the greeting fits in an empty ring");
@@ -67,7 +69,7 @@ fn dispatch(c: &mut Criterion) {
                 host.send(mem, &exec(request_id, "bench"))
                     .expect("the ring is drained every iteration");
                 agent
-                    .poll(now, &mut guest, mem, &mut platform)
+                    .poll_with_buffer(now, &mut guest, mem, &mut platform, &mut rx)
                     .expect("the channel is fine");
                 match host.recv(mem, &mut buf) {
                     Ok(Some(AgentToHost::Accepted { request_id: r, .. })) if r == request_id => {}
@@ -77,7 +79,7 @@ fn dispatch(c: &mut Criterion) {
                 // Untimed: the process exits; the agent reaps it and reports.
                 platform.running = false;
                 agent
-                    .poll(now, &mut guest, mem, &mut platform)
+                    .poll_with_buffer(now, &mut guest, mem, &mut platform, &mut rx)
                     .expect("the channel is fine");
                 match host.recv(mem, &mut buf) {
                     Ok(Some(AgentToHost::Exit { .. })) => {}
@@ -93,7 +95,7 @@ fn dispatch(c: &mut Criterion) {
             host.send(mem, &exec(request_id, "no-such-command"))
                 .expect("the ring is drained every iteration");
             agent
-                .poll(now, &mut guest, mem, &mut platform)
+                .poll_with_buffer(now, &mut guest, mem, &mut platform, &mut rx)
                 .expect("the channel is fine");
             match host.recv(mem, &mut buf) {
                 Ok(Some(AgentToHost::Rejected {
@@ -173,6 +175,7 @@ fn run_agent(region: &HeapRegion, stop: &AtomicBool) {
     let mut guest = attach_guest(region);
     let mut agent = bench_agent();
     let mut platform = BenchPlatform::new(STREAM_BYTES);
+    let mut rx = ring_protocol::frame_buf();
     agent
         .on_attach(&mut guest, mem)
         .expect("the greeting fits in an empty ring");
@@ -181,7 +184,7 @@ fn run_agent(region: &HeapRegion, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         let now = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         let activity = agent
-            .poll(now, &mut guest, mem, &mut platform)
+            .poll_with_buffer(now, &mut guest, mem, &mut platform, &mut rx)
             .expect("the channel is fine");
         if !activity.worked {
             spin_loop();
