@@ -30,7 +30,8 @@ pub struct Series {
 /// The x axis runs from the whole decade below the smallest sample to the whole decade above
 /// the largest (a sample exactly on a decade gets one more, so no curve sits on the frame);
 /// the legend, under the chart, gives each label with the series' median. Colours follow the
-/// series' positions in `series`, cycling after ten; a legend of more than a dozen entries
+/// series' positions in `series`, cycling after ten; the picture grows to give the legend up
+/// to eight rows (in one or two columns, as the labels allow), and a legend longer than that
 /// ends with "and N more series".
 ///
 /// Samples that are not finite or not positive cannot sit on a logarithmic axis and are
@@ -45,8 +46,11 @@ pub fn latency_cdf(path: &Path, title: &str, series: &[Series]) -> anyhow::Resul
     std::fs::write(path, svg).with_context(|| format!("writing plot {}", path.display()))
 }
 
-/// Size of the whole picture in pixels.
+/// Size of the whole picture in pixels with up to [`LEGEND_ROWS_IN_SIZE`] legend rows; it
+/// grows by a row's height for each row more.
 const SIZE: (u32, u32) = (900, 540);
+/// Legend rows [`SIZE`] has room for.
+const LEGEND_ROWS_IN_SIZE: usize = 4;
 /// Height of the strip holding the title.
 const TITLE_HEIGHT: u32 = 40;
 /// Height of one legend row.
@@ -54,7 +58,7 @@ const LEGEND_ROW: u32 = 22;
 /// Space above and below the legend's rows.
 const LEGEND_PAD: u32 = 8;
 /// Most legend rows; series beyond are drawn but summed up as "and N more".
-const LEGEND_MAX_ROWS: usize = 6;
+const LEGEND_MAX_ROWS: usize = 8;
 /// Left and right margin of the legend.
 const LEGEND_MARGIN: i32 = 20;
 /// Length of a legend's colour swatch.
@@ -102,7 +106,13 @@ fn render(title: &str, series: &[Series]) -> anyhow::Result<String> {
 
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        // Room for a one-column legend of every series shown, so the chart keeps its height.
+        let extra_rows = prepared
+            .len()
+            .min(LEGEND_MAX_ROWS)
+            .saturating_sub(LEGEND_ROWS_IN_SIZE);
+        let height = SIZE.1 + u32::try_from(extra_rows).unwrap_or(0) * LEGEND_ROW;
+        let root = SVGBackend::with_string(&mut svg, (SIZE.0, height)).into_drawing_area();
         root.fill(&WHITE).context("drawing the background")?;
         let (title_area, body) = root.split_vertically(TITLE_HEIGHT);
         let (width, height) = title_area.dim_in_pixel();
@@ -548,7 +558,25 @@ mod tests {
         let svg = render("escaped", &cases[7]).unwrap();
         assert!(svg.contains("&lt;&amp;"));
         let svg = render("many", &cases[8]).unwrap();
-        assert!(svg.contains("and 29 more series"));
+        assert!(svg.contains("and 25 more series"));
+        // Seven long labels (one column) all get a row; the picture grows for them.
+        let seven: Vec<Series> = (0..7)
+            .map(|i| {
+                one(
+                    &format!("a long label, as the benches write them, number {i}"),
+                    vec![f64::from(i + 1)],
+                )
+            })
+            .collect();
+        let svg = render("seven", &seven).unwrap();
+        assert!(!svg.contains("more series"));
+        for s in &seven {
+            assert!(svg.contains(&s.label), "missing {}", s.label);
+        }
+        assert!(
+            svg.contains(&format!("height=\"{}\"", SIZE.1 + 3 * LEGEND_ROW)),
+            "grown"
+        );
     }
 
     #[test]
