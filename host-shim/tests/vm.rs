@@ -10,14 +10,14 @@
 
 mod common;
 
-use std::fs::File;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use vm_harness::{Guest, Ivshmem};
 
 /// How long a VM under TCG may take to boot and greet.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -87,30 +87,15 @@ impl Setup {
         assert!(s.dir.join("vmd.sock").exists(), "no ivshmem socket");
         assert!(s.dir.join("vmp.region").exists(), "no plain region file");
 
-        let chardev = format!("socket,path={},id=iv", s.dir.join("vmd.sock").display());
-        s.boot(
-            "vmd",
-            "intel_iommu=on agent_args=--wakeup,vfio",
-            &[
-                "-machine",
-                "q35",
-                "-device",
-                "intel-iommu",
-                "-chardev",
-                &chardev,
-                "-device",
-                "ivshmem-doorbell,chardev=iv,vectors=1",
-            ],
-        );
-        let memory = format!(
-            "memory-backend-file,id=m,size=1M,share=on,mem-path={}",
-            s.dir.join("vmp.region").display()
-        );
-        s.boot(
-            "vmp",
-            "agent_args=--wakeup,poll",
-            &["-object", &memory, "-device", "ivshmem-plain,memdev=m"],
-        );
+        let vmd = Ivshmem::Doorbell {
+            socket: s.dir.join("vmd.sock"),
+        };
+        s.boot("vmd", vmd);
+        let vmp = Ivshmem::Plain {
+            file: s.dir.join("vmp.region"),
+            size: 1 << 20,
+        };
+        s.boot("vmp", vmp);
         s
     }
 
@@ -133,40 +118,12 @@ impl Setup {
 
     /// Boots a QEMU for `vm`; its console goes to `<vm>.console`, QEMU's own errors to
     /// `<vm>.qemu-err` in the scratch directory; its human monitor listens on `<vm>.monitor`.
-    fn boot(&mut self, vm: &str, cmdline: &str, args: &[&str]) {
+    fn boot(&mut self, vm: &str, ivshmem: Ivshmem) {
         let image = PathBuf::from(std::env::var("PORTLESS_VM_DIR").expect("PORTLESS_VM_DIR"));
-        let console = File::create(self.dir.join(format!("{vm}.console"))).expect("console log");
-        let errors = File::create(self.dir.join(format!("{vm}.qemu-err"))).expect("error log");
-        let monitor = format!(
-            "unix:{},server,nowait",
-            self.dir.join(format!("{vm}.monitor")).display()
-        );
-        let child = Command::new("qemu-system-x86_64")
-            .args([
-                "-accel",
-                "tcg",
-                "-m",
-                "256",
-                "-nodefaults",
-                "-nographic",
-                "-serial",
-                "stdio",
-                "-net",
-                "none",
-                "-monitor",
-                &monitor,
-            ])
-            .arg("-kernel")
-            .arg(image.join("vmlinuz"))
-            .arg("-initrd")
-            .arg(image.join("initrd.gz"))
-            .arg("-append")
-            .arg(format!("console=ttyS0 quiet {cmdline}"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(console)
-            .stderr(errors)
-            .spawn()
+        let file = |ext: &str| self.dir.join(format!("{vm}.{ext}"));
+        let child = Guest::new(&image, ivshmem)
+            .monitor(&file("monitor"))
+            .spawn(&file("console"), Some(&file("qemu-err")))
             .expect("start qemu");
         self.qemus.push((vm.to_owned(), child));
     }

@@ -5,11 +5,13 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use xshell::{Shell, cmd};
+
+use vm_harness::Processes;
 
 use crate::step;
 
@@ -41,29 +43,6 @@ impl Options {
             }
         }
         Ok(o)
-    }
-}
-
-/// Children killed on drop, so that nothing is left behind even on an error.
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in self.0.iter_mut().rev() {
-            // A TERM for a clean stop, then KILL if it lingers.
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for c in &mut self.0 {
-            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
@@ -114,11 +93,12 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
     };
     std::fs::write(dir.join("allow-list.toml"), allow_list)?;
 
-    let mut children = Children(Vec::new());
+    let mut children = Processes::default();
     let log = |name: &str| -> Result<std::fs::File> {
         Ok(std::fs::File::create(dir.join(format!("{name}.log")))?)
     };
-    children.0.push(
+    children.push(
+        "portless serve",
         Command::new(bin.join("portless"))
             .arg("serve")
             .arg("--config")
@@ -129,18 +109,15 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
             .context("starting portless serve")?,
     );
     let socket = dir.join("portless.sock");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        if Instant::now() > deadline {
-            bail!(
-                "portless serve did not start; see {}",
-                dir.join("portless.log").display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if !vm_harness::wait_for_socket(&socket, Duration::from_secs(15)) {
+        bail!(
+            "portless serve did not start; see {}",
+            dir.join("portless.log").display()
+        );
     }
     for n in 1..=opts.vms {
-        children.0.push(
+        children.push(
+            &format!("portless-agent vm{n}"),
             Command::new(bin.join("portless-agent"))
                 .arg("--shm-file")
                 .arg(dir.join(format!("vm{n}.region")))
@@ -162,13 +139,11 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
     // Foreground until interrupted or a child dies.
     loop {
         std::thread::sleep(Duration::from_millis(200));
-        for c in &mut children.0 {
-            if let Ok(Some(status)) = c.try_wait() {
-                bail!(
-                    "a loopback process exited ({status}); see the logs in {}",
-                    dir.display()
-                );
-            }
+        if let Some((name, status)) = children.exited() {
+            bail!(
+                "{name} exited ({status}); see the logs in {}",
+                dir.display()
+            );
         }
     }
 }

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use xshell::{Shell, cmd};
 
+use vm_harness::{Guest, Ivshmem, Processes};
+
 use crate::step;
 
 /// Options of `run`.
@@ -29,40 +31,6 @@ impl Options {
             }
         }
         Ok(Self { keep })
-    }
-}
-
-/// Processes stopped (TERM, then KILL) and reaped on drop, so that nothing is left behind.
-#[derive(Default)]
-struct Processes(Vec<(String, Child)>);
-
-impl Processes {
-    fn stop(&mut self, name: &str) {
-        if let Some(i) = self.0.iter().position(|(n, _)| n == name) {
-            let (_, mut c) = self.0.remove(i);
-            terminate(&mut c);
-        }
-    }
-}
-
-fn terminate(c: &mut Child) {
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(c.id().to_string())
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = c.kill();
-    let _ = c.wait();
-}
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for (_, c) in self.0.iter_mut().rev() {
-            terminate(c);
-        }
     }
 }
 
@@ -86,51 +54,21 @@ fn kvm_available() -> bool {
 }
 
 fn boot(dir: &Path, image: &Path, accel: &str, vm: &str) -> Result<Child> {
-    let console = std::fs::File::create(dir.join(format!("{vm}.console")))?;
-    let mut c = Command::new("qemu-system-x86_64");
-    c.args([
-        "-accel",
-        accel,
-        "-m",
-        "256",
-        "-nodefaults",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-net",
-        "none",
-    ]);
-    c.arg("-kernel")
-        .arg(image.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(image.join("initrd.gz"));
-    if vm == "vmd" {
-        let chardev = format!("socket,path={}/vmd.ivshmem,id=iv", dir.display());
-        c.args([
-            "-machine",
-            "q35",
-            "-device",
-            "intel-iommu",
-            "-chardev",
-            &chardev,
-        ]);
-        c.args(["-device", "ivshmem-doorbell,chardev=iv,vectors=1"]);
-        c.args([
-            "-append",
-            "console=ttyS0 quiet intel_iommu=on agent_args=--wakeup,vfio",
-        ]);
+    let ivshmem = if vm == "vmd" {
+        Ivshmem::Doorbell {
+            socket: dir.join("vmd.ivshmem"),
+        }
     } else {
-        let mem = format!(
-            "memory-backend-file,id=m,size=1M,share=on,mem-path={}/vmp.region",
-            dir.display()
-        );
-        c.args(["-object", &mem, "-device", "ivshmem-plain,memdev=m"]);
-        c.args(["-append", "console=ttyS0 quiet agent_args=--wakeup,poll"]);
-    }
-    c.stdin(Stdio::null())
-        .stdout(console)
-        .stderr(std::fs::File::create(dir.join(format!("{vm}.qemu-err")))?);
-    c.spawn().context("starting qemu-system-x86_64")
+        Ivshmem::Plain {
+            file: dir.join("vmp.region"),
+            size: 1 << 20,
+        }
+    };
+    let file = |ext: &str| dir.join(format!("{vm}.{ext}"));
+    Guest::new(image, ivshmem)
+        .accel(accel)
+        .spawn(&file("console"), Some(&file("qemu-err")))
+        .context("starting qemu-system-x86_64")
 }
 
 /// The CLI, pointed at the daemon of this run.
@@ -192,16 +130,12 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
         .stderr(std::fs::File::create(dir.join("portless.log"))?)
         .spawn()
         .context("starting portless serve")?;
-    procs.0.push(("serve".into(), serve));
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        if Instant::now() > deadline {
-            bail!(
-                "portless serve did not start; see {}",
-                dir.join("portless.log").display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    procs.push("serve", serve);
+    if !vm_harness::wait_for_socket(&socket, Duration::from_secs(15)) {
+        bail!(
+            "portless serve did not start; see {}",
+            dir.join("portless.log").display()
+        );
     }
 
     // KVM if it works (try it), else TCG.
@@ -215,9 +149,7 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
         step(&format!("booting two VMs with {accel}"));
         let started = Instant::now();
         for vm in ["vmd", "vmp"] {
-            procs
-                .0
-                .push((vm.into(), boot(&dir, &image.dir, accel, vm)?));
+            procs.push(vm, boot(&dir, &image.dir, accel, vm)?);
         }
         let limit = if *accel == "kvm" {
             Duration::from_secs(10)
@@ -286,10 +218,8 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
         );
         loop {
             std::thread::sleep(Duration::from_millis(500));
-            for (name, c) in &mut procs.0 {
-                if let Ok(Some(status)) = c.try_wait() {
-                    bail!("{name} exited ({status}); see {}", dir.display());
-                }
+            if let Some((name, status)) = procs.exited() {
+                bail!("{name} exited ({status}); see {}", dir.display());
             }
         }
     }

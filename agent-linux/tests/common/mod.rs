@@ -16,6 +16,7 @@ use ring_protocol::message::{
     Stream,
 };
 use ring_protocol::{HostEndpoint, MappedRegion, frame_buf};
+use vm_harness::{Guest, Ivshmem};
 
 /// Region size used by the tests.
 pub const REGION: usize = 1 << 20;
@@ -296,12 +297,13 @@ impl Harness {
         let shm_path = dir.join("region");
         let shm = SharedFile::create(&shm_path, REGION);
         let host = HostEndpoint::create(&*shm, 1).expect("valid region");
-        let memory = format!(
-            "memory-backend-file,id=m,size={REGION},share=on,mem-path={}",
-            shm_path.display()
+        let agent = Self::boot(
+            &dir,
+            Ivshmem::Plain {
+                file: shm_path,
+                size: REGION,
+            },
         );
-        let args = ["-object", &memory, "-device", "ivshmem-plain,memdev=m"];
-        let agent = Self::boot(&dir, "agent_args=--wakeup,poll", &args);
         Self::with(dir, Memory::File(shm), host, agent)
     }
 
@@ -313,18 +315,7 @@ impl Harness {
         let mut server =
             host_shim::ivshmem::Server::new(&socket, REGION, 1).expect("ivshmem server");
         let host = HostEndpoint::create(server.region(), 1).expect("valid region");
-        let chardev = format!("socket,path={},id=iv", socket.display());
-        let args = [
-            "-machine",
-            "q35",
-            "-device",
-            "intel-iommu",
-            "-chardev",
-            &chardev,
-            "-device",
-            "ivshmem-doorbell,chardev=iv,vectors=1",
-        ];
-        let agent = Self::boot(&dir, "intel_iommu=on agent_args=--wakeup,vfio", &args);
+        let agent = Self::boot(&dir, Ivshmem::Doorbell { socket });
         let peer = server.accept().expect("QEMU connects");
         Self::with(dir, Memory::Server(server, peer), host, agent)
     }
@@ -341,33 +332,12 @@ impl Harness {
         }
     }
 
-    fn boot(dir: &Path, cmdline: &str, args: &[&str]) -> Child {
-        let vm = PathBuf::from(std::env::var("PORTLESS_VM_DIR").expect("PORTLESS_VM_DIR"));
-        let log = File::create(dir.join("agent.log")).expect("log file");
-        Command::new("qemu-system-x86_64")
-            .args([
-                "-accel",
-                "tcg",
-                "-m",
-                "256",
-                "-nodefaults",
-                "-nographic",
-                "-serial",
-                "stdio",
-                "-net",
-                "none",
-            ])
-            .arg("-kernel")
-            .arg(vm.join("vmlinuz"))
-            .arg("-initrd")
-            .arg(vm.join("initrd.gz"))
-            .arg("-append")
-            .arg(format!("console=ttyS0 quiet {cmdline}"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(Stdio::null())
-            .spawn()
+    /// Boots the image in `PORTLESS_VM_DIR`; the console (where the agent logs) goes to
+    /// `agent.log`.
+    fn boot(dir: &Path, ivshmem: Ivshmem) -> Child {
+        let image = PathBuf::from(std::env::var("PORTLESS_VM_DIR").expect("PORTLESS_VM_DIR"));
+        Guest::new(&image, ivshmem)
+            .spawn(&dir.join("agent.log"), None)
             .expect("start qemu")
     }
 

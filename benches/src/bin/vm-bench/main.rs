@@ -22,16 +22,17 @@ mod report;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use benches::plot::{self, Series};
 use host::Host;
-use qemu::{Ivshmem, Vm, Wakeup};
+use qemu::{REGION, Vm, Wakeup};
 use qga::Qga;
 use report::{Figure, Summary};
+use vm_harness::{Ivshmem, Processes};
 
 const USAGE: &str = "\
 vm-bench [options]   (normally run by `cargo xtask bench`)
@@ -294,7 +295,10 @@ fn accelerator(opts: &Options, work: &Path) -> Result<String> {
         &dir,
         "probe",
         "kvm",
-        Ivshmem::File(dir.join("region")),
+        Ivshmem::Plain {
+            file: dir.join("region"),
+            size: REGION,
+        },
     )?;
     let ok = host.hello(BOOT_LIMIT_KVM).is_ok();
     drop(vm);
@@ -357,8 +361,13 @@ fn single_vm(
     let region = region_file(opts, mode);
     let mut host = Host::create(wakeup, &dir.join("ivshmem.sock"), &region)?;
     let ivshmem = match wakeup {
-        Wakeup::Interrupts => Ivshmem::Server(dir.join("ivshmem.sock")),
-        Wakeup::Polling => Ivshmem::File(region),
+        Wakeup::Interrupts => Ivshmem::Doorbell {
+            socket: dir.join("ivshmem.sock"),
+        },
+        Wakeup::Polling => Ivshmem::Plain {
+            file: region,
+            size: REGION,
+        },
     };
     let mut vm = Vm::boot(&opts.image, &dir, mode, accel, ivshmem)?;
 
@@ -763,23 +772,6 @@ fn disk_footprint(image: &Path, results: &mut Results) -> Result<()> {
     Ok(())
 }
 
-/// Processes stopped (TERM, then KILL) on drop.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.0.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Four VMs behind `portless serve`: fan-out, and round trips through the daemon's API.
 fn fan_out(
     opts: &Options,
@@ -806,7 +798,10 @@ fn fan_out(
         ));
     }
     std::fs::write(dir.join("host.toml"), config)?;
-    let _daemon = Daemon(
+    // Declared before the VMs, so that it is stopped after them.
+    let mut daemon = Processes::default();
+    daemon.push(
+        "portless serve",
         Command::new(&opts.portless)
             .args(["serve", "--config"])
             .arg(dir.join("host.toml"))
@@ -816,15 +811,11 @@ fn fan_out(
             .with_context(|| format!("starting {}", opts.portless.display()))?,
     );
     let socket = dir.join("portless.sock");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !socket.exists() || std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        if Instant::now() > deadline {
-            bail!(
-                "portless serve did not start; see {}/portless.log",
-                dir.display()
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
+    if !vm_harness::wait_for_socket(&socket, Duration::from_secs(15)) {
+        bail!(
+            "portless serve did not start; see {}/portless.log",
+            dir.display()
+        );
     }
     let mut vms = Vec::new();
     for i in 1..=FAN_OUT_VMS {
@@ -834,7 +825,7 @@ fn fan_out(
             &dir,
             &format!("vm{i}"),
             accel,
-            Ivshmem::Server(socket),
+            Ivshmem::Doorbell { socket },
         )?);
     }
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -2,15 +2,13 @@
 //! device (doorbell with VFIO interrupts, or plain with polling) and qemu-ga on a
 //! virtio-serial port; and the CPU time processes spend, from `/proc`.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use vm_harness::{Guest, Ivshmem};
 
-/// Guest memory, in MiB.
-const MEMORY_MIB: &str = "256";
 /// The shared region's size (a power of two, as ivshmem wants).
 pub(crate) const REGION: usize = 1 << 20;
 
@@ -47,16 +45,10 @@ pub(crate) struct Vm {
     pub(crate) console: PathBuf,
 }
 
-/// Where one guest's ivshmem device gets its memory.
-pub(crate) enum Ivshmem {
-    /// From the ivshmem server listening on this socket.
-    Server(PathBuf),
-    /// From this memory-backend file.
-    File(PathBuf),
-}
-
 impl Vm {
-    /// Boots `image` (vmlinuz, initrd.gz) with `accel`; its files go in `dir`.
+    /// Boots `image` (vmlinuz, initrd.gz) with `accel` and `ivshmem`, the QEMU guest agent's
+    /// port on `<name>.qga` and the agent logging to the kernel log only; its files go in
+    /// `dir`.
     pub(crate) fn boot(
         image: &Path,
         dir: &Path,
@@ -67,52 +59,13 @@ impl Vm {
         let qga = dir.join(format!("{name}.qga"));
         let console = dir.join(format!("{name}.console"));
         let _ = std::fs::remove_file(&qga);
-        let mut c = Command::new("qemu-system-x86_64");
-        c.args([
-            "-accel",
-            accel,
-            "-m",
-            MEMORY_MIB,
-            "-nodefaults",
-            "-nographic",
-        ]);
-        c.args(["-serial", "stdio", "-net", "none"]);
-        c.arg("-kernel").arg(image.join("vmlinuz"));
-        c.arg("-initrd").arg(image.join("initrd.gz"));
-        match ivshmem {
-            Ivshmem::Server(socket) => {
-                let chardev = format!("socket,path={},id=iv", socket.display());
-                c.args(["-machine", "q35", "-device", "intel-iommu"]);
-                c.args(["-chardev", &chardev]);
-                c.args(["-device", "ivshmem-doorbell,chardev=iv,vectors=1"]);
-                c.args([
-                    "-append",
-                    "console=ttyS0 quiet intel_iommu=on agent_log=kmsg agent_args=--wakeup,vfio",
-                ]);
-            }
-            Ivshmem::File(file) => {
-                let mem = format!(
-                    "memory-backend-file,id=m,size={REGION},share=on,mem-path={}",
-                    file.display()
-                );
-                c.args(["-object", &mem, "-device", "ivshmem-plain,memdev=m"]);
-                c.args([
-                    "-append",
-                    "console=ttyS0 quiet agent_log=kmsg agent_args=--wakeup,poll",
-                ]);
-            }
-        }
-        let chardev = format!("socket,id=qga,path={},server=on,wait=off", qga.display());
-        c.args(["-device", "virtio-serial-pci,id=vs", "-chardev", &chardev]);
-        c.args([
-            "-device",
-            "virtserialport,bus=vs.0,chardev=qga,name=org.qemu.guest_agent.0",
-        ]);
-        c.stdin(Stdio::null())
-            .stdout(File::create(&console)?)
-            .stderr(File::create(dir.join(format!("{name}.qemu-err")))?);
         let started = Instant::now();
-        let child = c.spawn().context("starting qemu-system-x86_64")?;
+        let child = Guest::new(image, ivshmem)
+            .accel(accel)
+            .kernel_arg("agent_log=kmsg")
+            .qga(&qga)
+            .spawn(&console, Some(&dir.join(format!("{name}.qemu-err"))))
+            .context("starting qemu-system-x86_64")?;
         Ok(Self {
             name: name.to_owned(),
             child,
