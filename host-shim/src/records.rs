@@ -449,7 +449,7 @@ pub struct ExecutionFilter {
 }
 
 /// One API call to audit.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
     /// When (ms since the epoch).
     pub at_ms: u64,
@@ -467,25 +467,14 @@ pub struct AuditEntry {
     pub reason: Option<String>,
 }
 
-/// A stored audit entry.
+/// A stored audit entry: its sequence number, then the entry's fields (flattened in JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {
     /// Its sequence number, increasing in insertion order.
     pub id: u64,
-    /// When (ms since the epoch).
-    pub at_ms: u64,
-    /// The principal; `None` for an unidentified caller.
-    pub principal: Option<String>,
-    /// How the caller presented itself.
-    pub caller: String,
-    /// What it asked for.
-    pub action: String,
-    /// What it asked about.
-    pub target: Option<String>,
-    /// Whether it was allowed.
-    pub allowed: bool,
-    /// Why.
-    pub reason: Option<String>,
+    /// What was audited.
+    #[serde(flatten)]
+    pub entry: AuditEntry,
 }
 
 /// The order of [`Records::audit_log`]'s answer.
@@ -961,13 +950,15 @@ impl Records {
         let rows = stmt.query_map(params_from_iter(args), |r| {
             Ok(AuditRecord {
                 id: r.get(0)?,
-                at_ms: r.get(1)?,
-                principal: r.get(2)?,
-                caller: r.get(3)?,
-                action: r.get(4)?,
-                target: r.get(5)?,
-                allowed: r.get(6)?,
-                reason: r.get(7)?,
+                entry: AuditEntry {
+                    at_ms: r.get(1)?,
+                    principal: r.get(2)?,
+                    caller: r.get(3)?,
+                    action: r.get(4)?,
+                    target: r.get(5)?,
+                    allowed: r.get(6)?,
+                    reason: r.get(7)?,
+                },
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

@@ -780,23 +780,23 @@ fn audit_entries_are_kept_and_filtered() {
     let all = records.audit_log(&AuditFilter::default()).expect("log");
     assert_eq!(all.len(), 5);
     for (rec, e) in all.iter().zip(&entries) {
-        assert_eq!(rec.at_ms, e.at_ms);
-        assert_eq!(rec.principal, e.principal);
-        assert_eq!(rec.caller, e.caller);
-        assert_eq!(rec.action, e.action);
-        assert_eq!(rec.target, e.target);
-        assert_eq!(rec.allowed, e.allowed);
-        assert_eq!(rec.reason, e.reason);
+        assert_eq!(rec.entry.at_ms, e.at_ms);
+        assert_eq!(rec.entry.principal, e.principal);
+        assert_eq!(rec.entry.caller, e.caller);
+        assert_eq!(rec.entry.action, e.action);
+        assert_eq!(rec.entry.target, e.target);
+        assert_eq!(rec.entry.allowed, e.allowed);
+        assert_eq!(rec.entry.reason, e.reason);
     }
     assert!(all.windows(2).all(|w| w[0].id < w[1].id));
-    assert_eq!(all[2].principal, None);
+    assert_eq!(all[2].entry.principal, None);
 
     let at = |f: AuditFilter| -> Vec<u64> {
         records
             .audit_log(&f)
             .expect("log")
             .iter()
-            .map(|r| r.at_ms)
+            .map(|r| r.entry.at_ms)
             .collect()
     };
     assert_eq!(
