@@ -155,30 +155,28 @@ fn kernel_tree(sh: &Shell, cache: &Path) -> Result<PathBuf> {
     sh.create_dir(cache)?;
     let _dir = sh.push_dir(cache);
     let mut package = KERNEL_PACKAGE.to_owned();
-    if cmd!(sh, "apt-get download {package}").run().is_err() {
-        cmd!(sh, "apt-get update -q").run()?;
-        if cmd!(sh, "apt-get download {package}").run().is_err() {
-            let list = cmd!(
-                sh,
-                "apt-cache search --names-only ^linux-image-6.1.0-[0-9]+-cloud-amd64$"
-            )
-            .read()?;
-            let mut names: Vec<&str> = list
-                .lines()
-                .filter_map(|l| l.split_whitespace().next())
-                .collect();
-            names.sort_by_key(|n| {
-                n.split('-')
-                    .nth(4)
-                    .and_then(|v| v.parse::<u32>().ok())
-                    .unwrap_or(0)
-            });
-            package = names
-                .last()
-                .context("no linux-image-*-cloud-amd64 package in the apt index")?
-                .to_string();
-            cmd!(sh, "apt-get download {package}").run()?;
-        }
+    // Not in the archive any more: the newest 6.1 cloud kernel instead.
+    if apt_download(sh, std::slice::from_ref(&package)).is_err() {
+        let list = cmd!(
+            sh,
+            "apt-cache search --names-only ^linux-image-6.1.0-[0-9]+-cloud-amd64$"
+        )
+        .read()?;
+        let mut names: Vec<&str> = list
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        names.sort_by_key(|n| {
+            n.split('-')
+                .nth(4)
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(0)
+        });
+        package = names
+            .last()
+            .context("no linux-image-*-cloud-amd64 package in the apt index")?
+            .to_string();
+        cmd!(sh, "apt-get download {package}").run()?;
     }
     let deb = sh
         .read_dir(cache)?
@@ -197,6 +195,17 @@ fn kernel_tree(sh: &Shell, cache: &Path) -> Result<PathBuf> {
     Ok(tree)
 }
 
+/// `apt-get download`s `packages` into the current directory; if that fails, updates the
+/// package index (it may be missing or stale on a new machine) and tries once more.
+fn apt_download(sh: &Shell, packages: &[String]) -> Result<()> {
+    if cmd!(sh, "apt-get download -q {packages...}").run().is_ok() {
+        return Ok(());
+    }
+    cmd!(sh, "apt-get update -q").run()?;
+    cmd!(sh, "apt-get download -q {packages...}").run()?;
+    Ok(())
+}
+
 /// Debian's `qemu-guest-agent` and every package it depends on, unpacked into one tree
 /// (`target/vm-cache/qemu-ga/`) the first time and reused after.
 fn qemu_ga_tree(sh: &Shell, cache: &Path) -> Result<PathBuf> {
@@ -206,17 +215,12 @@ fn qemu_ga_tree(sh: &Shell, cache: &Path) -> Result<PathBuf> {
     }
     sh.create_dir(cache)?;
     let debs = cache.join("qemu-ga.debs");
-    let download = || -> Result<()> {
-        let _ = sh.remove_path(&debs);
-        sh.create_dir(&debs)?;
-        let packages = qemu_ga_packages(sh)?;
+    let _ = sh.remove_path(&debs);
+    sh.create_dir(&debs)?;
+    {
         let _dir = sh.push_dir(&debs);
-        cmd!(sh, "apt-get download -q {packages...}").run()?;
-        Ok(())
-    };
-    if download().is_err() {
-        cmd!(sh, "apt-get update -q").run()?;
-        download().context("downloading qemu-guest-agent and its dependencies")?;
+        apt_download(sh, &qemu_ga_packages(sh)?)
+            .context("downloading qemu-guest-agent and its dependencies")?;
     }
     let tmp = cache.join("qemu-ga.tmp");
     let _ = sh.remove_path(&tmp);
