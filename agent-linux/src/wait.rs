@@ -267,15 +267,18 @@ impl Runner<'_> {
         let mut signals_due = true;
         let mut signals_checked = 0u64;
         loop {
-            if signals_due || sys::now_ms().saturating_sub(signals_checked) >= SIGNAL_CHECK_MS {
+            // One clock read per pass serves the signal check and the poll.
+            let mut now = sys::now_ms();
+            if signals_due || now.saturating_sub(signals_checked) >= SIGNAL_CHECK_MS {
                 signals_due = false;
-                signals_checked = sys::now_ms();
+                signals_checked = now;
                 match self.signals.take() {
                     SignalAction::Stop => return SessionEnd::Stop,
                     SignalAction::Reload => {
                         let before = self.agent.config_revision();
                         self.reload();
                         pending_announce |= self.agent.config_revision() != before;
+                        now = sys::now_ms();
                     }
                     SignalAction::Report => self.report(),
                     SignalAction::None => {}
@@ -289,7 +292,6 @@ impl Runner<'_> {
             if pending_announce && self.agent.announce_config(ep, mem).is_ok() {
                 pending_announce = false;
             }
-            let now = sys::now_ms();
             let activity =
                 match self
                     .agent
