@@ -2,6 +2,9 @@
 //! request over the daemon's unix socket, and CPU time from /proc.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod hostile;
+pub mod stack;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
