@@ -265,6 +265,8 @@ impl<R: Role> Endpoint<R> {
     }
 
     /// Copies the next frame into `buf` and returns its payload, or `None` if none is waiting.
+    /// The frame is consumed at once, together with every frame [peeked](Self::peek_frame)
+    /// before it.
     pub fn recv_frame<'b>(
         &mut self,
         mem: &(impl SharedMemory + ?Sized),
@@ -295,6 +297,58 @@ impl<R: Role> Endpoint<R> {
                 .map(Some)
                 .map_err(RecvError::Undecodable),
         }
+    }
+
+    /// Copies the next frame into `buf` without consuming it, and returns its payload, or
+    /// `None` if no frame is waiting beyond those already peeked. The peer cannot reuse the
+    /// frame's bytes until [`release`](Self::release) is called with an index at or past
+    /// [`read_index`](Self::read_index) as it is after this call; an endpoint that restarts
+    /// before that (a resumed host) reads the frame again. This is how a side makes a
+    /// frame's effect durable before the frame is gone (PROTOCOL.md 3.5, "Deferred release").
+    pub fn peek_frame<'b>(
+        &mut self,
+        mem: &(impl SharedMemory + ?Sized),
+        buf: &'b mut FrameBuf,
+    ) -> Result<Option<&'b [u8]>, ChannelError> {
+        if self.resetting {
+            return Err(ChannelError::Detached);
+        }
+        let got = self.rx.try_peek(mem, buf)?;
+        if got.is_some() {
+            self.frames_in += 1;
+        }
+        Ok(got)
+    }
+
+    /// [`peek_frame`](Self::peek_frame), decoded; borrows from `buf`.
+    pub fn peek<'b>(
+        &mut self,
+        mem: &(impl SharedMemory + ?Sized),
+        buf: &'b mut FrameBuf,
+    ) -> Result<Option<R::Rx<'b>>, RecvError> {
+        match self.peek_frame(mem, buf)? {
+            None => Ok(None),
+            Some(payload) => crate::message::decode(payload)
+                .map(Some)
+                .map_err(RecvError::Undecodable),
+        }
+    }
+
+    /// Where the next incoming frame starts (past every frame received or peeked); pass it
+    /// to [`release`](Self::release) once the frames before it are dealt with.
+    pub fn read_index(&self) -> u32 {
+        self.rx.read_index()
+    }
+
+    /// Publishes that every incoming frame before `upto` (a [`read_index`](Self::read_index)
+    /// of this epoch) is consumed, so that the peer may reuse their space. An index that is
+    /// not ahead of the last one released, or past what was read, changes nothing; so does
+    /// any call while the channel is being reset.
+    pub fn release(&mut self, mem: &(impl SharedMemory + ?Sized), upto: u32) {
+        if self.resetting {
+            return;
+        }
+        self.kick |= self.rx.release(mem, upto);
     }
 
     /// Whether the peer must be woken because of what this side sent or consumed since the

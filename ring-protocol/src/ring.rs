@@ -330,7 +330,11 @@ impl Producer {
 pub struct Consumer {
     area: RingArea,
     words: RingWords,
+    /// The consumer index as published: the producer may reuse everything before it.
     cons: u32,
+    /// Where the next frame starts: `cons` plus the frames read but not yet released
+    /// ([`try_peek`](Self::try_peek) then [`release`](Self::release)). Never past `prod`.
+    read: u32,
 }
 
 /// Where a consumer starts when it attaches.
@@ -359,7 +363,12 @@ impl Consumer {
         let cons = mem.load(words.cons, Relaxed);
         check_aligned(prod, cons)?;
         fill(prod, cons, area.size)?;
-        let mut c = Self { area, words, cons };
+        let mut c = Self {
+            area,
+            words,
+            cons,
+            read: cons,
+        };
         if start == Start::SkipPending {
             c.skip_pending(mem)?;
         }
@@ -372,6 +381,7 @@ impl Consumer {
             area: layout.area(dir),
             words: dir.words(),
             cons: 0,
+            read: 0,
         }
     }
 
@@ -385,6 +395,7 @@ impl Consumer {
             // Ordering: Release, as for every publication of `cons`.
             mem.store(self.words.cons, prod, Release);
         }
+        self.read = prod;
         Ok(())
     }
 
@@ -393,27 +404,70 @@ impl Consumer {
         self.cons
     }
 
-    /// Bytes published and not yet consumed.
+    /// Where the next frame to read starts: past the frames read and not yet released.
+    pub fn read_index(&self) -> u32 {
+        self.read
+    }
+
+    /// Bytes published and not yet read.
     pub fn available<M: SharedMemory + ?Sized>(&self, mem: &M) -> Result<u32, RingError> {
         // Ordering: Acquire pairs with the producer's Release store of `prod`, making the
         // frame bytes it wrote before visible.
         let prod = mem.load(self.words.prod, Acquire);
-        fill(prod, self.cons, self.area.size)
+        // The fill is checked against what is published as consumed (the producer's view);
+        // what was read but not released lies between, and the producer cannot take it
+        // back: `prod` only grows, by at most the free space we published.
+        let used = fill(prod, self.cons, self.area.size)?;
+        let held = self.read.wrapping_sub(self.cons);
+        used.checked_sub(held).ok_or(RingError::BadIndices {
+            prod,
+            cons: self.read,
+        })
     }
 
-    /// Copies the next frame's payload into `buf` and consumes the frame. Returns the payload
-    /// and whether the producer must be woken, or `None` when the ring is empty.
+    /// Copies the next frame's payload into `buf` and consumes the frame (releasing, with it,
+    /// every frame [peeked](Self::try_peek) before). Returns the payload and whether the
+    /// producer must be woken, or `None` when the ring is empty.
     pub fn try_recv<'b, M: SharedMemory + ?Sized>(
         &mut self,
         mem: &M,
         buf: &'b mut FrameBuf,
     ) -> Result<Option<(&'b [u8], bool)>, RingError> {
+        let Some(len) = self.peek_into(mem, buf)? else {
+            return Ok(None);
+        };
+        let kick = self.publish(mem, self.read);
+        Ok(buf.get(..len).map(|p| (p, kick)))
+    }
+
+    /// Copies the next frame's payload into `buf` without consuming it: the producer cannot
+    /// reuse its bytes until [`release`](Self::release) is called with an index at or past
+    /// [`read_index`](Self::read_index) as it is after this call. Frames are read in order;
+    /// a consumer that restarts before releasing reads them again. `None` when no frame is
+    /// waiting beyond those already read.
+    pub fn try_peek<'b, M: SharedMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        buf: &'b mut FrameBuf,
+    ) -> Result<Option<&'b [u8]>, RingError> {
+        let Some(len) = self.peek_into(mem, buf)? else {
+            return Ok(None);
+        };
+        Ok(buf.get(..len))
+    }
+
+    /// Reads the frame at `read` into `buf` and moves `read` past it; its payload length.
+    fn peek_into<M: SharedMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        buf: &mut FrameBuf,
+    ) -> Result<Option<usize>, RingError> {
         let available = self.available(mem)?;
         if available == 0 {
             return Ok(None);
         }
         let mut header = [0u8; FRAME_HEADER_LEN];
-        read_wrapping(mem, self.area, self.cons, &mut header);
+        read_wrapping(mem, self.area, self.read, &mut header);
         let len = frame::decode_header(header)?;
         let needed = frame_len_u32(len);
         if needed > available {
@@ -425,17 +479,28 @@ impl Consumer {
         read_wrapping(
             mem,
             self.area,
-            self.cons.wrapping_add(FRAME_HEADER_LEN as u32),
+            self.read.wrapping_add(FRAME_HEADER_LEN as u32),
             payload,
         );
-        let kick = self.consume(mem, needed);
-        Ok(Some((payload, kick)))
+        self.read = self.read.wrapping_add(needed);
+        Ok(Some(len))
     }
 
-    /// Publishes that `len` more bytes were consumed and decides whether to wake the producer.
-    fn consume<M: SharedMemory + ?Sized>(&mut self, mem: &M, len: u32) -> bool {
+    /// Publishes that every frame before index `upto` is consumed: a value from
+    /// [`read_index`](Self::read_index), at or after the last one released. An index outside
+    /// that range changes nothing. Returns whether the producer must be woken.
+    pub fn release<M: SharedMemory + ?Sized>(&mut self, mem: &M, upto: u32) -> bool {
+        let ahead = upto.wrapping_sub(self.cons);
+        if ahead == 0 || ahead > self.read.wrapping_sub(self.cons) {
+            return false;
+        }
+        self.publish(mem, upto)
+    }
+
+    /// Publishes `cons = new` and decides whether to wake the producer.
+    fn publish<M: SharedMemory + ?Sized>(&mut self, mem: &M, new: u32) -> bool {
         let old = self.cons;
-        self.cons = old.wrapping_add(len);
+        self.cons = new;
         // Ordering: Release: our copy of the frame is complete before the producer may reuse
         // its bytes (it loads `cons` with Acquire).
         mem.store(self.words.cons, self.cons, Release);

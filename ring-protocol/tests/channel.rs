@@ -104,6 +104,54 @@ fn a_restarted_host_loses_nothing_the_guest_published() {
 }
 
 #[test]
+fn frames_peeked_but_not_released_are_read_again_by_a_restarted_host() {
+    let mem = HeapRegion::new(SIZE);
+    let mut host = HostEndpoint::create(&*mem, 1).expect("valid");
+    let mut guest = GuestEndpoint::attach(&*mem, 3, Start::SkipPending, None).expect("ready");
+    let mut buf = frame_buf();
+    for nonce in 0..4 {
+        guest
+            .send(&*mem, &AgentToHost::Pong { nonce })
+            .expect("room");
+    }
+    let free = guest.tx_free(&*mem).expect("valid");
+    // The host reads all four, makes the first two durable, and dies before the others.
+    let mut after = Vec::new();
+    for nonce in 0..4 {
+        assert_eq!(
+            host.peek(&*mem, &mut buf),
+            Ok(Some(AgentToHost::Pong { nonce }))
+        );
+        after.push(host.read_index());
+    }
+    assert_eq!(host.peek(&*mem, &mut buf), Ok(None));
+    assert!(!host.has_incoming(&*mem), "everything published was read");
+    assert_eq!(
+        guest.tx_free(&*mem).expect("valid"),
+        free,
+        "frames read but not released still take their space"
+    );
+    host.release(&*mem, after[1]);
+    assert!(guest.tx_free(&*mem).expect("valid") > free);
+    // Out-of-range releases change nothing: behind what was released, past what was read.
+    host.release(&*mem, after[0]);
+    host.release(&*mem, after[3].wrapping_add(64));
+    let free_now = guest.tx_free(&*mem).expect("valid");
+
+    let mut host = HostEndpoint::open(&*mem, 2).expect("resumes");
+    assert_eq!(guest.tx_free(&*mem).expect("valid"), free_now);
+    for nonce in 2..4 {
+        assert_eq!(
+            host.recv(&*mem, &mut buf),
+            Ok(Some(AgentToHost::Pong { nonce })),
+            "the frames not released come again, in order"
+        );
+    }
+    assert_eq!(host.recv(&*mem, &mut buf), Ok(None));
+    assert_eq!(guest.tx_free(&*mem).expect("valid"), free + 4 * 16);
+}
+
+#[test]
 fn a_restarted_guest_chooses_whether_to_see_old_requests() {
     let mem = HeapRegion::new(SIZE);
     let mut host = HostEndpoint::create(&*mem, 1).expect("valid");

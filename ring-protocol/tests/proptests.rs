@@ -341,6 +341,12 @@ proptest! {
 enum Op {
     Send(usize),
     Recv,
+    /// Read the next frame without consuming it.
+    Peek,
+    /// Release the first `n` frames peeked (all of them when fewer are held).
+    Release(usize),
+    /// The consumer restarts from what it published (a host that died and resumed).
+    Restart,
 }
 
 fn ops() -> impl Strategy<Value = Vec<Op>> {
@@ -349,6 +355,9 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
             3 => (0..=MAX_PAYLOAD_LEN).prop_map(Op::Send),
             1 => (0usize..64).prop_map(Op::Send),
             3 => Just(Op::Recv),
+            2 => Just(Op::Peek),
+            1 => (0usize..4).prop_map(Op::Release),
+            1 => Just(Op::Restart),
         ],
         1..200,
     )
@@ -372,6 +381,8 @@ proptest! {
         let mut c = Consumer::attach(&mem, &layout, Direction::HostToGuest, Start::Resume).expect("attach");
         let capacity = layout.h2g.size as usize;
         let mut model: VecDeque<Vec<u8>> = VecDeque::new();
+        // Frames peeked and not released, with the read index after each.
+        let mut held: VecDeque<(Vec<u8>, u32)> = VecDeque::new();
         let mut used = 0usize;
         let mut buf = frame_buf();
         for (k, op) in ops.into_iter().enumerate() {
@@ -396,12 +407,52 @@ proptest! {
                     Some((got, _)) => {
                         let want = model.pop_front().expect("model has it");
                         prop_assert_eq!(got, &want[..]);
+                        // Consuming a frame releases every frame peeked before it too.
                         used -= frame_len(want.len());
+                        for (h, _) in held.drain(..) {
+                            used -= frame_len(h.len());
+                        }
                     }
                     None => prop_assert!(model.is_empty()),
                 },
+                Op::Peek => match c.try_peek(&mem, &mut buf).expect("valid ring") {
+                    Some(got) => {
+                        let want = model.pop_front().expect("model has it");
+                        prop_assert_eq!(got, &want[..]);
+                        held.push_back((want, c.read_index()));
+                    }
+                    None => prop_assert!(model.is_empty()),
+                },
+                Op::Release(n) => {
+                    let n = n.min(held.len());
+                    if n > 0 {
+                        let upto = held[n - 1].1;
+                        c.release(&mem, upto);
+                        for (h, _) in held.drain(..n) {
+                            used -= frame_len(h.len());
+                        }
+                    }
+                    // Releasing again, or behind what was released, changes nothing.
+                    let before = c.cons();
+                    c.release(&mem, before);
+                    c.release(&mem, before.wrapping_sub(8));
+                    prop_assert_eq!(c.cons(), before);
+                }
+                Op::Restart => {
+                    c = Consumer::attach(&mem, &layout, Direction::HostToGuest, Start::Resume)
+                        .expect("attach");
+                    // What was read but not released is read again, in order.
+                    for (h, _) in held.drain(..).rev() {
+                        model.push_front(h);
+                    }
+                }
             }
+            prop_assert_eq!(c.read_index().wrapping_sub(c.cons()) as usize,
+                held.iter().map(|(h, _)| frame_len(h.len())).sum::<usize>());
             prop_assert_eq!(p.free(&mem).expect("valid") as usize, capacity - used);
+        }
+        if let Some(&(_, upto)) = held.back() {
+            c.release(&mem, upto);
         }
         while let Some(want) = model.pop_front() {
             let (got, _) = c.try_recv(&mem, &mut buf).expect("valid").expect("frame");
