@@ -22,8 +22,8 @@ use tokio::sync::{Semaphore, broadcast, oneshot};
 use crate::config::{HostConfig, Target, VmConfig};
 use crate::policy::{Action, Caller, Policy, Principal};
 use crate::records::{
-    AuditEntry, AuditFilter, AuditOrder, ExecState, ExecutionId, ExecutionRecord, NewExecution,
-    OutputStream, Records,
+    AuditEntry, AuditFilter, AuditOrder, Done, ExecState, ExecutionId, ExecutionRecord, Finish,
+    NewExecution, Op, OutputStream, Records, RecordsError, Writer,
 };
 use crate::vm::{Request, VmError, VmEvent, VmHandle};
 
@@ -33,12 +33,50 @@ pub struct App {
     pub config: HostConfig,
     /// Who may do what.
     pub policy: Policy,
-    /// Executions, output and audit.
+    /// Executions, output and audit (read on the blocking pool, see [`read`]).
     pub records: Arc<Records>,
+    /// Every write to the records goes through it.
+    pub writer: Writer,
     /// The VM drivers, by name.
     pub vms: BTreeMap<String, VmHandle>,
     /// Output and completion events from the drivers.
     pub events: broadcast::Sender<VmEvent>,
+    /// Names pushes, so that one the API gave up on can be withdrawn.
+    pub tickets: std::sync::atomic::AtomicU64,
+}
+
+/// Runs a read of the records on the blocking pool: SQLite never runs on an async worker.
+async fn read<T: Send + 'static>(
+    app: &App,
+    f: impl FnOnce(&Records) -> Result<T, RecordsError> + Send + 'static,
+) -> ApiResult<T> {
+    let records = app.records.clone();
+    tokio::task::spawn_blocking(move || f(&records))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)
+}
+
+/// Refuses new work (503) while the disk of the records is full, naming the cause; reads,
+/// listings and the audit log keep working.
+async fn refuse_if_disk_full(app: &App) -> ApiResult<()> {
+    let records = app.records.clone();
+    let problem = tokio::task::spawn_blocking(move || records.disk_problem())
+        .await
+        .map_err(ApiError::internal)?;
+    match problem {
+        Some(cause) => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("new executions are refused: {cause}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Applies writes through the records writer; the first op's result.
+async fn write(app: &App, ops: Vec<Op>) -> Result<Done, RecordsError> {
+    let results = app.writer.run(ops).await?;
+    results.into_iter().next().unwrap_or(Ok(Done::Ok))
 }
 
 /// How a connection reached the daemon.
@@ -94,9 +132,11 @@ impl From<VmError> for ApiError {
     fn from(e: VmError) -> Self {
         let status = match e {
             VmError::Rejected(_) | VmError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            VmError::Undeliverable | VmError::AgentLost | VmError::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            VmError::Undeliverable
+            | VmError::AgentLost
+            | VmError::ShuttingDown
+            | VmError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            VmError::NoAnswer(_) => StatusCode::GATEWAY_TIMEOUT,
         };
         Self(status, e.to_string())
     }
@@ -139,7 +179,7 @@ fn caller(peer: &Peer, headers: &HeaderMap) -> Result<Caller, (String, String)> 
 impl App {
     /// The VM `name` for `action`: the caller is identified (and audited) before an unknown
     /// name is reported, so that names are not revealed to strangers.
-    fn vm_for(
+    async fn vm_for(
         &self,
         peer: &Peer,
         headers: &HeaderMap,
@@ -149,11 +189,14 @@ impl App {
     ) -> ApiResult<(&VmConfig, &VmHandle, &Principal)> {
         match self.vm(name) {
             Ok((cfg, handle)) => {
-                let p = self.authorize(peer, headers, action, Some(cfg), target)?;
+                let p = self
+                    .authorize(peer, headers, action, Some(cfg), target)
+                    .await?;
                 Ok((cfg, handle, p))
             }
             Err(e) => {
-                self.authorize(peer, headers, &Action::ListVms, None, target)?;
+                self.authorize(peer, headers, &Action::ListVms, None, target)
+                    .await?;
                 Err(e)
             }
         }
@@ -167,7 +210,7 @@ impl App {
     }
 
     /// Identifies and authorizes the caller for `action` (on `vm`), recording the decision.
-    fn authorize(
+    async fn authorize(
         &self,
         peer: &Peer,
         headers: &HeaderMap,
@@ -194,9 +237,12 @@ impl App {
             allowed: result.is_ok(),
             reason: result.as_ref().err().cloned(),
         };
-        if let Err(e) = self.records.audit(&entry) {
+        if let Err(e) = write(self, vec![Op::Audit(entry)]).await {
             // Nothing happens unrecorded.
-            return Err(ApiError::internal(format!("audit log: {e}")));
+            return Err(ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the audit log cannot be written, so nothing is done: {e}"),
+            ));
         }
         match (result, principal) {
             (Ok(()), Some(p)) => Ok(p),
@@ -208,15 +254,14 @@ impl App {
         }
     }
 
-    fn execution(&self, id: u64) -> ApiResult<ExecutionRecord> {
-        self.records
-            .execution(ExecutionId(id))
-            .map_err(ApiError::internal)?
+    async fn execution(&self, id: u64) -> ApiResult<ExecutionRecord> {
+        read(self, move |r| r.execution(ExecutionId(id)))
+            .await?
             .ok_or_else(|| ApiError::not_found(format!("no execution {id}")))
     }
 
     /// Authorizes reading or cancelling execution `id` (checked against its VM).
-    fn authorize_execution(
+    async fn authorize_execution(
         &self,
         peer: &Peer,
         headers: &HeaderMap,
@@ -224,22 +269,25 @@ impl App {
         id: u64,
     ) -> ApiResult<ExecutionRecord> {
         let target = Some(format!("execution {id}"));
-        let rec = match self.execution(id) {
+        let rec = match self.execution(id).await {
             Ok(r) => r,
             Err(e) => {
                 // Audit the attempt under the caller's identity, then say it does not exist.
-                self.authorize(peer, headers, &Action::ListVms, None, target)?;
+                self.authorize(peer, headers, &Action::ListVms, None, target)
+                    .await?;
                 return Err(e);
             }
         };
         let Some(vm) = self.config.vm(&rec.vm) else {
-            self.authorize(peer, headers, &Action::ListVms, None, target)?;
+            self.authorize(peer, headers, &Action::ListVms, None, target)
+                .await?;
             return Err(ApiError::not_found(format!(
                 "execution {id} belongs to vm \"{}\", no longer configured",
                 rec.vm
             )));
         };
-        self.authorize(peer, headers, action, Some(vm), target)?;
+        self.authorize(peer, headers, action, Some(vm), target)
+            .await?;
         Ok(rec)
     }
 }
@@ -323,7 +371,9 @@ async fn list_vms(
     ConnectInfo(peer): ConnectInfo<Peer>,
     headers: HeaderMap,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let principal = app.authorize(&peer, &headers, &Action::ListVms, None, None)?;
+    let principal = app
+        .authorize(&peer, &headers, &Action::ListVms, None, None)
+        .await?;
     let vms: Vec<VmView> = app
         .config
         .vms
@@ -371,13 +421,15 @@ async fn commands(
     headers: HeaderMap,
     Path(vm): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let (_, handle, _) = app.vm_for(
-        &peer,
-        &headers,
-        &Action::ListCommands,
-        &vm,
-        Some(vm.clone()),
-    )?;
+    let (_, handle, _) = app
+        .vm_for(
+            &peer,
+            &headers,
+            &Action::ListCommands,
+            &vm,
+            Some(vm.clone()),
+        )
+        .await?;
     let (reply, rx) = oneshot::channel();
     handle.request(Request::Commands { reply })?;
     let list = answer(&app, rx).await?;
@@ -392,7 +444,9 @@ async fn ping(
     headers: HeaderMap,
     Path(vm): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let (_, handle, _) = app.vm_for(&peer, &headers, &Action::Ping, &vm, Some(vm.clone()))?;
+    let (_, handle, _) = app
+        .vm_for(&peer, &headers, &Action::Ping, &vm, Some(vm.clone()))
+        .await?;
     let (reply, rx) = oneshot::channel();
     handle.request(Request::Ping { reply })?;
     let rtt = answer(&app, rx).await?;
@@ -407,7 +461,9 @@ async fn metrics(
     headers: HeaderMap,
     Path(vm): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let (_, handle, _) = app.vm_for(&peer, &headers, &Action::Metrics, &vm, Some(vm.clone()))?;
+    let (_, handle, _) = app
+        .vm_for(&peer, &headers, &Action::Metrics, &vm, Some(vm.clone()))
+        .await?;
     let (reply, rx) = oneshot::channel();
     handle.request(Request::Metrics { reply })?;
     let m = answer(&app, rx).await?;
@@ -431,18 +487,23 @@ async fn push(
     body: Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
     use sha2::Digest;
-    let (_, handle, principal) = app.vm_for(
-        &peer,
-        &headers,
-        &Action::Push,
-        &vm,
-        Some(format!("{vm}:{}", q.name)),
-    )?;
+    let (_, handle, principal) = app
+        .vm_for(
+            &peer,
+            &headers,
+            &Action::Push,
+            &vm,
+            Some(format!("{vm}:{}", q.name)),
+        )
+        .await?;
     if q.name.is_empty() || q.name.contains('/') || q.name.starts_with('.') {
         return Err(ApiError::bad(format!(
             "bad program name \"{}\": a file name, not a path",
             q.name
         )));
+    }
+    if q.run {
+        refuse_if_disk_full(&app).await?;
     }
     let run = if q.run {
         let new = NewExecution {
@@ -452,43 +513,57 @@ async fn push(
             args: Vec::new(),
             requested_at_ms: now_ms(),
         };
-        Some(
-            app.records
-                .create_execution(&new)
-                .map_err(ApiError::internal)?,
-        )
+        match write(&app, vec![Op::Create(new)]).await {
+            Ok(Done::Created(id)) => Some(id),
+            Ok(_) => return Err(ApiError::internal("no execution id")),
+            Err(e) => return Err(ApiError::internal(e)),
+        }
     } else {
         None
     };
     let sha256 = hex::encode(sha2::Sha256::digest(&body));
     let size = body.len();
     let (reply, rx) = oneshot::channel();
+    // Ordering: Relaxed: a counter; only its uniqueness matters.
+    let ticket = app
+        .tickets
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let sent = handle.request(Request::Push {
         name: q.name.clone(),
         data: body.to_vec(),
         run,
         timeout_ms: q.timeout_ms,
+        ticket,
         reply,
     });
     let answered = match sent {
-        Ok(()) => answer(&app, rx).await,
-        Err(e) => Err(e.into()),
+        Ok(()) => answer_within(&app, rx).await,
+        Err(e) => Some(Err(e.into())),
     };
     let outcome = match answered {
-        Ok(o) => o,
-        Err(e) => {
+        Some(Ok(o)) => o,
+        // The driver ended the run's record already.
+        Some(Err(e)) => return Err(e),
+        None => {
+            // Given up on: withdrawn from the driver (a late start is cancelled in the
+            // guest), and its run ends here, before any of its output could attach.
+            let _ = handle.request(Request::WithdrawPush { ticket });
+            let err = ApiError(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the agent did not confirm the push in time; it was withdrawn".into(),
+            );
             if let Some(id) = run {
-                let end = crate::records::Finish {
+                let end = Finish {
                     state: ExecState::Undeliverable,
                     exit_code: None,
                     signal: None,
                     finished_at_ms: now_ms(),
                     duration_ms: None,
-                    detail: Some(e.1.clone()),
+                    detail: Some(err.1.clone()),
                 };
-                let _ = app.records.finish(id, &end);
+                let _ = write(&app, vec![Op::Finish { id, end }]).await;
             }
-            return Err(e);
+            return Err(err);
         }
     };
     let (word, error) = match outcome {
@@ -543,7 +618,10 @@ async fn exec(
     let mut principal_name = String::new();
     for vm in selected {
         let target = Some(format!("{}:{}", vm.name, body.command));
-        match app.authorize(&peer, &headers, &action, Some(vm), target) {
+        match app
+            .authorize(&peer, &headers, &action, Some(vm), target)
+            .await
+        {
             Ok(p) => {
                 principal_name = p.name().to_owned();
                 vms.push(vm);
@@ -561,6 +639,7 @@ async fn exec(
             ),
         ));
     }
+    refuse_if_disk_full(&app).await?;
     let bounded = body.max_concurrency.is_some_and(|n| n > 0);
     let limit = body
         .max_concurrency
@@ -652,14 +731,17 @@ async fn dispatch(
         args: args.clone(),
         requested_at_ms: now_ms(),
     };
-    let id = match app.records.create_execution(&new) {
-        Ok(id) => id,
-        Err(e) => {
+    let id = match write(app, vec![Op::Create(new)]).await {
+        Ok(Done::Created(id)) => id,
+        other => {
             return Dispatched {
                 vm: vm.to_owned(),
                 id: None,
                 state: ExecState::Rejected,
-                error: Some(e.to_string()),
+                error: Some(match other {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "no execution id".into(),
+                }),
             };
         }
     };
@@ -685,9 +767,8 @@ async fn dispatch(
         Ok(()) => answer_within(app, rx).await.unwrap_or(Ok(())),
         Err(e) => Err(e.into()),
     };
-    let state = app
-        .records
-        .execution(id)
+    let state = read(app, move |r| r.execution(id))
+        .await
         .ok()
         .flatten()
         .map_or(ExecState::Pending, |r| r.state);
@@ -708,7 +789,7 @@ async fn wait_final(
     let mut events = app.events.subscribe();
     let deadline = limit.map(|l| tokio::time::Instant::now() + l);
     loop {
-        let rec = app.records.execution(id).ok().flatten()?;
+        let rec = read(app, move |r| r.execution(id)).await.ok().flatten()?;
         if rec.state.is_final() {
             return Some(rec);
         }
@@ -749,7 +830,9 @@ async fn list_executions(
     headers: HeaderMap,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let principal = app.authorize(&peer, &headers, &Action::ListVms, None, None)?;
+    let principal = app
+        .authorize(&peer, &headers, &Action::ListVms, None, None)
+        .await?;
     let state = match &q.state {
         Some(s) => Some(
             ExecState::from_name(s)
@@ -769,10 +852,7 @@ async fn list_executions(
             limit: Some(want.max(100)),
             ..Default::default()
         };
-        let page = app
-            .records
-            .executions(&filter)
-            .map_err(ApiError::internal)?;
+        let page = read(&app, move |r| r.executions(&filter)).await?;
         let Some(last) = page.last() else { break };
         before = Some(last.id);
         list.extend(page.into_iter().filter(|r| {
@@ -791,12 +871,10 @@ async fn execution(
     headers: HeaderMap,
     Path(id): Path<u64>,
 ) -> ApiResult<Json<ExecutionRecord>> {
-    Ok(Json(app.authorize_execution(
-        &peer,
-        &headers,
-        &Action::ReadExecution,
-        id,
-    )?))
+    Ok(Json(
+        app.authorize_execution(&peer, &headers, &Action::ReadExecution, id)
+            .await?,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -811,7 +889,8 @@ async fn wait(
     Path(id): Path<u64>,
     Query(q): Query<WaitQuery>,
 ) -> ApiResult<Json<ExecutionRecord>> {
-    app.authorize_execution(&peer, &headers, &Action::ReadExecution, id)?;
+    app.authorize_execution(&peer, &headers, &Action::ReadExecution, id)
+        .await?;
     let limit = Duration::from_millis(q.timeout_ms.unwrap_or(30_000).min(300_000));
     wait_final(&app, ExecutionId(id), Some(limit))
         .await
@@ -843,17 +922,14 @@ async fn output(
     Path(id): Path<u64>,
     Query(q): Query<OutputQuery>,
 ) -> ApiResult<Response> {
-    app.authorize_execution(&peer, &headers, &Action::ReadExecution, id)?;
+    app.authorize_execution(&peer, &headers, &Action::ReadExecution, id)
+        .await?;
     let stream = stream_of(q.stream.as_deref())?;
-    let slice = app
-        .records
-        .read_output(
-            ExecutionId(id),
-            stream,
-            q.offset.unwrap_or(0),
-            q.limit.unwrap_or(usize::MAX),
-        )
-        .map_err(ApiError::internal)?;
+    let (offset, limit) = (q.offset.unwrap_or(0), q.limit.unwrap_or(usize::MAX));
+    let slice = read(&app, move |r| {
+        r.read_output(ExecutionId(id), stream, offset, limit)
+    })
+    .await?;
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
@@ -884,7 +960,8 @@ async fn follow(
     headers: HeaderMap,
     Path(id): Path<u64>,
 ) -> ApiResult<Response> {
-    app.authorize_execution(&peer, &headers, &Action::ReadExecution, id)?;
+    app.authorize_execution(&peer, &headers, &Action::ReadExecution, id)
+        .await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let id = ExecutionId(id);
     tokio::spawn(async move {
@@ -893,15 +970,15 @@ async fn follow(
         loop {
             // Read the state before the output, so that output that arrives with the end is
             // still sent before the end line.
-            let rec = match app.records.execution(id) {
+            let rec = match read(&app, move |r| r.execution(id)).await {
                 Ok(Some(r)) => r,
                 _ => return,
             };
             for (k, stream) in [(0, OutputStream::Stdout), (1, OutputStream::Stderr)] {
                 loop {
-                    let Ok(slice) = app
-                        .records
-                        .read_output(id, stream, offsets[k], FOLLOW_CHUNK)
+                    let from = offsets[k];
+                    let Ok(slice) =
+                        read(&app, move |r| r.read_output(id, stream, from, FOLLOW_CHUNK)).await
                     else {
                         return;
                     };
@@ -957,7 +1034,9 @@ async fn cancel(
     headers: HeaderMap,
     Path(id): Path<u64>,
 ) -> ApiResult<Response> {
-    let rec = app.authorize_execution(&peer, &headers, &Action::Cancel, id)?;
+    let rec = app
+        .authorize_execution(&peer, &headers, &Action::Cancel, id)
+        .await?;
     if rec.state.is_final() {
         return Err(ApiError(
             StatusCode::CONFLICT,
@@ -994,7 +1073,8 @@ async fn audit(
     headers: HeaderMap,
     Query(q): Query<AuditQuery>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    app.authorize(&peer, &headers, &Action::ReadAudit, None, None)?;
+    app.authorize(&peer, &headers, &Action::ReadAudit, None, None)
+        .await?;
     let order = match q.order.as_deref() {
         Some("oldest") => AuditOrder::OldestFirst,
         None | Some("newest") => AuditOrder::NewestFirst,
@@ -1012,6 +1092,6 @@ async fn audit(
         limit: q.limit.or(Some(1000)),
         order,
     };
-    let entries = app.records.audit_log(&filter).map_err(ApiError::internal)?;
+    let entries = read(&app, move |r| r.audit_log(&filter)).await?;
     Ok(Json(serde_json::json!({ "entries": entries })))
 }

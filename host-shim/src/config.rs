@@ -20,6 +20,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use ring_protocol::layout::{MAX_REGION_SIZE, MIN_REGION_SIZE};
+
+mod limits;
+pub use limits::*;
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
@@ -55,6 +58,10 @@ pub struct HostConfig {
     pub vms: Vec<VmConfig>,
     /// The `[[principal]]` tables, in file order; names are unique.
     pub principals: Vec<PrincipalConfig>,
+    /// The `[budget]` table: what one guest may make the host spend.
+    pub budget: BudgetConfig,
+    /// The `[records]` table: output merging, quotas and retention.
+    pub records: RecordsConfig,
 }
 
 /// The `[daemon]` table: where the daemon listens and keeps its records, and its timings.
@@ -509,6 +516,16 @@ pub enum ConfigErrorKind {
         /// Why it is refused.
         reason: String,
     },
+    /// A `[budget]` or `[records]` setting out of range.
+    #[error("[{table}] {field}: {reason}")]
+    Limit {
+        /// `budget` or `records`.
+        table: &'static str,
+        /// The setting.
+        field: &'static str,
+        /// Why it is refused.
+        reason: String,
+    },
     /// A VM name that is not well-formed.
     #[error("vm name: {0}")]
     VmName(SyntaxError),
@@ -798,6 +815,10 @@ struct RawFile {
     #[serde(default)]
     daemon: RawDaemon,
     #[serde(default)]
+    budget: limits::RawBudget,
+    #[serde(default)]
+    records: limits::RawRecords,
+    #[serde(default)]
     vm: Vec<RawVm>,
     #[serde(default)]
     principal: Vec<RawPrincipal>,
@@ -909,6 +930,8 @@ type Failure = (Range<usize>, ConfigErrorKind);
 impl RawFile {
     fn check(self, line_of: impl Fn(Range<usize>) -> usize) -> Result<HostConfig, Failure> {
         let daemon = self.daemon.check()?;
+        let budget = self.budget.check()?;
+        let records = self.records.check()?;
 
         let mut vms = Vec::with_capacity(self.vm.len());
         let mut vm_lines: HashMap<String, usize> = HashMap::new();
@@ -963,6 +986,8 @@ impl RawFile {
             daemon,
             vms,
             principals,
+            budget,
+            records,
         })
     }
 }
@@ -1318,8 +1343,8 @@ mod tests {
             ),
             (
                 "\n[deamon]\n".to_owned(),
-                "host.toml:2:2: unknown field `deamon`, expected one of `daemon`, `vm`, \
-                 `principal`",
+                "host.toml:2:2: unknown field `deamon`, expected one of `daemon`, `budget`, \
+                 `records`, `vm`, `principal`",
             ),
             (
                 "[daemon]\n  sockt = \"/x\"\n".to_owned(),

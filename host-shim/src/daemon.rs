@@ -17,7 +17,7 @@ use crate::api::{self, App, Peer};
 use crate::config::{ChannelConfig, HostConfig, VmConfig};
 use crate::memory::GuestRegion;
 use crate::policy::Policy;
-use crate::records::Records;
+use crate::records::{Records, StoreLimits, Writer};
 use crate::vm::{self, ChannelKind, VmSettings};
 
 /// The default configuration file.
@@ -117,10 +117,17 @@ fn channel(vm: &VmConfig, state_dir: &Path) -> Result<ChannelKind> {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn serve(config: HostConfig) -> Result<()> {
     let d = config.daemon.clone();
+    let r = config.records;
+    let limits = StoreLimits {
+        output_cap: d.output_cap as u64,
+        vm_quota: r.vm_quota,
+        min_free: r.min_free,
+    };
     let records = Arc::new(
-        Records::open(&d.state_dir, d.output_cap as u64)
+        Records::open_with(&d.state_dir, limits)
             .with_context(|| format!("records in {}", d.state_dir.display()))?,
     );
+    let (writer, writer_thread) = Writer::start(records.clone(), r.retention(), r.prune_interval)?;
     let (events, _) = broadcast::channel(4096);
     let mut vms = BTreeMap::new();
     let mut threads = Vec::new();
@@ -133,9 +140,12 @@ pub async fn serve(config: HostConfig) -> Result<()> {
             command_refresh: d.command_refresh,
             poll_max: Duration::from_millis(1),
             reset_timeout: d.heartbeat_timeout,
+            budget: config.budget,
+            merge_bytes: usize::try_from(r.output_merge_bytes).unwrap_or(usize::MAX),
+            merge_wait: r.output_merge_wait,
         };
         let ch = channel(vm, &d.state_dir).with_context(|| format!("vm \"{}\"", vm.name))?;
-        let (handle, thread) = vm::spawn(settings, ch, records.clone(), events.clone())?;
+        let (handle, thread) = vm::spawn(settings, ch, writer.clone(), events.clone())?;
         vms.insert(vm.name.clone(), handle);
         threads.push(thread);
     }
@@ -143,8 +153,10 @@ pub async fn serve(config: HostConfig) -> Result<()> {
         policy: Policy::new(&config.principals),
         config,
         records,
+        writer: writer.clone(),
         vms,
         events,
+        tickets: std::sync::atomic::AtomicU64::new(1),
     });
 
     if let Some(dir) = d.socket.parent() {
@@ -234,5 +246,8 @@ pub async fn serve(config: HostConfig) -> Result<()> {
     for t in threads {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
+    // The drivers wrote what they had; the writer finishes its queue and stops.
+    writer.stop();
+    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     Ok(())
 }

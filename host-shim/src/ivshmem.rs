@@ -44,10 +44,22 @@ pub fn signal_eventfd(fd: RawFd) -> io::Result<()> {
     }
 }
 
-/// Waits up to `timeout_ms` for one of `fds` (fills `revents`).
-pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> usize {
-    // SAFETY: `fds` is valid for `fds.len()` entries for the duration of the call.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+/// Waits up to `timeout` (to the microsecond) for one of `fds` (fills `revents`).
+pub fn poll(fds: &mut [libc::pollfd], timeout: std::time::Duration) -> usize {
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: `fds` is valid for `fds.len()` entries and `ts` is a valid timespec, both for
+    // the duration of the call; a null signal mask leaves the mask alone.
+    let n = unsafe {
+        libc::ppoll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            &ts,
+            std::ptr::null(),
+        )
+    };
     usize::try_from(n).unwrap_or(0)
 }
 

@@ -4,7 +4,9 @@
 //! - [`memory`]: guest memory mapped with `vm-memory`, as the channel's shared memory.
 //! - [`config`]: `host.toml`, the daemon's configuration.
 //! - [`policy`]: who may do what on which VM.
-//! - [`records`]: executions, their output and the audit log, in SQLite.
+//! - [`records`]: executions, their output and the audit log, in SQLite; the writer that
+//!   commits them in groups; retention.
+//! - [`sys`]: system calls outside the ivshmem server (free disk space).
 //! - [`vm`]: one VM's driver: its channel, its agent's life, the requests in flight.
 //! - [`api`]: the HTTP/JSON API: callers, policy, audit, handlers.
 //! - [`daemon`]: `portless serve`.
@@ -21,4 +23,5 @@ pub mod ivshmem;
 pub mod memory;
 pub mod policy;
 pub mod records;
+pub mod sys;
 pub mod vm;

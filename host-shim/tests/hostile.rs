@@ -109,9 +109,18 @@ fn measure_floods() {
         );
         println!(
             "  guest sent {} frames, read {} requests, attached {} times",
-            guest.counters.sent.load(std::sync::atomic::Ordering::Relaxed),
-            guest.counters.received.load(std::sync::atomic::Ordering::Relaxed),
-            guest.counters.attaches.load(std::sync::atomic::Ordering::Relaxed)
+            guest
+                .counters
+                .sent
+                .load(std::sync::atomic::Ordering::Relaxed),
+            guest
+                .counters
+                .received
+                .load(std::sync::atomic::Ordering::Relaxed),
+            guest
+                .counters
+                .attaches
+                .load(std::sync::atomic::Ordering::Relaxed)
         );
         drop(guest);
     }

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use host_shim::config::{
-    ChannelConfig, CommandSelector, DaemonConfig, HostConfig, PrincipalConfig, VmConfig, VmSelector,
+    BudgetConfig, ChannelConfig, CommandSelector, DaemonConfig, HostConfig, PrincipalConfig,
+    RecordsConfig, VmConfig, VmSelector,
 };
 use host_shim::policy::{Action, Caller, Denied, Policy, hash_token};
 
@@ -188,6 +189,8 @@ fn example_file_is_as_documented() {
                 audit: false,
             },
         ],
+        budget: BudgetConfig::default(),
+        records: RecordsConfig::default(),
     };
     assert_eq!(config, expected);
     assert!(config.principals[1].token_sha256.is_some());

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use host_shim::memory::GuestRegion;
-use host_shim::records::{ExecState, ExecutionId, NewExecution, OutputStream, Records};
+use host_shim::records::{
+    ExecState, ExecutionId, NewExecution, OutputStream, Records, Retention, Writer,
+};
 use host_shim::vm::{self, ChannelKind, Request, VmError, VmEvent, VmHandle, VmSettings, VmState};
 use ring_protocol::message::{ArgProblem, Rejection};
 use tokio::sync::{broadcast, oneshot};
@@ -52,6 +54,8 @@ struct Setup {
     events: broadcast::Receiver<VmEvent>,
     agent: Option<Child>,
     _thread: std::thread::JoinHandle<()>,
+    _writer: Writer,
+    _writer_thread: std::thread::JoinHandle<()>,
 }
 
 impl Setup {
@@ -73,17 +77,21 @@ impl Setup {
         let records = Arc::new(Records::open(&dir.join("state"), 1 << 20).expect("records"));
         let (tx, events) = broadcast::channel(1024);
         let settings = VmSettings {
-            name: "vm1".into(),
             heartbeat_timeout: Duration::from_secs(3),
             lost_after: Duration::from_secs(10),
             delivery_timeout: delivery,
-            command_refresh: Duration::from_secs(300),
-            poll_max: Duration::from_millis(1),
             reset_timeout: Duration::from_secs(2),
+            ..VmSettings::new("vm1")
         };
         let memory = GuestRegion::open(&region).expect("map");
+        let (writer, writer_thread) = Writer::start(
+            records.clone(),
+            Retention::default(),
+            Duration::from_secs(60),
+        )
+        .expect("writer");
         let (vm, thread) =
-            vm::spawn(settings, ChannelKind::Plain(memory), records.clone(), tx).expect("driver");
+            vm::spawn(settings, ChannelKind::Plain(memory), writer.clone(), tx).expect("driver");
         Self {
             dir,
             records,
@@ -91,6 +99,8 @@ impl Setup {
             events,
             agent: None,
             _thread: thread,
+            _writer: writer,
+            _writer_thread: writer_thread,
         }
     }
 
@@ -259,6 +269,7 @@ fn cancel_and_push() {
         data: b"#!/bin/sh\necho fixed\n".to_vec(),
         run: Some(run),
         timeout_ms: None,
+        ticket: 1,
         reply,
     })
     .expect("queued");

@@ -144,8 +144,12 @@ impl Host {
                         revents: 0,
                     }];
                     // Until QEMU connects its doorbell cannot ring: look again soon.
-                    let ms = if peer.is_some() { limit.as_millis() } else { 5 };
-                    ivshmem::poll(&mut fds, i32::try_from(ms).unwrap_or(i32::MAX));
+                    let wait = if peer.is_some() {
+                        limit
+                    } else {
+                        Duration::from_millis(5)
+                    };
+                    ivshmem::poll(&mut fds, wait);
                     ivshmem::take_eventfd(fd);
                 }
                 ep.end_wait(mem);

@@ -38,6 +38,12 @@ use rusqlite::types::{
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
 use serde::{Deserialize, Serialize};
 
+pub mod retention;
+pub mod writer;
+
+pub use retention::{Pruned, Retention};
+pub use writer::{Done, Job, JobResult, Op, OpResult, Priority, Writer};
+
 /// The name of the database file in the state directory.
 pub const DB_FILE_NAME: &str = "portless.db";
 
@@ -45,13 +51,14 @@ pub const DB_FILE_NAME: &str = "portless.db";
 pub const DEFAULT_OUTPUT_CAP: u64 = 16 * 1024 * 1024;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// How long a call waits for a lock held by another connection before it fails.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The migrations, in order: `MIGRATIONS[n]` takes the schema from version `n` to `n + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [r#"
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
+    r#"
 CREATE TABLE executions (
     id                INTEGER PRIMARY KEY AUTOINCREMENT,
     principal         TEXT    NOT NULL,
@@ -101,7 +108,38 @@ CREATE TABLE audit (
 );
 CREATE INDEX audit_by_time ON audit (at_ms, id);
 CREATE INDEX audit_by_principal ON audit (principal, id);
-"#];
+"#,
+    r#"
+CREATE TABLE output_v2 (
+    execution  INTEGER NOT NULL REFERENCES executions (id) ON DELETE CASCADE,
+    stream     INTEGER NOT NULL,
+    offset     INTEGER NOT NULL,
+    data       BLOB    NOT NULL,
+    PRIMARY KEY (execution, stream, offset)
+) WITHOUT ROWID;
+INSERT INTO output_v2 (execution, stream, offset, data)
+    SELECT execution, stream, offset, data FROM output;
+DROP TABLE output;
+ALTER TABLE output_v2 RENAME TO output;
+
+ALTER TABLE executions ADD COLUMN stdout_chunks INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE executions ADD COLUMN stderr_chunks INTEGER NOT NULL DEFAULT 0;
+UPDATE executions SET
+    stdout_chunks = (SELECT COUNT(*) FROM output WHERE execution = executions.id AND stream = 0),
+    stderr_chunks = (SELECT COUNT(*) FROM output WHERE execution = executions.id AND stream = 1);
+CREATE INDEX executions_by_end ON executions (finished_at_ms, id)
+    WHERE finished_at_ms IS NOT NULL;
+
+CREATE TABLE vm_usage (
+    vm            TEXT    PRIMARY KEY,
+    stored_bytes  INTEGER NOT NULL,
+    chunks        INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO vm_usage (vm, stored_bytes, chunks)
+    SELECT vm, SUM(stdout_stored + stderr_stored), SUM(stdout_chunks + stderr_chunks)
+    FROM executions GROUP BY vm;
+"#,
+];
 
 /// The columns of `executions` that [`record_from_row`] reads, in its order.
 const EXECUTION_COLUMNS: &str = "id, principal, vm, command, args, state, requested_at_ms, \
@@ -186,6 +224,35 @@ pub enum RecordsError {
     /// Stored records are inconsistent (chunks missing, say).
     #[error("corrupt records: {0}")]
     Corrupt(String),
+    /// A whole group commit of the records writer failed (nothing of it was written).
+    #[error("{reason}{}", if *.disk_full { " (the disk is full)" } else { "" })]
+    GroupFailed {
+        /// What failed.
+        reason: String,
+        /// Whether for lack of disk space.
+        disk_full: bool,
+    },
+    /// Output for an execution that has ended: it is not attached to the final record.
+    #[error("execution {id} has ended ({state}): output refused")]
+    Ended {
+        /// The execution.
+        id: ExecutionId,
+        /// Its final state.
+        state: ExecState,
+    },
+}
+
+impl RecordsError {
+    /// Whether SQLite failed for lack of disk space.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Self::Database(rusqlite::Error::SqliteFailure(e, _)) => {
+                e.code == rusqlite::ErrorCode::DiskFull
+            }
+            Self::GroupFailed { disk_full, .. } => *disk_full,
+            _ => false,
+        }
+    }
 }
 
 /// The id of an execution in the records: a positive integer, never reused.
@@ -303,6 +370,14 @@ impl OutputStream {
         match self {
             OutputStream::Stdout => 0,
             OutputStream::Stderr => 1,
+        }
+    }
+
+    /// The `executions` column counting this stream's stored chunks.
+    fn chunks_column(self) -> &'static str {
+        match self {
+            OutputStream::Stdout => "stdout_chunks",
+            OutputStream::Stderr => "stderr_chunks",
         }
     }
 
@@ -504,13 +579,103 @@ pub struct AuditFilter {
     pub order: AuditOrder,
 }
 
-/// The records database. One connection behind a mutex: every call is one transaction, and
-/// calls from several threads take turns. Share it with an `Arc`.
+/// Bytes of disk one stored output chunk costs beyond its data: its key (execution, stream,
+/// offset), the record header and the b-tree cell, rounded up. The output cap and the VM
+/// quota count it, so that a stream of 1-byte chunks costs what it stores (measured in
+/// `tests/records.rs`, `a_chunk_costs_no_more_than_its_overhead`).
+pub const CHUNK_OVERHEAD: u64 = 32;
+
+/// Read connections kept open for reuse; more are opened when more readers come at once.
+const IDLE_READERS: usize = 8;
+
+/// How often the free space of the state directory's file system is looked at, at most.
+const DISK_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
+/// After a write failed for lack of space, the disk counts as full until this much more
+/// than the reserve is free again.
+const RECOVERED_FREE: u64 = 4 << 20;
+
+/// What the store may spend on disk ([`Records::open_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// Bytes kept per stream of each execution created through this handle, chunk overhead
+    /// included.
+    pub output_cap: u64,
+    /// Bytes of output (chunk overhead included) kept for one VM, over all its executions;
+    /// output past it is counted but not kept.
+    pub vm_quota: u64,
+    /// Free bytes the state directory's file system must keep; below it, output is counted
+    /// but not kept and new executions are refused ([`Records::disk_problem`]).
+    pub min_free: u64,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        Self {
+            output_cap: DEFAULT_OUTPUT_CAP,
+            vm_quota: u64::MAX,
+            min_free: 0,
+        }
+    }
+}
+
+/// Whether the disk has room, as last looked at.
+#[derive(Debug, Default)]
+struct DiskWatch {
+    checked: Option<std::time::Instant>,
+    /// Why the disk is considered full, if it is.
+    problem: Option<String>,
+    /// A write failed for lack of space since the last check that found room.
+    write_failed: bool,
+}
+
+/// The records database. One write connection behind a mutex (taken by the records writer,
+/// [`writer::Writer`], and by the synchronous write calls of tests and tools), and a pool of
+/// read connections: in WAL mode readers never wait for the writer, nor the writer for them,
+/// so queries from the API never queue behind a burst of output. Share it with an `Arc`.
 #[derive(Debug)]
 pub struct Records {
     conn: Mutex<Connection>,
-    output_cap: u64,
+    readers: Mutex<Vec<Connection>>,
+    limits: StoreLimits,
+    disk: Mutex<DiskWatch>,
     path: PathBuf,
+    dir: PathBuf,
+}
+
+/// A read connection from the pool, returned to it on drop.
+struct Reader<'a> {
+    records: &'a Records,
+    conn: Option<Connection>,
+}
+
+impl std::ops::Deref for Reader<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        // The connection is only taken out in `drop`.
+        self.conn.as_ref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl std::ops::DerefMut for Reader<'_> {
+    fn deref_mut(&mut self) -> &mut Connection {
+        self.conn.as_mut().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl Drop for Reader<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let mut pool = self
+                .records
+                .readers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if pool.len() < IDLE_READERS {
+                pool.push(conn);
+            }
+        }
+    }
 }
 
 impl Records {
@@ -518,8 +683,19 @@ impl Records {
     /// mode 0700 if it is missing (an existing directory keeps its mode) and the file with
     /// mode 0600, and brings the schema up to [`SCHEMA_VERSION`]. `output_cap` is the number of
     /// bytes kept per stream of each execution created through this handle
-    /// ([`DEFAULT_OUTPUT_CAP`] unless configured otherwise).
+    /// ([`DEFAULT_OUTPUT_CAP`] unless configured otherwise), chunk overhead included.
     pub fn open(state_dir: &Path, output_cap: u64) -> Result<Self, RecordsError> {
+        Self::open_with(
+            state_dir,
+            StoreLimits {
+                output_cap,
+                ..StoreLimits::default()
+            },
+        )
+    }
+
+    /// [`open`](Self::open) with every limit on what the store may spend.
+    pub fn open_with(state_dir: &Path, limits: StoreLimits) -> Result<Self, RecordsError> {
         DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -542,6 +718,10 @@ impl Records {
             })?;
         let mut conn = Connection::open(&path)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
+        // Pages freed by pruning go back to the file system (`incremental_vacuum`). It must
+        // be chosen before the first table exists; a database of schema 1 is converted once
+        // by `migrate`.
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(RecordsError::Corrupt(format!(
@@ -553,8 +733,11 @@ impl Records {
         migrate(&mut conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
-            output_cap,
+            readers: Mutex::new(Vec::new()),
+            limits,
+            disk: Mutex::new(DiskWatch::default()),
             path,
+            dir: state_dir.to_owned(),
         })
     }
 
@@ -565,34 +748,110 @@ impl Records {
 
     /// The cap on output bytes kept per stream for executions created from now on.
     pub fn output_cap(&self) -> u64 {
-        self.output_cap
+        self.limits.output_cap
     }
 
-    /// The connection. A panic while it was held cannot have left a transaction open (an
-    /// uncommitted transaction rolls back when dropped), so a poisoned lock is taken anyway.
+    /// The limits in force.
+    pub fn limits(&self) -> StoreLimits {
+        self.limits
+    }
+
+    /// The write connection. A panic while it was held cannot have left a transaction open
+    /// (an uncommitted transaction rolls back when dropped), so a poisoned lock is taken
+    /// anyway.
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// A read connection (from the pool, or a new one).
+    fn reader(&self) -> Result<Reader<'_>, RecordsError> {
+        let pooled = self
+            .readers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let conn = match pooled {
+            Some(c) => c,
+            None => {
+                let c = Connection::open_with_flags(
+                    &self.path,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                c.busy_timeout(BUSY_TIMEOUT)?;
+                c
+            }
+        };
+        Ok(Reader {
+            records: self,
+            conn: Some(conn),
+        })
+    }
+
+    /// Runs `f` in one write transaction on the write connection.
+    pub(crate) fn write<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, RecordsError>,
+    ) -> Result<T, RecordsError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&tx).map_err(|e| self.note_write_error(e))?;
+        tx.commit().map_err(|e| self.note_write_error(e.into()))?;
+        Ok(out)
+    }
+
+    /// Why the disk is full, if it is: free space on the state directory's file system
+    /// below `min_free`, or a write that failed for lack of space. Looked at no more often
+    /// than every 250 ms. While it is, output is counted but not kept, and the API refuses
+    /// new executions.
+    pub fn disk_problem(&self) -> Option<String> {
+        let mut disk = self.disk.lock().unwrap_or_else(PoisonError::into_inner);
+        if disk
+            .checked
+            .is_none_or(|t| t.elapsed() >= DISK_CHECK_INTERVAL)
+        {
+            disk.checked = Some(std::time::Instant::now());
+            let free = crate::sys::free_bytes(&self.dir);
+            let recovered = self.limits.min_free.saturating_add(RECOVERED_FREE);
+            if disk.write_failed && free.is_some_and(|f| f >= recovered) {
+                disk.write_failed = false;
+            }
+            disk.problem = match free {
+                Some(f) if f < self.limits.min_free => Some(format!(
+                    "the disk of the state directory {} has {} free, less than the {} \
+                     kept in reserve (records.min_free)",
+                    self.dir.display(),
+                    human_bytes(f),
+                    human_bytes(self.limits.min_free)
+                )),
+                _ if disk.write_failed => Some(self.full_message()),
+                _ => None,
+            };
+        }
+        disk.problem.clone()
+    }
+
+    fn full_message(&self) -> String {
+        format!(
+            "the disk of the state directory {} is full (a write failed for lack of space)",
+            self.dir.display()
+        )
+    }
+
+    /// Notes a failed write: a full disk makes [`disk_problem`](Self::disk_problem) say so.
+    pub(crate) fn note_write_error(&self, e: RecordsError) -> RecordsError {
+        if e.is_disk_full() {
+            let mut disk = self.disk.lock().unwrap_or_else(PoisonError::into_inner);
+            disk.write_failed = true;
+            disk.checked = Some(std::time::Instant::now());
+            disk.problem = Some(self.full_message());
+        }
+        e
+    }
+
     /// Records a new execution, [pending](ExecState::Pending), and returns its id.
     pub fn create_execution(&self, new: &NewExecution) -> Result<ExecutionId, RecordsError> {
-        let args = serde_json::to_string(&new.args)
-            .map_err(|e| RecordsError::Corrupt(format!("arguments: {e}")))?;
-        let conn = self.conn();
-        conn.prepare_cached(
-            "INSERT INTO executions (principal, vm, command, args, state, requested_at_ms, \
-             output_cap) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )?
-        .execute(params![
-            new.principal,
-            new.vm,
-            new.command,
-            args,
-            ExecState::Pending,
-            new.requested_at_ms,
-            self.output_cap,
-        ])?;
-        id_from_rowid(conn.last_insert_rowid())
+        self.write(|tx| create_execution(tx, new, self.limits.output_cap))
     }
 
     /// Records that the agent accepted the execution as agent execution
@@ -609,89 +868,13 @@ impl Records {
         agent_counter: u32,
         started_at_ms: u64,
     ) -> Result<(), RecordsError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let (vm, state, generation, counter) = tx
-            .prepare_cached(
-                "SELECT vm, state, agent_generation, agent_counter FROM executions WHERE id = ?1",
-            )?
-            .query_row([id.0], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, ExecState>(1)?,
-                    r.get::<_, Option<u32>>(2)?,
-                    r.get::<_, Option<u32>>(3)?,
-                ))
-            })
-            .optional()?
-            .ok_or(RecordsError::UnknownExecution(id))?;
-        match state {
-            ExecState::Pending => {}
-            ExecState::Running
-                if generation == Some(agent_generation) && counter == Some(agent_counter) =>
-            {
-                return Ok(());
-            }
-            _ => return Err(RecordsError::NotPending { id, state }),
-        }
-        if let Some(existing) = find_by_agent_id(&tx, &vm, agent_generation, agent_counter)? {
-            return Err(RecordsError::AgentIdInUse {
-                vm,
-                generation: agent_generation,
-                counter: agent_counter,
-                existing,
-            });
-        }
-        tx.prepare_cached(
-            "UPDATE executions SET state = ?2, agent_generation = ?3, agent_counter = ?4, \
-             started_at_ms = ?5 WHERE id = ?1",
-        )?
-        .execute(params![
-            id.0,
-            ExecState::Running,
-            agent_generation,
-            agent_counter,
-            started_at_ms
-        ])?;
-        tx.commit()?;
-        Ok(())
+        self.write(|tx| mark_accepted(tx, id, agent_generation, agent_counter, started_at_ms))
     }
 
     /// Records how the execution ended. The end is recorded once: if the execution is already
     /// final, nothing changes and the answer is `false`; otherwise `true`.
     pub fn finish(&self, id: ExecutionId, end: &Finish) -> Result<bool, RecordsError> {
-        if !end.state.is_final() {
-            return Err(RecordsError::NotFinal(end.state));
-        }
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let changed = tx
-            .prepare_cached(
-                "UPDATE executions SET state = ?2, exit_code = ?3, signal = ?4, \
-                 finished_at_ms = ?5, duration_ms = ?6, detail = ?7 \
-                 WHERE id = ?1 AND state IN ('pending', 'running')",
-            )?
-            .execute(params![
-                id.0,
-                end.state,
-                end.exit_code,
-                end.signal,
-                end.finished_at_ms,
-                end.duration_ms,
-                end.detail,
-            ])?;
-        if changed == 0 {
-            let exists = tx
-                .prepare_cached("SELECT 1 FROM executions WHERE id = ?1")?
-                .exists([id.0])?;
-            return if exists {
-                Ok(false)
-            } else {
-                Err(RecordsError::UnknownExecution(id))
-            };
-        }
-        tx.commit()?;
-        Ok(true)
+        self.write(|tx| finish(tx, id, end))
     }
 
     /// Adds a chunk of output that starts at byte `offset` of the stream, in one transaction.
@@ -699,8 +882,11 @@ impl Records {
     /// The agent sends a stream's chunks contiguously. A chunk that starts before the end of
     /// what was received (a resend after a daemon restart) adds only its part past that end,
     /// if any; a chunk that starts after it is [`RecordsError::OutputGap`] and adds nothing.
-    /// Bytes past the execution's output cap are counted in the total but not kept, and the
-    /// stream is then truncated. The state is not checked: output is kept whenever it comes.
+    /// Bytes are kept while the stream's cost (its bytes plus [`CHUNK_OVERHEAD`] per chunk)
+    /// stays within the execution's output cap, the VM's output within its quota and the
+    /// disk above its reserve; past that they are counted in the total but not kept, and the
+    /// stream is then truncated. Output for an execution that has ended is
+    /// [`RecordsError::Ended`] and changes nothing.
     pub fn append_output(
         &self,
         id: ExecutionId,
@@ -708,65 +894,28 @@ impl Records {
         offset: u64,
         data: &[u8],
     ) -> Result<(), RecordsError> {
-        let overflow = RecordsError::OutputOverflow { id, stream, offset };
-        let end = u64::try_from(data.len())
-            .ok()
-            .and_then(|len| offset.checked_add(len))
-            .filter(|&end| i64::try_from(end).is_ok())
-            .ok_or(overflow)?;
-        let (stored_col, total_col) = stream.columns();
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let (cap, stored, total) = tx
-            .prepare_cached(&format!(
-                "SELECT output_cap, {stored_col}, {total_col} FROM executions WHERE id = ?1"
-            ))?
-            .query_row([id.0], |r| {
-                Ok((
-                    r.get::<_, u64>(0)?,
-                    r.get::<_, u64>(1)?,
-                    r.get::<_, u64>(2)?,
-                ))
-            })
-            .optional()?
-            .ok_or(RecordsError::UnknownExecution(id))?;
-        if offset > total {
-            return Err(RecordsError::OutputGap {
-                id,
-                stream,
-                offset,
-                received: total,
-            });
-        }
-        if end <= total {
-            return Ok(()); // all of it is here already
-        }
-        // `offset <= total < end`, so the new part is a non-empty tail of `data`.
-        let new = to_usize(total - offset)
-            .and_then(|skip| data.get(skip..))
-            .ok_or_else(|| RecordsError::Corrupt("output offsets out of range".into()))?;
-        let mut new_stored = stored;
-        // Kept bytes are always a prefix of the stream: once any byte was dropped, none after
-        // it is kept.
-        if stored == total && total < cap {
-            let keep = to_usize(cap - total).map_or(new.len(), |room| room.min(new.len()));
-            tx.prepare_cached(
-                "INSERT INTO output (execution, stream, offset, data) VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![id.0, stream.code(), total, &new[..keep]])?;
-            new_stored = total + keep as u64;
-        }
-        tx.prepare_cached(&format!(
-            "UPDATE executions SET {stored_col} = ?2, {total_col} = ?3 WHERE id = ?1"
-        ))?
-        .execute(params![id.0, new_stored, end])?;
-        tx.commit()?;
-        Ok(())
+        let disk_full = self.disk_problem().is_some();
+        self.write(|tx| append_output(tx, id, stream, offset, data, &self.limits, disk_full))
+    }
+
+    /// Adds an audit entry.
+    pub fn audit(&self, entry: &AuditEntry) -> Result<(), RecordsError> {
+        self.write(|tx| audit(tx, entry))
+    }
+
+    /// Bytes of output (chunk overhead included) stored for `vm`.
+    pub fn vm_usage(&self, vm: &str) -> Result<u64, RecordsError> {
+        let conn = self.reader()?;
+        let used = conn
+            .prepare_cached("SELECT output_bytes FROM vm_usage WHERE vm = ?1")?
+            .query_row([vm], |r| r.get::<_, u64>(0))
+            .optional()?;
+        Ok(used.unwrap_or(0))
     }
 
     /// The execution with this id, if there is one.
     pub fn execution(&self, id: ExecutionId) -> Result<Option<ExecutionRecord>, RecordsError> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         let record = conn
             .prepare_cached(&format!(
                 "SELECT {EXECUTION_COLUMNS} FROM executions WHERE id = ?1"
@@ -801,7 +950,7 @@ impl Records {
         }
         sql += " ORDER BY id DESC";
         push_limit(&mut sql, &mut args, filter.limit);
-        let conn = self.conn();
+        let conn = self.reader()?;
         let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt.query_map(params_from_iter(args), record_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -818,7 +967,7 @@ impl Records {
         max_len: usize,
     ) -> Result<OutputSlice, RecordsError> {
         let (stored_col, total_col) = stream.columns();
-        let mut conn = self.conn();
+        let mut conn = self.reader()?;
         // One read transaction: the totals and the chunks are of the same moment.
         let tx = conn.transaction()?;
         let (stored, total) = tx
@@ -882,38 +1031,19 @@ impl Records {
         generation: u32,
         counter: u32,
     ) -> Result<Option<ExecutionId>, RecordsError> {
-        find_by_agent_id(&self.conn(), vm, generation, counter)
+        find_by_agent_id(&*self.reader()?, vm, generation, counter)
     }
 
     /// The executions on `vm` that have not ended (pending or running), oldest first: what is
     /// left to reconcile with the agent after a daemon restart.
     pub fn unfinished(&self, vm: &str) -> Result<Vec<ExecutionRecord>, RecordsError> {
-        let conn = self.conn();
+        let conn = self.reader()?;
         let mut stmt = conn.prepare_cached(&format!(
             "SELECT {EXECUTION_COLUMNS} FROM executions \
              WHERE vm = ?1 AND state IN ('pending', 'running') ORDER BY id"
         ))?;
         let rows = stmt.query_map([vm], record_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Adds an audit entry.
-    pub fn audit(&self, entry: &AuditEntry) -> Result<(), RecordsError> {
-        self.conn()
-            .prepare_cached(
-                "INSERT INTO audit (at_ms, principal, caller, action, target, allowed, reason) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(params![
-                entry.at_ms,
-                entry.principal,
-                entry.caller,
-                entry.action,
-                entry.target,
-                entry.allowed,
-                entry.reason,
-            ])?;
-        Ok(())
     }
 
     /// The audit entries that match `filter`, in insertion order, oldest or newest first as
@@ -945,7 +1075,7 @@ impl Records {
             AuditOrder::NewestFirst => " ORDER BY id DESC",
         };
         push_limit(&mut sql, &mut args, filter.limit);
-        let conn = self.conn();
+        let conn = self.reader()?;
         let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt.query_map(params_from_iter(args), |r| {
             Ok(AuditRecord {
@@ -982,7 +1112,251 @@ fn migrate(conn: &mut Connection) -> Result<(), RecordsError> {
         tx.pragma_update(None, "user_version", from + 1)?;
         tx.commit()?;
     }
+    // A database created before schema 2 has no incremental vacuum: convert it once (a
+    // VACUUM rewrites the file, so pruning can give pages back to the file system).
+    let vacuum: i64 = conn.pragma_query_value(None, "auto_vacuum", |r| r.get(0))?;
+    if vacuum != 2 {
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+        conn.execute_batch("VACUUM")?;
+    }
     Ok(())
+}
+
+/// `NewExecution` into `executions`, pending, with the cap in force.
+fn create_execution(
+    conn: &Connection,
+    new: &NewExecution,
+    output_cap: u64,
+) -> Result<ExecutionId, RecordsError> {
+    let args = serde_json::to_string(&new.args)
+        .map_err(|e| RecordsError::Corrupt(format!("arguments: {e}")))?;
+    conn.prepare_cached(
+        "INSERT INTO executions (principal, vm, command, args, state, requested_at_ms, \
+         output_cap) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        new.principal,
+        new.vm,
+        new.command,
+        args,
+        ExecState::Pending,
+        new.requested_at_ms,
+        output_cap,
+    ])?;
+    id_from_rowid(conn.last_insert_rowid())
+}
+
+/// See [`Records::mark_accepted`].
+fn mark_accepted(
+    conn: &Connection,
+    id: ExecutionId,
+    agent_generation: u32,
+    agent_counter: u32,
+    started_at_ms: u64,
+) -> Result<(), RecordsError> {
+    let (vm, state, generation, counter) = conn
+        .prepare_cached(
+            "SELECT vm, state, agent_generation, agent_counter FROM executions WHERE id = ?1",
+        )?
+        .query_row([id.0], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, ExecState>(1)?,
+                r.get::<_, Option<u32>>(2)?,
+                r.get::<_, Option<u32>>(3)?,
+            ))
+        })
+        .optional()?
+        .ok_or(RecordsError::UnknownExecution(id))?;
+    match state {
+        ExecState::Pending => {}
+        ExecState::Running
+            if generation == Some(agent_generation) && counter == Some(agent_counter) =>
+        {
+            return Ok(());
+        }
+        _ => return Err(RecordsError::NotPending { id, state }),
+    }
+    if let Some(existing) = find_by_agent_id(conn, &vm, agent_generation, agent_counter)? {
+        return Err(RecordsError::AgentIdInUse {
+            vm,
+            generation: agent_generation,
+            counter: agent_counter,
+            existing,
+        });
+    }
+    conn.prepare_cached(
+        "UPDATE executions SET state = ?2, agent_generation = ?3, agent_counter = ?4, \
+         started_at_ms = ?5 WHERE id = ?1",
+    )?
+    .execute(params![
+        id.0,
+        ExecState::Running,
+        agent_generation,
+        agent_counter,
+        started_at_ms
+    ])?;
+    Ok(())
+}
+
+/// See [`Records::finish`].
+fn finish(conn: &Connection, id: ExecutionId, end: &Finish) -> Result<bool, RecordsError> {
+    if !end.state.is_final() {
+        return Err(RecordsError::NotFinal(end.state));
+    }
+    let changed = conn
+        .prepare_cached(
+            "UPDATE executions SET state = ?2, exit_code = ?3, signal = ?4, \
+             finished_at_ms = ?5, duration_ms = ?6, detail = ?7 \
+             WHERE id = ?1 AND state IN ('pending', 'running')",
+        )?
+        .execute(params![
+            id.0,
+            end.state,
+            end.exit_code,
+            end.signal,
+            end.finished_at_ms,
+            end.duration_ms,
+            end.detail,
+        ])?;
+    if changed == 0 {
+        let exists = conn
+            .prepare_cached("SELECT 1 FROM executions WHERE id = ?1")?
+            .exists([id.0])?;
+        return if exists {
+            Ok(false)
+        } else {
+            Err(RecordsError::UnknownExecution(id))
+        };
+    }
+    Ok(true)
+}
+
+/// See [`Records::append_output`]; `disk_full` says whether the disk is below its reserve.
+fn append_output(
+    conn: &Connection,
+    id: ExecutionId,
+    stream: OutputStream,
+    offset: u64,
+    data: &[u8],
+    limits: &StoreLimits,
+    disk_full: bool,
+) -> Result<(), RecordsError> {
+    let overflow = RecordsError::OutputOverflow { id, stream, offset };
+    let end = u64::try_from(data.len())
+        .ok()
+        .and_then(|len| offset.checked_add(len))
+        .filter(|&end| i64::try_from(end).is_ok())
+        .ok_or(overflow)?;
+    let (stored_col, total_col) = stream.columns();
+    let chunks_col = stream.chunks_column();
+    let (vm, state, cap, stored, total, chunks) = conn
+        .prepare_cached(&format!(
+            "SELECT vm, state, output_cap, {stored_col}, {total_col}, {chunks_col} \
+             FROM executions WHERE id = ?1"
+        ))?
+        .query_row([id.0], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, ExecState>(1)?,
+                r.get::<_, u64>(2)?,
+                r.get::<_, u64>(3)?,
+                r.get::<_, u64>(4)?,
+                r.get::<_, u64>(5)?,
+            ))
+        })
+        .optional()?
+        .ok_or(RecordsError::UnknownExecution(id))?;
+    if state.is_final() {
+        return Err(RecordsError::Ended { id, state });
+    }
+    if offset > total {
+        return Err(RecordsError::OutputGap {
+            id,
+            stream,
+            offset,
+            received: total,
+        });
+    }
+    if end <= total {
+        return Ok(()); // all of it is here already
+    }
+    // `offset <= total < end`, so the new part is a non-empty tail of `data`.
+    let new = to_usize(total - offset)
+        .and_then(|skip| data.get(skip..))
+        .ok_or_else(|| RecordsError::Corrupt("output offsets out of range".into()))?;
+    let mut new_stored = stored;
+    let mut new_chunks = chunks;
+    // Kept bytes are always a prefix of the stream: once any byte was dropped, none after
+    // it is kept.
+    if stored == total && !disk_full {
+        let used = stored.saturating_add(chunks.saturating_mul(CHUNK_OVERHEAD));
+        let (vm_stored, vm_chunks) = conn
+            .prepare_cached("SELECT stored_bytes, chunks FROM vm_usage WHERE vm = ?1")?
+            .query_row([&vm], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, u64>(1)?)))
+            .optional()?
+            .unwrap_or((0, 0));
+        let vm_used = vm_stored.saturating_add(vm_chunks.saturating_mul(CHUNK_OVERHEAD));
+        let room = cap
+            .saturating_sub(used)
+            .min(limits.vm_quota.saturating_sub(vm_used))
+            .saturating_sub(CHUNK_OVERHEAD);
+        let keep = to_usize(room).map_or(new.len(), |room| room.min(new.len()));
+        if keep > 0 {
+            conn.prepare_cached(
+                "INSERT INTO output (execution, stream, offset, data) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![id.0, stream.code(), total, &new[..keep]])?;
+            conn.prepare_cached(
+                "INSERT INTO vm_usage (vm, stored_bytes, chunks) VALUES (?1, ?2, 1) \
+                 ON CONFLICT (vm) DO UPDATE SET stored_bytes = stored_bytes + ?2, \
+                 chunks = chunks + 1",
+            )?
+            .execute(params![vm, keep as u64])?;
+            new_stored = total + keep as u64;
+            new_chunks += 1;
+        }
+    }
+    conn.prepare_cached(&format!(
+        "UPDATE executions SET {stored_col} = ?2, {total_col} = ?3, {chunks_col} = ?4 \
+         WHERE id = ?1"
+    ))?
+    .execute(params![id.0, new_stored, end, new_chunks])?;
+    Ok(())
+}
+
+/// One audit row.
+fn audit(conn: &Connection, entry: &AuditEntry) -> Result<(), RecordsError> {
+    conn.prepare_cached(
+        "INSERT INTO audit (at_ms, principal, caller, action, target, allowed, reason) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        entry.at_ms,
+        entry.principal,
+        entry.caller,
+        entry.action,
+        entry.target,
+        entry.allowed,
+        entry.reason,
+    ])?;
+    Ok(())
+}
+
+/// `1.5 MiB`, for messages.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} bytes")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 fn find_by_agent_id(
@@ -1025,6 +1399,13 @@ fn record_from_row(r: &Row<'_>) -> rusqlite::Result<ExecutionRecord> {
         stdout: StreamTotals::new(r.get(16)?, r.get(17)?),
         stderr: StreamTotals::new(r.get(18)?, r.get(19)?),
     })
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn id_from_rowid(rowid: i64) -> Result<ExecutionId, RecordsError> {

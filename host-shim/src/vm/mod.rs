@@ -1,0 +1,410 @@
+//! One VM as the daemon sees it: its channel, the agent's life (waiting, ready,
+//! unresponsive, restarted, cut off) and the requests in flight. Each VM is driven by a
+//! thread of its own that owns the channel; API tasks talk to it through [`VmHandle`] and get
+//! answers on oneshot channels. Results and output go to the records writer in batches, and
+//! a frame is released to the guest only once its effect is durable; followers hear of them
+//! through a broadcast of [`VmEvent`]s.
+//!
+//! The thread sleeps in `poll(2)` on a wake-up eventfd (API requests, the writer's
+//! answers), and, for an `ivshmem-doorbell` VM, on the eventfd the guest rings and the
+//! ivshmem server's socket; a `plain` VM cannot ring the host, so its thread also wakes on a
+//! timer that backs off from 50 us to `poll_max` while nothing happens.
+//!
+//! What one guest can make the host spend is bounded by the VM's [`BudgetConfig`]
+//! (`[budget]` in `host.toml`; ARCHITECTURE.md, "what one guest can cost the host"):
+//!
+//! - `driver.rs`: the loop, the agent's lifecycle, resets, cut-offs and their back-off;
+//! - `requests.rs`: API requests to messages, requests in flight and their deadlines,
+//!   pushes streamed into the ring as room appears;
+//! - `replies.rs`: what the agent sends, matched to what was asked;
+//! - `batch.rs`: effects of frames on their way to the records, and the release of frames;
+//! - `budget.rs`: pacing buckets, protocol violations, cut-off reasons;
+//! - `message.rs`: agent messages copied out of the frame buffer.
+
+mod batch;
+mod budget;
+mod driver;
+mod message;
+mod replies;
+mod requests;
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use ring_protocol::SharedMemory;
+use ring_protocol::message::{Metrics, PushOutcome, Rejection};
+use serde::Serialize;
+use tokio::sync::{broadcast, oneshot};
+
+pub use crate::config::BudgetConfig;
+use crate::ivshmem::{self, Server};
+use crate::memory::GuestRegion;
+use crate::records::{ExecutionId, Writer};
+
+/// Where a VM's agent is, as the API reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// No agent has greeted yet (or the channel is being reset).
+    WaitingForAgent,
+    /// The agent answers.
+    Ready,
+    /// The agent's heartbeat stopped.
+    Unresponsive,
+    /// The guest exceeded a budget: its channel was reset and it is not served until its
+    /// back-off has passed.
+    CutOff,
+}
+
+/// A VM's state for the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmStatus {
+    /// The VM's name.
+    pub name: String,
+    /// Where its agent is.
+    pub state: VmState,
+    /// The agent's generation (changes when it restarts).
+    pub agent_generation: Option<u32>,
+    /// The agent's software string.
+    pub agent_software: Option<String>,
+    /// The agent's allow-list revision.
+    pub config_revision: Option<u32>,
+    /// Milliseconds since the agent's heartbeat last moved.
+    pub heartbeat_age_ms: Option<u64>,
+    /// Agent restarts seen by this daemon.
+    pub agent_restarts: u32,
+    /// Executions running in the guest.
+    pub running: usize,
+    /// Times the guest was cut off for exceeding a budget.
+    pub cutoffs: u32,
+    /// The last cut-off: when (ms since the epoch), which budget, and why.
+    pub last_cutoff: Option<CutOff>,
+    /// Protocol violations counted (replies that match no request, reused ids, ...).
+    pub violations: u64,
+}
+
+/// A cut-off, for the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CutOff {
+    /// When (ms since the epoch).
+    pub at_ms: u64,
+    /// The budget's key in `[budget]` (`queued_bytes`, `listing_entries`, ...).
+    pub budget: &'static str,
+    /// What happened, for people.
+    pub detail: String,
+}
+
+/// One declared parameter of a command, for the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ParamDesc {
+    /// An integer in `min..=max`.
+    Integer {
+        /// Its name.
+        name: String,
+        /// Smallest value.
+        min: i64,
+        /// Largest value.
+        max: i64,
+    },
+    /// One of a list of words.
+    Choice {
+        /// Its name.
+        name: String,
+        /// The words.
+        choices: Vec<String>,
+    },
+    /// A string of characters from a class.
+    String {
+        /// Its name.
+        name: String,
+        /// The class, as written in the guest's config.
+        charset: String,
+        /// Shortest length.
+        min_len: u16,
+        /// Longest length.
+        max_len: u16,
+    },
+}
+
+/// A command the guest allows, for the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CommandDesc {
+    /// Its name.
+    pub name: String,
+    /// One line for people.
+    pub description: String,
+    /// Parameters, in argument order.
+    pub params: Vec<ParamDesc>,
+    /// Timeout in milliseconds, 0 for none.
+    pub timeout_ms: u32,
+    /// Output kept per stream by the agent.
+    pub max_output: u64,
+}
+
+/// A VM's allow-list as last listed.
+#[derive(Debug, Clone, Serialize)]
+pub struct CommandList {
+    /// Milliseconds since it was listed.
+    pub age_ms: u64,
+    /// The agent's allow-list revision it was listed from.
+    pub config_revision: u32,
+    /// The commands.
+    pub commands: Vec<CommandDesc>,
+}
+
+/// Why a request to a VM failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VmError {
+    /// The agent refused it.
+    #[error("rejected by the agent: {}", rejection_text(.0))]
+    Rejected(Rejection),
+    /// The agent was not ready within the delivery timeout.
+    #[error("undeliverable: the agent was not ready within the delivery timeout")]
+    Undeliverable,
+    /// The agent restarted or vanished before answering.
+    #[error("the agent was lost before it answered")]
+    AgentLost,
+    /// The VM's driver is gone (the daemon is stopping).
+    #[error("the VM is shutting down")]
+    ShuttingDown,
+    /// The request is malformed (a message too large for a frame, say).
+    #[error("{0}")]
+    Invalid(String),
+    /// The VM's budget has no room for the request now (too many in flight, or the guest
+    /// is not reading what waits for it).
+    #[error("{0}")]
+    Busy(String),
+    /// The agent did not answer within the answer timeout.
+    #[error("the agent did not answer within {} ms", .0.as_millis())]
+    NoAnswer(Duration),
+}
+
+/// A rejection in words, for people.
+pub fn rejection_text(r: &Rejection) -> String {
+    use ring_protocol::message::ArgProblem as P;
+    match r {
+        Rejection::UnknownCommand => "no such command in the guest's allow-list".into(),
+        Rejection::InvalidArgument { index, problem } => {
+            let what = match problem {
+                P::Missing => "is missing",
+                P::Unexpected => "is one too many",
+                P::NotInteger => "is not an integer",
+                P::OutOfRange => "is out of the allowed range",
+                P::NotAChoice => "is not one of the allowed choices",
+                P::BadCharacter => "has a character outside the allowed set",
+                P::BadLength => "is too short or too long",
+            };
+            format!("argument {} {what}", u32::from(*index) + 1)
+        }
+        Rejection::Busy => "the agent runs as many commands as its config allows; try again".into(),
+        Rejection::NotAllowed => "the guest's config does not allow this".into(),
+        Rejection::TooLarge => "larger than the guest allows".into(),
+        Rejection::HashMismatch => "the program arrived damaged (SHA-256 mismatch)".into(),
+        Rejection::UnknownExecution => "the agent does not know that execution".into(),
+        Rejection::BadPush => "the push was out of order or its name is not allowed".into(),
+        Rejection::Failed => "the agent could not do it".into(),
+    }
+}
+
+/// Something followers may want to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// More output of this execution is in the records.
+    Output(ExecutionId),
+    /// This execution finished.
+    Finished(ExecutionId),
+    /// A VM's state changed.
+    State(String),
+}
+
+/// Requests to a VM's driver.
+pub enum Request {
+    /// Run a command for a recorded (pending) execution.
+    Exec {
+        /// The execution's record; its number is also the request id on the wire.
+        id: ExecutionId,
+        /// Command name.
+        command: String,
+        /// Arguments.
+        args: Vec<String>,
+        /// Timeout override.
+        timeout_ms: Option<u32>,
+        /// Accepted, or why not.
+        reply: oneshot::Sender<Result<(), VmError>>,
+    },
+    /// Cancel a running execution.
+    Cancel {
+        /// Which.
+        id: ExecutionId,
+        /// Sent, or why not.
+        reply: oneshot::Sender<Result<(), VmError>>,
+    },
+    /// Round trip to the agent.
+    Ping {
+        /// The round-trip time.
+        reply: oneshot::Sender<Result<Duration, VmError>>,
+    },
+    /// The guest's metrics.
+    Metrics {
+        /// The figures.
+        reply: oneshot::Sender<Result<Metrics, VmError>>,
+    },
+    /// The allow-list (from the cache when there is one).
+    Commands {
+        /// The list.
+        reply: oneshot::Sender<Result<CommandList, VmError>>,
+    },
+    /// Push a program, and run it if `run` (as execution `id`).
+    Push {
+        /// File name in the guest.
+        name: String,
+        /// The program.
+        data: Vec<u8>,
+        /// Run it once stored, recorded as this execution.
+        run: Option<ExecutionId>,
+        /// Timeout for the run.
+        timeout_ms: Option<u32>,
+        /// Names this push for [`Request::WithdrawPush`].
+        ticket: u64,
+        /// The outcome.
+        reply: oneshot::Sender<Result<PushOutcome, VmError>>,
+    },
+    /// The API gave up waiting for push `ticket`: it must not start any more (a start that
+    /// comes anyway is cancelled in the guest, and its output is not recorded).
+    WithdrawPush {
+        /// The push's ticket.
+        ticket: u64,
+    },
+}
+
+/// Settings of a VM's driver.
+#[derive(Debug, Clone)]
+pub struct VmSettings {
+    /// The VM's name.
+    pub name: String,
+    /// No heartbeat for this long: unresponsive.
+    pub heartbeat_timeout: Duration,
+    /// Unresponsive for this long: executions in flight end `agent_lost`.
+    pub lost_after: Duration,
+    /// A request for an agent that is not ready within this ends `undeliverable`.
+    pub delivery_timeout: Duration,
+    /// Periodic re-listing of the allow-list.
+    pub command_refresh: Duration,
+    /// Longest sleep between polls of a plain channel.
+    pub poll_max: Duration,
+    /// How long a reset waits for the guest to detach before forcing it.
+    pub reset_timeout: Duration,
+    /// What the guest may make the host spend.
+    pub budget: BudgetConfig,
+    /// Output of one stream is merged into one chunk up to this many bytes ...
+    pub merge_bytes: usize,
+    /// ... or for this long.
+    pub merge_wait: Duration,
+}
+
+impl VmSettings {
+    /// Settings for VM `name` with the default timings and budgets of `host.toml`.
+    pub fn new(name: impl Into<String>) -> Self {
+        let daemon = crate::config::DaemonConfig::default();
+        let records = crate::config::RecordsConfig::default();
+        Self {
+            name: name.into(),
+            heartbeat_timeout: daemon.heartbeat_timeout,
+            lost_after: daemon.heartbeat_timeout * 6,
+            delivery_timeout: daemon.delivery_timeout,
+            command_refresh: daemon.command_refresh,
+            poll_max: Duration::from_millis(1),
+            reset_timeout: daemon.heartbeat_timeout,
+            budget: BudgetConfig::default(),
+            merge_bytes: usize::try_from(records.output_merge_bytes).unwrap_or(usize::MAX),
+            merge_wait: records.output_merge_wait,
+        }
+    }
+}
+
+/// The channel of a VM.
+pub enum ChannelKind {
+    /// A memory-backend file that the host maps and polls.
+    Plain(GuestRegion),
+    /// The daemon is the VM's ivshmem server.
+    Doorbell(Server),
+}
+
+impl ChannelKind {
+    /// The shared region, whichever the kind.
+    pub fn region(&self) -> &dyn SharedMemory {
+        match self {
+            Self::Plain(r) => r,
+            Self::Doorbell(s) => s.region(),
+        }
+    }
+}
+
+/// The API's end of a VM's driver.
+#[derive(Clone)]
+pub struct VmHandle {
+    tx: mpsc::Sender<Request>,
+    wake: Arc<OwnedFd>,
+    status: Arc<Mutex<VmStatus>>,
+}
+
+impl VmHandle {
+    /// Queues a request and wakes the driver.
+    pub fn request(&self, req: Request) -> Result<(), VmError> {
+        self.tx.send(req).map_err(|_| VmError::ShuttingDown)?;
+        let _ = ivshmem::signal_eventfd(self.wake.as_raw_fd());
+        Ok(())
+    }
+
+    /// The VM's state now.
+    pub fn status(&self) -> VmStatus {
+        self.status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+}
+
+/// Starts the driver thread of a VM; its records go through `writer`.
+pub fn spawn(
+    settings: VmSettings,
+    channel: ChannelKind,
+    writer: Writer,
+    events: broadcast::Sender<VmEvent>,
+) -> std::io::Result<(VmHandle, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel();
+    let wake = Arc::new(ivshmem::eventfd()?);
+    let status = Arc::new(Mutex::new(VmStatus {
+        name: settings.name.clone(),
+        state: VmState::WaitingForAgent,
+        agent_generation: None,
+        agent_software: None,
+        config_revision: None,
+        heartbeat_age_ms: None,
+        agent_restarts: 0,
+        running: 0,
+        cutoffs: 0,
+        last_cutoff: None,
+        violations: 0,
+    }));
+    let handle = VmHandle {
+        tx,
+        wake: wake.clone(),
+        status: status.clone(),
+    };
+    let thread = std::thread::Builder::new()
+        .name(format!("vm-{}", settings.name))
+        .spawn(move || {
+            let mut driver =
+                driver::Driver::new(settings, channel, writer, events, rx, wake, status);
+            driver.run();
+        })?;
+    Ok((handle, thread))
+}
+
+/// The raw descriptor of the driver's wake-up eventfd (for tests).
+pub fn wake_fd(handle: &VmHandle) -> RawFd {
+    handle.wake.as_raw_fd()
+}
