@@ -9,10 +9,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
 use host_shim::records::{
-    AuditEntry, AuditFilter, AuditOrder, DB_FILE_NAME, DEFAULT_OUTPUT_CAP, ExecState,
-    ExecutionFilter, ExecutionId, Finish, NewExecution, OutputStream, Records, RecordsError,
-    SCHEMA_VERSION,
+    AuditEntry, AuditFilter, AuditOrder, CHUNK_OVERHEAD, DB_FILE_NAME, DEFAULT_OUTPUT_CAP,
+    ExecState, ExecutionFilter, ExecutionId, Finish, NewExecution, OutputStream, Records,
+    RecordsError, SCHEMA_VERSION,
 };
+
+/// What a stored chunk costs beyond its bytes, as the caps count it.
+const O: u64 = CHUNK_OVERHEAD;
 
 /// A fresh, empty directory for one test.
 fn scratch(name: &str) -> PathBuf {
@@ -245,7 +248,8 @@ fn create_accept_finish_records_the_end_once() {
 #[test]
 fn output_beyond_the_cap_is_counted_but_not_kept() {
     let dir = scratch("cap");
-    let records = Records::open(&dir, 10).expect("open");
+    // Ten bytes in three chunks: the cap counts each chunk's overhead too.
+    let records = Records::open(&dir, 10 + 3 * O).expect("open");
     let id = records
         .create_execution(&new_exec("vm1", "alice", 1))
         .expect("create");
@@ -282,12 +286,12 @@ fn output_beyond_the_cap_is_counted_but_not_kept() {
         ),
         (10, 17, true)
     );
-    // The other stream is untouched and has a cap of its own.
+    // The other stream is untouched and has a cap of its own (one chunk of ten bytes fits).
     assert_eq!((rec.stderr.stored_len, rec.stderr.total_len), (0, 0));
     assert!(!rec.stderr.truncated);
     records
         .append_output(id, OutputStream::Stderr, 0, b"0123456789")
-        .expect("exactly the cap");
+        .expect("within the cap");
     let rec = records.execution(id).expect("get").expect("exists");
     assert_eq!(
         (
@@ -326,12 +330,12 @@ fn output_beyond_the_cap_is_counted_but_not_kept() {
 
     // Executions keep the cap they were created with.
     drop(records);
-    let records = Records::open(&dir, 20).expect("reopen with a larger cap");
+    let records = Records::open(&dir, 20 + 3 * O).expect("reopen with a larger cap");
     records
         .append_output(id, OutputStream::Stdout, 17, b"rs")
         .expect("append");
     let rec = records.execution(id).expect("get").expect("exists");
-    assert_eq!(rec.output_cap, 10);
+    assert_eq!(rec.output_cap, 10 + 3 * O);
     assert_eq!((rec.stdout.stored_len, rec.stdout.total_len), (10, 19));
     assert_eq!(stdout_all(&records, id), b"abcdefghij");
     let newer = records
@@ -343,14 +347,16 @@ fn output_beyond_the_cap_is_counted_but_not_kept() {
             .expect("get")
             .expect("exists")
             .output_cap,
-        20
+        20 + 3 * O
     );
 }
 
 #[test]
 fn a_resend_after_a_restart_adds_only_its_new_part() {
     let dir = scratch("resend");
-    let records = Records::open(&dir, 12).expect("open");
+    // Twelve bytes of stdout in three chunks.
+    let cap = 12 + 3 * O;
+    let records = Records::open(&dir, cap).expect("open");
     let id = records
         .create_execution(&new_exec("vm1", "alice", 1))
         .expect("create");
@@ -364,7 +370,7 @@ fn a_resend_after_a_restart_adds_only_its_new_part() {
     drop(records);
 
     // The daemon restarts: everything is still there.
-    let records = Records::open(&dir, 12).expect("reopen");
+    let records = Records::open(&dir, cap).expect("reopen");
     let rec = records.execution(id).expect("get").expect("exists");
     assert_eq!(rec.state, ExecState::Running);
     assert_eq!(stdout_all(&records, id), b"hello ");
@@ -406,7 +412,7 @@ fn a_resend_after_a_restart_adds_only_its_new_part() {
     // The exit, read twice, is recorded once.
     assert!(records.finish(id, &exited(0, 10)).expect("finish"));
     drop(records);
-    let records = Records::open(&dir, 12).expect("reopen");
+    let records = Records::open(&dir, cap).expect("reopen");
     assert!(!records.finish(id, &exited(0, 11)).expect("finish again"));
     let rec = records.execution(id).expect("get").expect("exists");
     assert_eq!(rec.state, ExecState::Succeeded);
@@ -699,7 +705,7 @@ fn executions_filter_newest_first() {
 #[test]
 fn execution_records_serialise_every_field() {
     let dir = scratch("json");
-    let records = Records::open(&dir, 4).expect("open");
+    let records = Records::open(&dir, 4 + O).expect("open");
     let id = records
         .create_execution(&new_exec("vm1", "alice", 1))
         .expect("create");
@@ -740,7 +746,7 @@ fn execution_records_serialise_every_field() {
             "detail": null,
             "agent_generation": 2,
             "agent_counter": 3,
-            "output_cap": 4,
+            "output_cap": 4 + O,
             "stdout": {"stored_len": 4, "total_len": 6, "truncated": true},
             "stderr": {"stored_len": 0, "total_len": 0, "truncated": false},
         })

@@ -635,8 +635,10 @@ struct DiskWatch {
 /// so queries from the API never queue behind a burst of output. Share it with an `Arc`.
 #[derive(Debug)]
 pub struct Records {
-    conn: Mutex<Connection>,
+    // Declared (and so dropped) before the write connection: the last connection to close
+    // checkpoints the WAL into the file, and only the write connection can.
     readers: Mutex<Vec<Connection>>,
+    conn: Mutex<Connection>,
     limits: StoreLimits,
     disk: Mutex<DiskWatch>,
     path: PathBuf,
@@ -907,10 +909,12 @@ impl Records {
     pub fn vm_usage(&self, vm: &str) -> Result<u64, RecordsError> {
         let conn = self.reader()?;
         let used = conn
-            .prepare_cached("SELECT output_bytes FROM vm_usage WHERE vm = ?1")?
-            .query_row([vm], |r| r.get::<_, u64>(0))
+            .prepare_cached("SELECT stored_bytes, chunks FROM vm_usage WHERE vm = ?1")?
+            .query_row([vm], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, u64>(1)?)))
             .optional()?;
-        Ok(used.unwrap_or(0))
+        Ok(used.map_or(0, |(stored, chunks)| {
+            stored.saturating_add(chunks.saturating_mul(CHUNK_OVERHEAD))
+        }))
     }
 
     /// The execution with this id, if there is one.

@@ -50,8 +50,10 @@ pub struct Pruned {
     pub more: bool,
 }
 
-/// A VM's output over its quota is pruned down to this share of it, so that pruning does
-/// not run again after every chunk.
+/// A VM's output at this share of its quota is pruned (output past the quota is not kept,
+/// so usage never goes over it) ...
+const QUOTA_HIGH_WATER_PERCENT: u64 = 95;
+/// ... down to this share, so that pruning does not run again after every chunk.
 const QUOTA_LOW_WATER_PERCENT: u64 = 90;
 
 impl Records {
@@ -140,13 +142,14 @@ impl Records {
             return Ok(Vec::new());
         }
         let low = quota / 100 * QUOTA_LOW_WATER_PERCENT;
+        let high = quota / 100 * QUOTA_HIGH_WATER_PERCENT;
         let conn = self.reader()?;
         let over: Vec<(String, u64)> = {
             let mut stmt = conn.prepare_cached(
                 "SELECT vm, stored_bytes + chunks * ?1 FROM vm_usage \
-                 WHERE stored_bytes + chunks * ?1 > ?2",
+                 WHERE stored_bytes + chunks * ?1 >= ?2",
             )?;
-            let rows = stmt.query_map(params![CHUNK_OVERHEAD, quota], |r| {
+            let rows = stmt.query_map(params![CHUNK_OVERHEAD, high], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })?;
             rows.collect::<Result<_, _>>()?
@@ -225,7 +228,14 @@ impl Records {
         let conn = self.conn();
         let free: u64 = conn.pragma_query_value(None, "freelist_count", |r| r.get(0))?;
         if free > 0 {
-            conn.execute_batch("PRAGMA incremental_vacuum")?;
+            // Each step of the statement frees one page: step it to its end.
+            let mut stmt = conn.prepare("PRAGMA incremental_vacuum")?;
+            let mut rows = stmt.query([])?;
+            while rows.next()?.is_some() {}
+            // Copy the WAL into the file and truncate both, so that the space is the file
+            // system's again now rather than at the next automatic checkpoint. Readers in
+            // the middle of a query may keep part of it for the next time.
+            let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
         }
         Ok(free)
     }
