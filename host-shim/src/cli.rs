@@ -1308,6 +1308,11 @@ pub fn vms_table(vms: &[VmInfo]) -> String {
                 or_dash(vm.heartbeat_age_ms.map(format_duration_ms)),
                 vm.agent_restarts.to_string(),
                 vm.running.to_string(),
+                match &vm.last_cutoff {
+                    Some(c) => format!("{} ({})", vm.cutoffs, c.budget),
+                    None => vm.cutoffs.to_string(),
+                },
+                vm.violations.to_string(),
                 if labels.is_empty() {
                     "-".to_owned()
                 } else {
@@ -1327,6 +1332,8 @@ pub fn vms_table(vms: &[VmInfo]) -> String {
             "HEARTBEAT",
             "RESTARTS",
             "RUNNING",
+            "CUT OFF",
+            "VIOLATIONS",
             "LABELS",
         ],
         &rows,

@@ -112,6 +112,8 @@ pub enum VmState {
     Ready,
     /// The agent's heartbeat stopped.
     Unresponsive,
+    /// The guest exceeded a budget and is backed off.
+    CutOff,
     /// A state this client does not know.
     #[serde(other)]
     Unknown,
@@ -124,6 +126,7 @@ impl VmState {
             Self::WaitingForAgent => "waiting_for_agent",
             Self::Ready => "ready",
             Self::Unresponsive => "unresponsive",
+            Self::CutOff => "cut_off",
             Self::Unknown => "unknown",
         }
     }
@@ -166,6 +169,27 @@ pub struct VmInfo {
     /// Executions running in the guest.
     #[serde(default)]
     pub running: usize,
+    /// Times the guest was cut off for exceeding a budget.
+    #[serde(default)]
+    pub cutoffs: u32,
+    /// The last cut-off, if any.
+    #[serde(default)]
+    pub last_cutoff: Option<CutOff>,
+    /// Protocol violations counted.
+    #[serde(default)]
+    pub violations: u64,
+}
+
+/// A cut-off of a guest that exceeded a budget.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CutOff {
+    /// When (ms since the epoch).
+    pub at_ms: u64,
+    /// The budget's key in `[budget]`.
+    pub budget: String,
+    /// What happened.
+    #[serde(default)]
+    pub detail: String,
 }
 
 #[derive(Deserialize)]

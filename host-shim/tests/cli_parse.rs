@@ -406,17 +406,23 @@ fn the_vms_table() {
          "heartbeat_age_ms": 90, "agent_restarts": 1, "running": 2},
         {"name": "db1", "channel": "doorbell", "state": "waiting_for_agent",
          "agent_generation": null, "agent_software": null, "config_revision": null,
-         "heartbeat_age_ms": null}
+         "heartbeat_age_ms": null},
+        {"name": "bad1", "channel": "plain", "state": "cut_off",
+         "agent_generation": null, "agent_software": null, "config_revision": null,
+         "heartbeat_age_ms": null, "cutoffs": 3, "violations": 65,
+         "last_cutoff": {"at_ms": 1, "budget": "violations_per_min", "detail": "..."}}
     ]))
     .expect("vms");
     assert_eq!(
         cli::vms_table(&vms),
         "NAME  STATE              CHANNEL   AGENT                 GENERATION  REVISION  \
-         HEARTBEAT  RESTARTS  RUNNING  LABELS\n\
+         HEARTBEAT  RESTARTS  RUNNING  CUT OFF                 VIOLATIONS  LABELS\n\
          web1  ready              plain     portless-agent/0.1.0  cc55eab0    2         \
-         90ms       1         2        role=web,zone=a\n\
+         90ms       1         2        0                       0           role=web,zone=a\n\
          db1   waiting_for_agent  doorbell  -                     -           -         \
-         -          0         0        -\n"
+         -          0         0        0                       0           -\n\
+         bad1  cut_off            plain     -                     -           -         \
+         -          0         0        3 (violations_per_min)  65          -\n"
     );
 }
 
