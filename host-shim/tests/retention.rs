@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use host_shim::records::{
-    AuditEntry, AuditFilter, CHUNK_OVERHEAD, Done, ExecState, ExecutionFilter, ExecutionId,
-    Finish, Job, NewExecution, Op, OutputStream, Priority, Records, RecordsError, Retention,
-    StoreLimits, Writer,
+    AuditEntry, AuditFilter, CHUNK_OVERHEAD, Done, ExecState, ExecutionFilter, ExecutionId, Finish,
+    Job, NewExecution, Op, OutputStream, Priority, Records, RecordsError, Retention, StoreLimits,
+    Writer,
 };
 
 fn scratch(name: &str) -> PathBuf {
@@ -69,7 +69,11 @@ fn a_chunk_costs_no_more_than_its_overhead() {
     // The cost of a database with executions but no output, then the same with 20,000
     // one-byte chunks: the difference per chunk is what a chunk costs on disk.
     let ids: Vec<ExecutionId> = (0..20)
-        .map(|k| records.create_execution(&new_exec("vm1", k)).expect("create"))
+        .map(|k| {
+            records
+                .create_execution(&new_exec("vm1", k))
+                .expect("create")
+        })
         .collect();
     let before = records.database_bytes().expect("size");
     for (k, id) in ids.iter().enumerate() {
@@ -99,7 +103,9 @@ fn a_chunk_costs_no_more_than_its_overhead() {
 fn output_of_an_ended_execution_is_refused() {
     let dir = scratch("ended");
     let records = Records::open(&dir, 1 << 20).expect("open");
-    let id = records.create_execution(&new_exec("vm1", 1)).expect("create");
+    let id = records
+        .create_execution(&new_exec("vm1", 1))
+        .expect("create");
     records
         .append_output(id, OutputStream::Stdout, 0, b"before")
         .expect("append");
@@ -128,9 +134,15 @@ fn a_vm_quota_stops_keeping_output_of_that_vm_only() {
         },
     )
     .expect("open");
-    let a = records.create_execution(&new_exec("vm1", 1)).expect("create");
-    let b = records.create_execution(&new_exec("vm1", 2)).expect("create");
-    let other = records.create_execution(&new_exec("vm2", 3)).expect("create");
+    let a = records
+        .create_execution(&new_exec("vm1", 1))
+        .expect("create");
+    let b = records
+        .create_execution(&new_exec("vm1", 2))
+        .expect("create");
+    let other = records
+        .create_execution(&new_exec("vm2", 3))
+        .expect("create");
     let chunk = vec![b'a'; 1000];
     for k in 0..3u64 {
         records
@@ -172,7 +184,9 @@ fn below_the_disk_reserve_output_is_counted_not_kept() {
     .expect("open");
     let problem = records.disk_problem().expect("the disk counts as full");
     assert!(problem.contains("records.min_free"), "{problem}");
-    let id = records.create_execution(&new_exec("vm1", 1)).expect("create");
+    let id = records
+        .create_execution(&new_exec("vm1", 1))
+        .expect("create");
     records
         .append_output(id, OutputStream::Stdout, 0, b"lost for lack of room")
         .expect("append");
@@ -190,7 +204,9 @@ fn pruning_by_age_keeps_running_executions_and_the_audit_that_covers_them() {
     let records = Records::open(&dir, 1 << 20).expect("open");
     let now = 100 * DAY;
     // An old finished execution, an old one still running, a recent finished one.
-    let old = records.create_execution(&new_exec("vm1", DAY)).expect("create");
+    let old = records
+        .create_execution(&new_exec("vm1", DAY))
+        .expect("create");
     records
         .append_output(old, OutputStream::Stdout, 0, &[b'x'; 5000])
         .expect("append");
@@ -198,7 +214,9 @@ fn pruning_by_age_keeps_running_executions_and_the_audit_that_covers_them() {
     let running = records
         .create_execution(&new_exec("vm1", 2 * DAY))
         .expect("create");
-    records.mark_accepted(running, 1, 1, 2 * DAY).expect("accept");
+    records
+        .mark_accepted(running, 1, 1, 2 * DAY)
+        .expect("accept");
     let recent = records
         .create_execution(&new_exec("vm1", 99 * DAY))
         .expect("create");
@@ -252,7 +270,9 @@ fn pruning_by_size_and_by_quota_gives_the_space_back() {
     let chunk = vec![b'q'; 10_000];
     let mut ids = Vec::new();
     for k in 0..20 {
-        let id = records.create_execution(&new_exec("vm1", k)).expect("create");
+        let id = records
+            .create_execution(&new_exec("vm1", k))
+            .expect("create");
         records
             .append_output(id, OutputStream::Stdout, 0, &chunk)
             .expect("append");
@@ -270,7 +290,10 @@ fn pruning_by_size_and_by_quota_gives_the_space_back() {
     let p = records.prune_step(100, &no_age, 64).expect("prune");
     assert!(p.executions >= 1, "{p:?}");
     assert!(records.vm_usage("vm1").expect("usage") <= quota / 100 * 90);
-    assert!(records.execution(ids[0]).expect("get").is_none(), "oldest first");
+    assert!(
+        records.execution(ids[0]).expect("get").is_none(),
+        "oldest first"
+    );
     assert!(records.execution(ids[19]).expect("get").is_some());
 
     // Then a database size limit: pruned until the file is under it, and the file shrinks
@@ -278,7 +301,9 @@ fn pruning_by_size_and_by_quota_gives_the_space_back() {
     let limits = records.limits();
     drop(records);
     let records = Records::open_with(&dir, limits).expect("reopen");
-    let size_before = std::fs::metadata(records.path()).map(|m| m.len()).unwrap_or(0);
+    let size_before = std::fs::metadata(records.path())
+        .map(|m| m.len())
+        .unwrap_or(0);
     let max = records.database_bytes().expect("size") / 2;
     let by_size = Retention {
         keep: None,
@@ -294,10 +319,15 @@ fn pruning_by_size_and_by_quota_gives_the_space_back() {
         .executions(&ExecutionFilter::default())
         .expect("list");
     assert!(!remaining.is_empty(), "not everything had to go");
-    assert_eq!(remaining.last().map(|r| r.id), remaining.iter().map(|r| r.id).min());
+    assert_eq!(
+        remaining.last().map(|r| r.id),
+        remaining.iter().map(|r| r.id).min()
+    );
     drop(records);
     let records = Records::open(&dir, 1 << 20).expect("reopen");
-    let size_after = std::fs::metadata(records.path()).map(|m| m.len()).unwrap_or(0);
+    let size_after = std::fs::metadata(records.path())
+        .map(|m| m.len())
+        .unwrap_or(0);
     println!("database file {size_before} -> {size_after} bytes");
     assert!(
         size_after <= max + 8 * 4096,
@@ -395,9 +425,12 @@ CREATE INDEX audit_by_principal ON audit (principal, id);
 fn the_writer_commits_groups_and_keeps_one_jobs_failure_to_itself() {
     let dir = scratch("writer");
     let records = Arc::new(Records::open(&dir, 1 << 20).expect("open"));
-    let (writer, thread) =
-        Writer::start(records.clone(), Retention::default(), Duration::from_secs(60))
-            .expect("writer");
+    let (writer, thread) = Writer::start(
+        records.clone(),
+        Retention::default(),
+        Duration::from_secs(60),
+    )
+    .expect("writer");
     let Ok(mut results) = writer.run_blocking(vec![Op::Create(new_exec("vm1", 1))]) else {
         panic!("create");
     };
@@ -430,7 +463,10 @@ fn the_writer_commits_groups_and_keeps_one_jobs_failure_to_itself() {
         t.join().expect("thread");
     }
     assert_eq!(
-        records.audit_log(&AuditFilter::default()).expect("log").len(),
+        records
+            .audit_log(&AuditFilter::default())
+            .expect("log")
+            .len(),
         400
     );
     // An op refused for its own reason (a gap) fails alone; the rest of its job stands.
@@ -476,18 +512,24 @@ fn the_writer_commits_groups_and_keeps_one_jobs_failure_to_itself() {
         "{results:?}"
     );
     let rec = records.execution(id).expect("get").expect("exists");
-    assert_eq!((rec.state, rec.stdout.stored_len), (ExecState::Succeeded, 2));
+    assert_eq!(
+        (rec.state, rec.stdout.stored_len),
+        (ExecState::Succeeded, 2)
+    );
     writer.stop();
     thread.join().expect("writer thread");
     // After it stopped, jobs fail at once rather than hang.
-    assert!(writer.run_blocking(vec![Op::Audit(AuditEntry {
-        at_ms: 0,
-        principal: None,
-        caller: "late".into(),
-        action: "ping".into(),
-        target: None,
-        allowed: true,
-        reason: None,
-    })])
-    .is_err());
+    assert!(
+        writer
+            .run_blocking(vec![Op::Audit(AuditEntry {
+                at_ms: 0,
+                principal: None,
+                caller: "late".into(),
+                action: "ping".into(),
+                target: None,
+                allowed: true,
+                reason: None,
+            })])
+            .is_err()
+    );
 }

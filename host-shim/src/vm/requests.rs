@@ -433,6 +433,12 @@ impl Driver {
                 }) {
                     Ok(()) => {
                         // Success shows as the execution's exit; only a rejection answers.
+                        // An agent that reports no end within the answer timeout is asked,
+                        // told again, and then given up on (`expire`).
+                        let by = now + answer;
+                        if let Some(r) = self.running.get_mut(&agent) {
+                            r.deadline = Some(r.deadline.map_or(by, |d| d.min(by)));
+                        }
                         let _ = reply.send(Ok(()));
                         self.pending.insert(
                             request_id,

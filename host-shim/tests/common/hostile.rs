@@ -36,6 +36,9 @@ pub enum Flood {
     NeverAnswer,
     /// Accepts every exec under the same agent execution id.
     IdReuse,
+    /// Answers a push that asks to run with `Started` only after this long, then sends
+    /// output for that execution.
+    SlowPush(Duration),
 }
 
 /// What a hostile guest counted.
@@ -47,6 +50,10 @@ pub struct Counters {
     pub received: AtomicU64,
     /// Times it attached (once, plus once after each reset the host made).
     pub attaches: AtomicU64,
+    /// Cancel requests it read.
+    pub cancels: AtomicU64,
+    /// Pushes it started (`SlowPush`).
+    pub started_pushes: AtomicU64,
 }
 
 /// A running hostile guest; stops on drop.
@@ -99,7 +106,7 @@ enum Req {
     Status(u64, ExecutionId),
     Cancel(u64, ExecutionId),
     Metrics(u64),
-    PushCommit(u64),
+    PushCommit(u64, bool),
     Other,
 }
 
@@ -120,7 +127,7 @@ fn owned(msg: &HostToAgent<'_>) -> Req {
             execution,
         } => Req::Cancel(*request_id, *execution),
         HostToAgent::Metrics { request_id } => Req::Metrics(*request_id),
-        HostToAgent::PushCommit { push_id, .. } => Req::PushCommit(*push_id),
+        HostToAgent::PushCommit { push_id, run, .. } => Req::PushCommit(*push_id, *run),
         _ => Req::Other,
     }
 }
@@ -238,6 +245,7 @@ fn run(region: &Path, flood: Flood, stop: &AtomicBool, counters: &Counters) {
         let mut listing: Option<u64> = None;
         let mut output_offset = 0u64;
         let mut reused: Option<ExecutionId> = None;
+        let mut slow_push: Option<(u64, Instant)> = None;
         while !stop.load(Ordering::Relaxed) {
             g.beat();
             if g.ep.check_session(g.mem).is_err() {
@@ -330,13 +338,21 @@ fn run(region: &Path, flood: Flood, stop: &AtomicBool, counters: &Counters) {
                             state: ExecState::Unknown,
                         });
                     }
-                    Req::Cancel(request_id, _) | Req::Metrics(request_id) => {
+                    Req::Cancel(..) => {
+                        counters.cancels.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Req::Metrics(request_id) => {
                         let _ = g.send(&AgentToHost::Rejected {
                             request_id,
                             reason: Rejection::NotAllowed,
                         });
                     }
-                    Req::PushCommit(push_id) => {
+                    Req::PushCommit(push_id, true) if matches!(flood, Flood::SlowPush(_)) => {
+                        if let Flood::SlowPush(delay) = flood {
+                            slow_push = Some((push_id, Instant::now() + delay));
+                        }
+                    }
+                    Req::PushCommit(push_id, _) => {
                         let _ = g.send(&AgentToHost::PushResult {
                             push_id,
                             outcome: ring_protocol::message::PushOutcome::Failed(
@@ -346,6 +362,25 @@ fn run(region: &Path, flood: Flood, stop: &AtomicBool, counters: &Counters) {
                     }
                     Req::Other => {}
                 }
+            }
+            // A slow push starts late, and prints.
+            if let Some((push_id, at)) = slow_push
+                && Instant::now() >= at
+            {
+                slow_push = None;
+                let id = g.new_id();
+                let _ = g.send(&AgentToHost::PushResult {
+                    push_id,
+                    outcome: ring_protocol::message::PushOutcome::Started(id),
+                });
+                let _ = g.send(&AgentToHost::Output {
+                    execution: id,
+                    stream: Stream::Stdout,
+                    offset: 0,
+                    data: b"late output\n",
+                });
+                counters.started_pushes.fetch_add(1, Ordering::Relaxed);
+                worked = true;
             }
             // Flood what this guest floods.
             if let Some(request_id) = listing {
