@@ -26,27 +26,38 @@ pub fn agent_binary() -> PathBuf {
 
 /// One HTTP/1.1 request on the daemon's unix socket: the status and the (de-chunked) body.
 pub fn http(socket: &Path, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Vec<u8>) {
-    let mut s = UnixStream::connect(socket).expect("connect");
+    try_http(socket, method, path, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+/// [`http`], or why there was no answer (no daemon, or it died during the call).
+pub fn try_http(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Result<(u16, Vec<u8>), String> {
+    let mut s = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
     let body = body.unwrap_or_default();
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: portless\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    s.write_all(head.as_bytes()).expect("write");
-    s.write_all(body).expect("write");
+    s.write_all(head.as_bytes())
+        .and_then(|()| s.write_all(body))
+        .map_err(|e| format!("write: {e}"))?;
     let mut resp = Vec::new();
-    s.read_to_end(&mut resp).expect("read");
+    s.read_to_end(&mut resp).map_err(|e| format!("read: {e}"))?;
     let split = resp
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .expect("headers")
+        .ok_or("no headers in the answer")?
         + 4;
     let head = String::from_utf8_lossy(&resp[..split]).into_owned();
     let status: u16 = head
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .expect("status");
+        .ok_or("no status in the answer")?;
     let mut body = resp[split..].to_vec();
     if head
         .to_ascii_lowercase()
@@ -54,7 +65,7 @@ pub fn http(socket: &Path, method: &str, path: &str, body: Option<&[u8]>) -> (u1
     {
         body = dechunk(&body);
     }
-    (status, body)
+    Ok((status, body))
 }
 
 /// One request with a JSON body; the status and the body as JSON (or as a string when it is
