@@ -504,6 +504,104 @@ fn write_seed_corpus() {
     write("decode_frame", &decode_frame_seeds());
     write("hostile_region", &hostile_region_seeds());
     write("hostile_region_script", &hostile_region_script_seeds());
+    write("host_driver", &host_driver_seeds());
+}
+
+/// Scripts for `host_driver` (see `crate::driver` for the opcodes).
+fn host_driver_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    const ATTACH: u8 = 0;
+    const ANSWER: u8 = 1;
+    const SEND: u8 = 2;
+    const GARBAGE: u8 = 3;
+    const OUTPUT: u8 = 4;
+    const BEAT: u8 = 5;
+    const RESET: u8 = 6;
+    const POKE: u8 = 7;
+    const EXEC: u8 = 8;
+    const PING: u8 = 9;
+    const METRICS: u8 = 10;
+    const COMMANDS: u8 = 11;
+    const CANCEL: u8 = 12;
+    const PUSH: u8 = 13;
+    const WITHDRAW: u8 = 14;
+    const WAIT: u8 = 15;
+    let greet = vec![ATTACH, 3, ANSWER, 0, 31, BEAT, ANSWER, 0, 31, WAIT, 5];
+    let mut honest = greet.clone();
+    honest.extend([
+        EXEC, 0, ANSWER, 0, 31, OUTPUT, 20, 8, SEND, 7, 0, 0, 0, PING, ANSWER, 0, 8,
+    ]);
+    honest.extend([
+        METRICS, ANSWER, 0, 8, COMMANDS, BEAT, WAIT, 30, EXEC, 2, ANSWER, 0, 8,
+    ]);
+    honest.extend([
+        CANCEL, 1, ANSWER, 0, 8, PUSH, 40, 1, ANSWER, 0, 31, WAIT, 100,
+    ]);
+    let mut hello_flood = greet.clone();
+    for _ in 0..40 {
+        hello_flood.extend([SEND, 0, 0, 0, 0]);
+    }
+    let mut mismatched = greet.clone();
+    for _ in 0..8 {
+        mismatched.extend([EXEC, 0, PING, ANSWER, 1, 8, BEAT]);
+    }
+    let mut silent = greet.clone();
+    for _ in 0..12 {
+        silent.extend([EXEC, 2, PING, ANSWER, 3, 8, BEAT, WAIT, 20]);
+    }
+    let mut reuse = greet.clone();
+    for _ in 0..6 {
+        reuse.extend([EXEC, 0, ANSWER, 2, 8]);
+    }
+    let mut output_flood = greet.clone();
+    output_flood.extend([EXEC, 0, ANSWER, 0, 8]);
+    for _ in 0..12 {
+        output_flood.extend([OUTPUT, 255, 1, BEAT]);
+    }
+    output_flood.extend([OUTPUT, 40, 63, SEND, 6, 1, 0, 200]);
+    let mut listing_flood = vec![ATTACH, 3, ANSWER, 0, 0];
+    for _ in 0..20 {
+        listing_flood.extend([SEND, 2, 0, 0, 1]);
+    }
+    let mut pushes = greet.clone();
+    pushes.extend([
+        PUSH, 255, 1, PUSH, 30, 0, WITHDRAW, 1, ANSWER, 0, 31, WAIT, 90,
+    ]);
+    pushes.extend([ANSWER, 0, 31, PUSH, 10, 1, WITHDRAW, 3, ANSWER, 0, 31]);
+    let mut corrupt = greet.clone();
+    corrupt.extend([
+        EXEC, 0, POKE, 2, 0, 0, 1, 0, GARBAGE, 40, 0xff, RESET, WAIT, 60,
+    ]);
+    corrupt.extend([ATTACH, 5, ANSWER, 0, 31, EXEC, 0, ANSWER, 0, 31]);
+    vec![
+        ("honest-session", honest),
+        ("hello-flood", hello_flood),
+        ("mismatched-replies", mismatched),
+        ("silent-guest", silent),
+        ("reused-ids", reuse),
+        ("output-flood", output_flood),
+        ("listing-flood", listing_flood),
+        ("pushes-and-withdrawals", pushes),
+        ("corrupt-and-reattach", corrupt),
+    ]
+}
+
+#[test]
+fn host_driver_seeds_and_random_scripts_keep_the_invariants() {
+    for (_, bytes) in host_driver_seeds() {
+        crate::driver::run(&bytes);
+    }
+    let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    for _ in 0..100 {
+        let script: Vec<u8> = (0..300)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        crate::driver::run(&script);
+    }
 }
 
 #[test]

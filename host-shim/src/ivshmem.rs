@@ -44,6 +44,18 @@ pub fn signal_eventfd(fd: RawFd) -> io::Result<()> {
     }
 }
 
+/// An anonymous shared-memory file (a memfd) of `size` bytes, zeroed.
+pub fn memfd(size: usize) -> io::Result<std::fs::File> {
+    // SAFETY: the name is a NUL-terminated literal.
+    let fd = check(unsafe { libc::memfd_create(c"portless-region".as_ptr(), libc::MFD_CLOEXEC) })?;
+    // SAFETY: just created, owned by nothing else.
+    let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = i64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: plain values on a descriptor we own.
+    check(unsafe { libc::ftruncate(memfd.as_raw_fd(), len) })?;
+    Ok(std::fs::File::from(memfd))
+}
+
 /// Waits up to `timeout` (to the microsecond) for one of `fds` (fills `revents`).
 pub fn poll(fds: &mut [libc::pollfd], timeout: std::time::Duration) -> usize {
     let ts = libc::timespec {
@@ -184,14 +196,7 @@ impl Server {
     /// Creates the shared memory (an anonymous memfd of `size` bytes) and listens on
     /// `socket` (replacing a stale socket file). QEMU must be started after this.
     pub fn new(socket: &Path, size: usize, vectors: u32) -> io::Result<Self> {
-        // SAFETY: the name is a NUL-terminated literal.
-        let fd =
-            check(unsafe { libc::memfd_create(c"portless-region".as_ptr(), libc::MFD_CLOEXEC) })?;
-        // SAFETY: just created, owned by nothing else.
-        let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let len = i64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: plain values on a descriptor we own.
-        check(unsafe { libc::ftruncate(memfd.as_raw_fd(), len) })?;
+        let memfd = OwnedFd::from(memfd(size)?);
         let mapping = GuestRegion::from_file(std::fs::File::from(memfd.try_clone()?), size)?;
         Self::serve(socket, memfd, mapping, vectors)
     }

@@ -25,6 +25,12 @@ impl GuestRegion {
         Ok(Self { region })
     }
 
+    /// Maps a new anonymous region of `size` bytes (a memfd), zeroed: a channel without a
+    /// VM, for tests and fuzzing.
+    pub fn anonymous(size: usize) -> io::Result<Self> {
+        Self::from_file(crate::ivshmem::memfd(size)?, size)
+    }
+
     /// Opens and maps a memory-backend file; its size must be a valid region size.
     pub fn open(path: &Path) -> io::Result<Self> {
         let file = File::options().read(true).write(true).open(path)?;

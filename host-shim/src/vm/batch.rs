@@ -181,6 +181,20 @@ impl Batches {
         self.building.output_bytes >= self.merge_bytes * 2
     }
 
+    /// Output bytes on their way: in the building batch and in the one in flight.
+    pub(super) fn bytes(&self) -> usize {
+        let in_flight: usize = self.in_flight.as_ref().map_or(0, |f| {
+            f.ops
+                .iter()
+                .map(|op| match op {
+                    Op::Output { data, .. } => data.len(),
+                    _ => 0,
+                })
+                .sum()
+        });
+        self.building.output_bytes + in_flight
+    }
+
     /// Whether anything waits to be written or committed.
     pub(super) fn idle(&self) -> bool {
         self.building.is_empty() && self.in_flight.is_none()

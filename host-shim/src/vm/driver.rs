@@ -116,6 +116,8 @@ pub(super) struct Driver {
     pub(super) scratch: Box<ring_protocol::FrameBuf>,
     /// The read was paced (a bucket ran dry): when to look again.
     paced_until: Option<Instant>,
+    /// When the next heartbeat and health check is due.
+    next_tick: Instant,
 }
 
 impl Driver {
@@ -185,6 +187,7 @@ impl Driver {
             error_logged: None,
             scratch: Box::new(frame_buf()),
             paced_until: None,
+            next_tick: now,
         }
     }
 
@@ -222,57 +225,81 @@ impl Driver {
         }
     }
 
-    pub(super) fn run(&mut self) {
-        // Open (or take over) the region.
+    /// Opens (or takes over) the region, greets the agent and reconciles the records.
+    /// `false` when the region is unusable.
+    pub(super) fn open(&mut self, now: Instant) -> bool {
         match HostEndpoint::open(self.mem(), self.host_generation) {
             Ok(ep) => self.ep = Some(ep),
             Err(e) => {
                 eprintln!("portless: vm {}: region unusable: {e}", self.settings.name);
-                return;
+                return false;
             }
         }
         let _ = self.send_to_guest(&HostToAgent::Hello(self.hello(false)));
-        self.reconcile_records(Instant::now());
+        self.reconcile_records(now);
+        true
+    }
+
+    /// One pass: API requests, the writer's answers, the guest's frames (within the pass's
+    /// budget), the push being streamed, the outbox, the batch toward the records, the
+    /// periodic tick, releases and kicks. Whether anything happened; `None` once every
+    /// handle is gone.
+    pub(super) fn step(&mut self, now: Instant) -> Option<bool> {
+        let mut worked = self.take_requests(now)?;
+        worked |= self.take_committed(now);
+        worked |= self.pump(now);
+        worked |= self.stream_push(now);
+        worked |= self.flush();
+        worked |= self.submit_batch(now);
+        if now >= self.next_tick {
+            self.tick(now);
+            self.next_tick = now + TICK;
+        }
+        self.release_idle();
+        self.ring_guest();
+        self.publish_status();
+        Some(worked)
+    }
+
+    /// When the driver must look again even if nothing wakes it.
+    pub(super) fn next_wake(&self) -> Instant {
+        [
+            Some(self.next_tick),
+            self.batches.next_due(),
+            self.paced_until,
+            self.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(self.next_tick)
+    }
+
+    pub(super) fn run(&mut self) {
+        if !self.open(Instant::now()) {
+            return;
+        }
         let mut sleep = Duration::from_micros(50);
-        let mut next_tick = Instant::now();
         let mut last_work = Instant::now();
         loop {
-            let now = Instant::now();
-            let Some(mut worked) = self.take_requests(now) else {
+            let Some(worked) = self.step(Instant::now()) else {
                 break; // the daemon dropped every handle: stop
             };
-            worked |= self.take_committed(now);
-            worked |= self.pump(now);
-            worked |= self.stream_push(now);
-            worked |= self.flush();
-            worked |= self.submit_batch(now);
-            if now >= next_tick {
-                self.tick(now);
-                next_tick = now + TICK;
-            }
-            self.release_idle();
-            self.ring_guest();
-            self.publish_status();
             if worked {
                 sleep = Duration::from_micros(50);
                 last_work = Instant::now();
                 continue;
             }
-            let until = [
-                Some(next_tick),
-                self.batches.next_due(),
-                self.paced_until,
-                self.next_deadline(),
-            ]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(next_tick);
+            let until = self.next_wake();
             self.sleep(sleep.min(until.saturating_duration_since(Instant::now())));
             sleep = (sleep * 2).min(self.poll_cap(last_work.elapsed()));
         }
-        // Shutting down: answer what is waiting; executions in the guest keep running and
-        // are found again by the next daemon, and frames not released are read again.
+        self.shut_down();
+    }
+
+    /// Shutting down: answers what is waiting; executions in the guest keep running and are
+    /// found again by the next daemon, and frames not released are read again.
+    pub(super) fn shut_down(&mut self) {
         for (req, _) in std::mem::take(&mut self.queue) {
             super::requests::reject(req, VmError::ShuttingDown);
         }
@@ -740,7 +767,11 @@ impl Driver {
             }
         }
         if let Some(p) = self.streaming.take() {
-            self.fail_push(p.job, err, reason);
+            self.fail_push(p.job, err.clone(), reason);
+        }
+        // Pushes waiting for their turn were meant for the agent that is gone.
+        for job in std::mem::take(&mut self.pushes) {
+            self.fail_push(job, err.clone(), reason);
         }
         self.barrier = None;
     }
@@ -786,7 +817,7 @@ impl Driver {
                 self.state = VmState::Unresponsive;
             }
             if quiet >= self.settings.lost_after
-                && !(self.pending.is_empty() && self.running.is_empty())
+                && !(self.pending.is_empty() && self.running.is_empty() && self.pushes.is_empty())
             {
                 self.lose_agent(
                     &format!(

@@ -19,7 +19,8 @@
 //! - `replies.rs`: what the agent sends, matched to what was asked;
 //! - `batch.rs`: effects of frames on their way to the records, and the release of frames;
 //! - `budget.rs`: pacing buckets, protocol violations, cut-off reasons;
-//! - `message.rs`: agent messages copied out of the frame buffer.
+//! - `message.rs`: agent messages copied out of the frame buffer;
+//! - [`stepped`]: a driver stepped by hand, for fuzzing and tests.
 
 mod batch;
 mod budget;
@@ -27,6 +28,7 @@ mod driver;
 mod message;
 mod replies;
 mod requests;
+pub mod stepped;
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, mpsc};

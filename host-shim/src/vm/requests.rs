@@ -657,10 +657,17 @@ impl Driver {
 
     /// The API gave up on push `ticket`: one not sent yet is dropped; one being streamed
     /// is committed as it is, incomplete, which the agent refuses; one committed is
-    /// marked, so that a start that comes anyway is cancelled.
+    /// marked, so that a start that comes anyway is cancelled. Its run, if any, ends
+    /// `undeliverable` now (the API ends it too; the first end stands), so no output can
+    /// attach to it later.
     fn withdraw_push(&mut self, ticket: u64) {
+        const WHY: &str = "the push was withdrawn: the API gave up waiting for the agent";
         if let Some(k) = self.pushes.iter().position(|p| p.ticket == ticket) {
-            self.pushes.remove(k);
+            if let Some(job) = self.pushes.remove(k)
+                && let Some(id) = job.run
+            {
+                self.end_unrun(id, ExecState::Undeliverable, WHY);
+            }
             return;
         }
         if self
@@ -669,6 +676,9 @@ impl Driver {
             .is_some_and(|s| s.job.ticket == ticket)
             && let Some(mut s) = self.streaming.take()
         {
+            if let Some(id) = s.job.run {
+                self.end_unrun(id, ExecState::Undeliverable, WHY);
+            }
             s.job.withdrawn = true;
             s.job.reply = None;
             let commit = HostToAgent::PushCommit {
@@ -688,13 +698,19 @@ impl Driver {
             }
             return;
         }
+        let mut ended = None;
         for p in self.pending.values_mut() {
             if let PendingKind::Push(job) = &mut p.kind
                 && job.ticket == ticket
+                && !job.withdrawn
             {
                 job.withdrawn = true;
                 job.reply = None;
+                ended = job.run;
             }
+        }
+        if let Some(id) = ended {
+            self.end_unrun(id, ExecState::Undeliverable, WHY);
         }
     }
 }
