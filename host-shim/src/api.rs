@@ -33,7 +33,7 @@ pub struct App {
     pub config: HostConfig,
     /// Who may do what.
     pub policy: Policy,
-    /// Executions, output and audit (read on the blocking pool, see [`read`]).
+    /// Executions, output and audit; read on the blocking pool, never on an async worker.
     pub records: Arc<Records>,
     /// Every write to the records goes through it.
     pub writer: Writer,

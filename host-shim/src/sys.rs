@@ -16,5 +16,5 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
     }
     // SAFETY: `statvfs` returned 0, so it filled `st`.
     let st = unsafe { st.assume_init() };
-    Some(u64::from(st.f_bavail).saturating_mul(st.f_frsize))
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }

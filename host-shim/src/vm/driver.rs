@@ -281,10 +281,8 @@ impl Driver {
         }
         let mut sleep = Duration::from_micros(50);
         let mut last_work = Instant::now();
-        loop {
-            let Some(worked) = self.step(Instant::now()) else {
-                break; // the daemon dropped every handle: stop
-            };
+        // Until the daemon drops every handle.
+        while let Some(worked) = self.step(Instant::now()) {
             if worked {
                 sleep = Duration::from_micros(50);
                 last_work = Instant::now();

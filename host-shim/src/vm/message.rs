@@ -178,8 +178,6 @@ impl OwnedMsg {
     }
 }
 
-/// The raw descriptor of the driver's wake-up eventfd (for tests).
-
 /// Bytes a listed command takes in memory, roughly: its strings and a fixed part.
 pub(super) fn listing_cost(c: &CommandDesc) -> usize {
     let params: usize = c

@@ -304,12 +304,10 @@ impl Driver {
                 );
             }
             PendingKind::Metrics { reply } => drop(reply.send(Err(VmError::Rejected(reason)))),
-            PendingKind::Status { id, agent } => {
-                // The agent no longer knows it (it forgets the oldest of its finished ones).
-                if self.running.remove(&agent).is_some() {
-                    self.remember_ended(agent);
-                    self.end_unrun(id, ExecState::AgentLost, "the agent no longer knows it");
-                }
+            // The agent no longer knows it (it forgets the oldest of its finished ones).
+            PendingKind::Status { id, agent } if self.running.remove(&agent).is_some() => {
+                self.remember_ended(agent);
+                self.end_unrun(id, ExecState::AgentLost, "the agent no longer knows it");
             }
             _ => {}
         }
