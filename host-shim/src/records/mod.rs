@@ -7,23 +7,39 @@
 //! (generation, counter) through [`Records::find_by_agent_id`] and [`Records::unfinished`],
 //! then finish normally through [`Records::finish`], which records an end only once.
 //!
+//! In the daemon every write goes through the records writer ([`writer`]), which commits
+//! them in groups on a thread of its own; reads use a pool of read connections, which in WAL
+//! mode never wait for the writer. [`retention`] prunes what is past its time or size.
+//!
 //! # Schema (version [`SCHEMA_VERSION`], kept in `PRAGMA user_version`)
 //!
 //! - `executions`: one row per execution; the id is `INTEGER PRIMARY KEY AUTOINCREMENT`, so an
 //!   id is never handed out twice. Arguments are a JSON array of strings. Per stream the row
-//!   holds `*_stored` (bytes kept) and `*_total` (bytes produced); the stream is truncated
-//!   when fewer were kept than produced. `output_cap` is the cap in force when the execution
-//!   was created, so a restart with another cap never leaves a hole in a stream.
-//! - `output`: the kept bytes as chunks keyed by `(execution, stream, offset)`, one row per
-//!   append, so appending never rewrites what is already stored. The chunks of a stream are
-//!   contiguous from offset 0 and end at `*_stored`.
+//!   holds `*_stored` (bytes kept), `*_total` (bytes produced) and `*_chunks` (stored chunks);
+//!   the stream is truncated when fewer were kept than produced. `output_cap` is the cap in
+//!   force when the execution was created, so a restart with another cap never leaves a hole
+//!   in a stream. The cap counts what a stream costs on disk: its bytes plus
+//!   [`CHUNK_OVERHEAD`] per chunk.
+//! - `output`: the kept bytes as chunks keyed by `(execution, stream, offset)` (a table
+//!   `WITHOUT ROWID`: one b-tree), one row per append, so appending never rewrites what is
+//!   already stored. The drivers merge a stream's output before it comes here. The chunks of
+//!   a stream are contiguous from offset 0 and end at `*_stored`. Output for an execution
+//!   that has ended is refused.
+//! - `vm_usage`: per VM, the bytes and chunks of output stored, for the VM quota.
 //! - `audit`: one row per API call, allowed or denied.
 //!
-//! # Durability
+//! Schema 2 (from 1) rebuilt `output` without its rowid, added the chunk counts, the usage
+//! table and an index of ends for pruning, and switched the file to incremental vacuum, so
+//! that pages freed by pruning go back to the file system.
+//!
+//! # Durability and disk
 //!
 //! The database runs in WAL mode with `synchronous = NORMAL`: every committed change survives
 //! the daemon crashing or being killed; a power loss may lose the last few commits but never
-//! corrupts the database. Each call is one transaction.
+//! corrupts the database. When the state directory's disk has less than `min_free` free, or
+//! a write failed for lack of space, [`Records::disk_problem`] says so: output is then
+//! counted but not kept, and the API refuses new executions, while ends, audit entries and
+//! every read keep working.
 
 use std::fmt;
 use std::fs::{DirBuilder, OpenOptions};
