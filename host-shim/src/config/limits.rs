@@ -117,8 +117,9 @@ pub struct RecordsConfig {
     pub output_merge_bytes: u64,
     /// ... or for this long, whichever comes first.
     pub output_merge_wait: Duration,
-    /// Output kept per VM (chunk overhead included); past it, output is counted but not
-    /// kept, and the VM's oldest finished executions are pruned.
+    /// Output kept per VM (chunk overhead included): the VM's oldest finished executions are
+    /// deleted to make room for new output; with none left to delete, output is counted
+    /// but not kept.
     pub vm_quota: u64,
     /// The database's size; past it the oldest finished executions are pruned.
     pub max_bytes: u64,

@@ -901,8 +901,8 @@ impl Records {
     /// what was received (a resend after a daemon restart) adds only its part past that end,
     /// if any; a chunk that starts after it is [`RecordsError::OutputGap`] and adds nothing.
     /// Bytes are kept while the stream's cost (its bytes plus [`CHUNK_OVERHEAD`] per chunk)
-    /// stays within the execution's output cap, the VM's output within its quota and the
-    /// disk above its reserve; past that they are counted in the total but not kept, and the
+    /// stays within the execution's output cap, the VM's output within its quota (the VM's
+    /// oldest finished executions are deleted to make room) and the disk above its reserve; past that they are counted in the total but not kept, and the
     /// stream is then truncated. Output for an execution that has ended is
     /// [`RecordsError::Ended`] and changes nothing.
     pub fn append_output(
@@ -1316,7 +1316,12 @@ fn append_output(
             .query_row([&vm], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, u64>(1)?)))
             .optional()?
             .unwrap_or((0, 0));
-        let vm_used = vm_stored.saturating_add(vm_chunks.saturating_mul(CHUNK_OVERHEAD));
+        let mut vm_used = vm_stored.saturating_add(vm_chunks.saturating_mul(CHUNK_OVERHEAD));
+        let wanted = (new.len() as u64).saturating_add(CHUNK_OVERHEAD);
+        if vm_used.saturating_add(wanted) > limits.vm_quota && limits.vm_quota != u64::MAX {
+            // The VM is at its quota: its oldest finished executions make room for this.
+            vm_used = retention::make_room(conn, &vm, vm_used, wanted, limits.vm_quota)?;
+        }
         let room = cap
             .saturating_sub(used)
             .min(limits.vm_quota.saturating_sub(vm_used))

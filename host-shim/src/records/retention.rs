@@ -180,26 +180,7 @@ impl Records {
         self.write(|tx| {
             let mut deleted = 0;
             for &id in ids {
-                let row: Option<(String, u64, u64)> = tx
-                    .prepare_cached(
-                        "SELECT vm, stdout_stored + stderr_stored, stdout_chunks + stderr_chunks \
-                         FROM executions WHERE id = ?1 AND finished_at_ms IS NOT NULL",
-                    )?
-                    .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                    .optional()?;
-                let Some((vm, stored, chunks)) = row else {
-                    continue;
-                };
-                tx.prepare_cached("DELETE FROM output WHERE execution = ?1")?
-                    .execute([id])?;
-                tx.prepare_cached("DELETE FROM executions WHERE id = ?1")?
-                    .execute([id])?;
-                tx.prepare_cached(
-                    "UPDATE vm_usage SET stored_bytes = MAX(stored_bytes - ?2, 0), \
-                     chunks = MAX(chunks - ?3, 0) WHERE vm = ?1",
-                )?
-                .execute(params![vm, stored, chunks])?;
-                deleted += 1;
+                deleted += u64::from(delete_finished(tx, id)?);
             }
             Ok(deleted)
         })
@@ -240,3 +221,64 @@ impl Records {
         Ok(free)
     }
 }
+
+/// Deletes finished execution `id` with its output, and takes the output off its VM's usage;
+/// whether it was there (and finished) to delete.
+pub(super) fn delete_finished(conn: &rusqlite::Connection, id: u64) -> Result<bool, RecordsError> {
+    let row: Option<(String, u64, u64)> = conn
+        .prepare_cached(
+            "SELECT vm, stdout_stored + stderr_stored, stdout_chunks + stderr_chunks \
+             FROM executions WHERE id = ?1 AND finished_at_ms IS NOT NULL",
+        )?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let Some((vm, stored, chunks)) = row else {
+        return Ok(false);
+    };
+    conn.prepare_cached("DELETE FROM output WHERE execution = ?1")?
+        .execute([id])?;
+    conn.prepare_cached("DELETE FROM executions WHERE id = ?1")?
+        .execute([id])?;
+    conn.prepare_cached(
+        "UPDATE vm_usage SET stored_bytes = MAX(stored_bytes - ?2, 0), \
+         chunks = MAX(chunks - ?3, 0) WHERE vm = ?1",
+    )?
+    .execute(params![vm, stored, chunks])?;
+    Ok(true)
+}
+
+/// Makes room for `needed` more bytes of `vm`'s output within `quota` by deleting its oldest
+/// finished executions (at most [`QUOTA_PRUNE_AT_ONCE`]), down to the low-water mark: the
+/// newest output is kept, the oldest goes. The bytes of output the VM then uses.
+pub(super) fn make_room(
+    conn: &rusqlite::Connection,
+    vm: &str,
+    used: u64,
+    needed: u64,
+    quota: u64,
+) -> Result<u64, RecordsError> {
+    let low = (quota / 100 * QUOTA_LOW_WATER_PERCENT).min(quota.saturating_sub(needed));
+    let victims: Vec<(u64, u64)> = {
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, stdout_stored + stderr_stored + (stdout_chunks + stderr_chunks) * ?2 \
+             FROM executions WHERE vm = ?1 AND finished_at_ms IS NOT NULL ORDER BY id LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![vm, CHUNK_OVERHEAD, QUOTA_PRUNE_AT_ONCE], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let mut used = used;
+    for (id, cost) in victims {
+        if used <= low {
+            break;
+        }
+        if delete_finished(conn, id)? {
+            used = used.saturating_sub(cost);
+        }
+    }
+    Ok(used)
+}
+
+/// Executions [`make_room`] deletes for one chunk, at most.
+const QUOTA_PRUNE_AT_ONCE: i64 = 16;

@@ -113,6 +113,12 @@ impl Stack {
         std::fs::write(self.dir.join("host.toml"), config).expect("host.toml");
     }
 
+    /// Replaces what `host.toml` has after its `[daemon]` keys (for the next start).
+    pub fn set_extra(&mut self, extra: &str) {
+        extra.clone_into(&mut self.extra);
+        self.write_config();
+    }
+
     /// The region file of `vm`.
     pub fn region(&self, vm: &str) -> PathBuf {
         self.dir.join(format!("{vm}.region"))
