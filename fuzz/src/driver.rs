@@ -8,7 +8,9 @@
 //! have ended. Nothing may panic.
 //!
 //! A script is a sequence of operations, each an opcode byte (taken modulo [`OPS`]) and
-//! argument bytes ([`Script`] reads them, missing bytes read as 0).
+//! argument bytes ([`Script`] reads them, missing bytes read as 0). To see what an input
+//! does: `FUZZ_TRACE=1 FUZZ_INPUT=path cargo test --manifest-path fuzz/Cargo.toml --
+//! --ignored trace_one --nocapture` prints each operation and the driver's footprint.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -415,7 +417,15 @@ pub fn run(data: &[u8]) {
     let mut ops = 0;
     while !s.done() && ops < MAX_OPS {
         ops += 1;
-        match s.byte() % OPS {
+        let op = s.byte() % OPS;
+        if std::env::var_os("FUZZ_TRACE").is_some() {
+            eprintln!(
+                "op {op} at byte {} clock {clock:?} {:?}",
+                s.at,
+                driver.footprint()
+            );
+        }
+        match op {
             0 => {
                 guest.generation = u32::from(s.byte()) | 1;
                 guest.counter = 0;
@@ -532,6 +542,9 @@ pub fn run(data: &[u8]) {
                     None
                 };
                 tickets += 1;
+                if std::env::var_os("FUZZ_TRACE").is_some() {
+                    eprintln!("push ticket {tickets} run {run:?} size {size}");
+                }
                 let (reply, _) = tokio::sync::oneshot::channel();
                 let _ = driver.handle().request(Request::Push {
                     name: "p".into(),
@@ -544,6 +557,9 @@ pub fn run(data: &[u8]) {
             }
             14 => {
                 let ticket = u64::from(s.byte()) % (tickets + 1);
+                if std::env::var_os("FUZZ_TRACE").is_some() {
+                    eprintln!("withdraw ticket {ticket}");
+                }
                 let _ = driver.handle().request(Request::WithdrawPush { ticket });
             }
             _ => clock += Duration::from_millis(u64::from(s.byte()) * 4),
@@ -558,6 +574,13 @@ pub fn run(data: &[u8]) {
         clock += Duration::from_millis(50);
         driver.step(start + clock);
         check(&driver, &budget);
+    }
+    if std::env::var_os("FUZZ_TRACE").is_some() {
+        eprintln!(
+            "end: {:?} {:?}",
+            driver.footprint(),
+            driver.handle().status()
+        );
     }
     for id in created {
         let rec = records

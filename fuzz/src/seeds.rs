@@ -590,6 +590,17 @@ fn host_driver_seeds_and_random_scripts_keep_the_invariants() {
     for (_, bytes) in host_driver_seeds() {
         crate::driver::run(&bytes);
     }
+    // Inputs the fuzzer found, kept in the corpus as regressions.
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/host_driver");
+    for entry in std::fs::read_dir(&corpus).expect("corpus") {
+        let path = entry.expect("entry").path();
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("regression-"))
+        {
+            crate::driver::run(&std::fs::read(&path).expect("input"));
+        }
+    }
     let mut x = 0x2545_f491_4f6c_dd1d_u64;
     for _ in 0..100 {
         let script: Vec<u8> = (0..300)
@@ -628,4 +639,13 @@ fn script_seeds_run() {
     for (_, bytes) in hostile_region_script_seeds() {
         crate::script::World::new().run_script(&bytes);
     }
+}
+
+/// Runs the input named by `FUZZ_INPUT` through `host_driver` (with `FUZZ_TRACE=1`, step by
+/// step).
+#[test]
+#[ignore]
+fn trace_one() {
+    let path = std::env::var("FUZZ_INPUT").expect("FUZZ_INPUT");
+    crate::driver::run(&std::fs::read(path).expect("input"));
 }

@@ -139,8 +139,13 @@ impl Driver {
             settings.merge_bytes,
             settings.merge_wait,
         );
-        // Execution record ids double as request ids; others count down from the top so
-        // that the two never meet.
+        // Execution record ids double as request ids; others count down from the top of a
+        // range of 2^32 ids of this daemon's generation, so that the two never meet and a
+        // reply to a request of an earlier daemon, read again from the ring, does not
+        // answer one of this daemon's.
+        let host_generation = u32::try_from(crate::records::now_ms() & 0xffff_ffff)
+            .unwrap_or(1)
+            .max(1);
         Self {
             frames: Bucket::new(u64::from(b.frames_per_s), now),
             output_bytes: Bucket::new(b.output_bytes_per_s, now),
@@ -166,7 +171,7 @@ impl Driver {
             answered_pushes: VecDeque::new(),
             pushes: VecDeque::new(),
             streaming: None,
-            next_request: u64::MAX,
+            next_request: (u64::from(host_generation) << 32) | 0xffff_ffff,
             generation: None,
             hello_epoch: None,
             state: VmState::WaitingForAgent,
@@ -177,9 +182,7 @@ impl Driver {
             reset_started: None,
             config_revision: 0,
             restarts: 0,
-            host_generation: u32::try_from(crate::records::now_ms() & 0xffff_ffff)
-                .unwrap_or(1)
-                .max(1),
+            host_generation,
             batches,
             last_cutoff: None,
             barrier: None,
@@ -815,7 +818,10 @@ impl Driver {
                 self.state = VmState::Unresponsive;
             }
             if quiet >= self.settings.lost_after
-                && !(self.pending.is_empty() && self.running.is_empty() && self.pushes.is_empty())
+                && !(self.pending.is_empty()
+                    && self.running.is_empty()
+                    && self.pushes.is_empty()
+                    && self.streaming.is_none())
             {
                 self.lose_agent(
                     &format!(

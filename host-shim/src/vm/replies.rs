@@ -412,7 +412,33 @@ impl Driver {
                     then(job.reply),
                 );
             }
-            _ => {
+            (PushOutcome::Stored, Some(id)) => {
+                // Asked to run, the agent only stored it (PROTOCOL.md 7.1 says Started or
+                // Failed): the run never happened.
+                self.violation(now, "a push stored when it was to run");
+                self.end_unrun(
+                    id,
+                    ExecState::Rejected,
+                    "the agent stored it but did not run it",
+                );
+                if let Some(r) = job.reply {
+                    let _ = r.send(Ok(outcome));
+                }
+            }
+            (PushOutcome::Started(agent), None) => {
+                // Started when it was only to be stored: stopped, and nothing is recorded.
+                self.violation(now, "a push started when it was only to be stored");
+                self.remember_ended(agent);
+                let request_id = self.request_id();
+                let _ = self.send_to_guest(&HostToAgent::Cancel {
+                    request_id,
+                    execution: agent,
+                });
+                if let Some(r) = job.reply {
+                    let _ = r.send(Ok(PushOutcome::Stored));
+                }
+            }
+            (PushOutcome::Stored | PushOutcome::Failed(_), None) => {
                 if let Some(r) = job.reply {
                     let _ = r.send(Ok(outcome));
                 }

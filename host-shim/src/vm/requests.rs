@@ -100,7 +100,10 @@ impl Driver {
             self.withdraw_push(ticket);
             return;
         }
-        let in_flight = self.pending.len() + self.queue.len() + self.pushes.len();
+        let in_flight = self.pending.len()
+            + self.queue.len()
+            + self.pushes.len()
+            + usize::from(self.streaming.is_some());
         let limit = self.settings.budget.requests_in_flight as usize;
         let answerable = matches!(req, Request::Commands { .. }) && self.commands.is_some();
         if in_flight >= limit && !answerable {
@@ -611,6 +614,10 @@ impl Driver {
                 job,
                 sent: 0,
             });
+            if !self.outbox.is_empty() {
+                // The begin waits for room: the chunks follow it, never pass it.
+                return true;
+            }
             worked = true;
         }
         let Some(ep) = self.ep.as_mut() else {
@@ -662,6 +669,16 @@ impl Driver {
     /// attach to it later.
     fn withdraw_push(&mut self, ticket: u64) {
         const WHY: &str = "the push was withdrawn: the API gave up waiting for the agent";
+        let queued = self
+            .queue
+            .iter()
+            .position(|(r, _)| matches!(r, Request::Push { ticket: t, .. } if *t == ticket));
+        if let Some(k) = queued {
+            if let Some((Request::Push { run: Some(id), .. }, _)) = self.queue.remove(k) {
+                self.end_unrun(id, ExecState::Undeliverable, WHY);
+            }
+            return;
+        }
         if let Some(k) = self.pushes.iter().position(|p| p.ticket == ticket) {
             if let Some(job) = self.pushes.remove(k)
                 && let Some(id) = job.run

@@ -18,7 +18,8 @@ use crate::records::Writer;
 pub struct Footprint {
     /// Bytes of encoded messages waiting for room in the ring.
     pub queued_bytes: usize,
-    /// Requests sent and not answered, and requests waiting for a ready agent.
+    /// Requests sent and not answered, requests waiting for a ready agent, and pushes
+    /// waiting or being streamed.
     pub in_flight: usize,
     /// Commands of the listing in progress.
     pub listing_entries: usize,
@@ -103,7 +104,10 @@ impl SteppedDriver {
         let d = &self.driver;
         Footprint {
             queued_bytes: d.outbox_bytes,
-            in_flight: d.pending.len() + d.queue.len() + d.pushes.len(),
+            in_flight: d.pending.len()
+                + d.queue.len()
+                + d.pushes.len()
+                + usize::from(d.streaming.is_some()),
             listing_entries: d.listing.as_ref().map_or(0, |l| l.entries.len()),
             listing_bytes: d.listing.as_ref().map_or(0, |l| l.bytes),
             batch_bytes: d.batches.bytes(),
