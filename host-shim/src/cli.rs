@@ -1332,7 +1332,7 @@ pub fn vms_table(vms: &[VmInfo]) -> String {
             "HEARTBEAT",
             "RESTARTS",
             "RUNNING",
-            "CUT OFF",
+            "CUTOFFS",
             "VIOLATIONS",
             "LABELS",
         ],

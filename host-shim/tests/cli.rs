@@ -608,6 +608,8 @@ fn vms_commands_ping_and_metrics_with_the_socket_from_the_environment() {
             "HEARTBEAT",
             "RESTARTS",
             "RUNNING",
+            "CUTOFFS",
+            "VIOLATIONS",
             "LABELS"
         ]
     );
@@ -616,7 +618,9 @@ fn vms_commands_ping_and_metrics_with_the_socket_from_the_environment() {
         .iter()
         .map(|&(vm, role)| {
             let labels = format!("role={role}");
-            let cells = [vm, "ready", "plain", &agent, "1", "0", "0", &labels];
+            let cells = [
+                vm, "ready", "plain", &agent, "1", "0", "0", "0", "0", &labels,
+            ];
             cells.iter().map(|c| (*c).to_owned()).collect()
         })
         .collect();

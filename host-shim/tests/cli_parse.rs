@@ -416,7 +416,7 @@ fn the_vms_table() {
     assert_eq!(
         cli::vms_table(&vms),
         "NAME  STATE              CHANNEL   AGENT                 GENERATION  REVISION  \
-         HEARTBEAT  RESTARTS  RUNNING  CUT OFF                 VIOLATIONS  LABELS\n\
+         HEARTBEAT  RESTARTS  RUNNING  CUTOFFS                 VIOLATIONS  LABELS\n\
          web1  ready              plain     portless-agent/0.1.0  cc55eab0    2         \
          90ms       1         2        0                       0           role=web,zone=a\n\
          db1   waiting_for_agent  doorbell  -                     -           -         \

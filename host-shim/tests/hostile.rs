@@ -310,9 +310,11 @@ fn a_one_byte_output_flood_is_paced_merged_and_kept_within_the_quota() {
         "1-byte output: {rate:.0} frames/s read, daemon CPU {:.0}% of a core",
         cpu * 100.0
     );
-    // The ring holds what was sent beyond the pace: at most its capacity in frames.
+    // Beyond the pace the guest got the ring's capacity (about 22,000 frames of 24 bytes)
+    // and the bucket's burst (a second's worth) at the start of the window.
+    let slack = (22_000.0 + f64::from(frames_per_s)) / elapsed;
     assert!(
-        rate <= f64::from(frames_per_s) * 1.15 + 25_000.0 / elapsed,
+        rate <= f64::from(frames_per_s) * 1.1 + slack,
         "{rate:.0} frames/s, budget {frames_per_s}"
     );
     assert!(cpu < 0.8, "the daemon used {:.0}% of a core", cpu * 100.0);
