@@ -138,16 +138,7 @@ impl Driver {
         let err = VmError::Undeliverable;
         match req {
             Request::Exec { id, reply, .. } => {
-                self.batches.op(
-                    crate::records::Op::Finish {
-                        id,
-                        end: unrun_end(ExecState::Undeliverable, &err),
-                    },
-                    Then::Ended {
-                        id,
-                        refused: Some((reply, err)),
-                    },
-                );
+                self.end_refused(id, ExecState::Undeliverable, err.to_string(), reply, err);
             }
             Request::Push { run, reply, .. } => {
                 if let Some(id) = run {
@@ -332,16 +323,7 @@ impl Driver {
                     ExecState::AgentLost
                 };
                 match reply {
-                    Some(reply) => self.batches.op(
-                        crate::records::Op::Finish {
-                            id,
-                            end: unrun_end_with(state, reason),
-                        },
-                        Then::Ended {
-                            id,
-                            refused: Some((reply, err)),
-                        },
-                    ),
+                    Some(reply) => self.end_refused(id, state, reason.to_owned(), reply, err),
                     None => self.end_unrun(id, state, reason),
                 }
             }
@@ -524,16 +506,24 @@ impl Driver {
         reply: oneshot::Sender<Result<(), VmError>>,
         err: VmError,
     ) {
-        self.batches.op(
-            crate::records::Op::Finish {
-                id,
-                end: unrun_end(ExecState::Rejected, &err),
-            },
-            Then::Ended {
-                id,
-                refused: Some((reply, err)),
-            },
-        );
+        self.end_refused(id, ExecState::Rejected, err.to_string(), reply, err);
+    }
+
+    /// Ends an execution that did not run, and tells the API request that asked for it
+    /// `err`, once the end is recorded.
+    fn end_refused(
+        &mut self,
+        id: ExecutionId,
+        state: ExecState,
+        detail: String,
+        reply: oneshot::Sender<Result<(), VmError>>,
+        err: VmError,
+    ) {
+        let then = Then::Ended {
+            id,
+            refused: Some((reply, err)),
+        };
+        self.end(id, state, None, None, None, Some(detail), then);
     }
 
     /// An exec's timeout: the request's, else the listed command's (0: none).
@@ -729,22 +719,6 @@ impl Driver {
         if let Some(id) = ended {
             self.end_unrun(id, ExecState::Undeliverable, WHY);
         }
-    }
-}
-
-/// The end of an execution that never ran, with the error as its detail.
-fn unrun_end(state: ExecState, err: &VmError) -> crate::records::Finish {
-    unrun_end_with(state, &err.to_string())
-}
-
-fn unrun_end_with(state: ExecState, detail: &str) -> crate::records::Finish {
-    crate::records::Finish {
-        state,
-        exit_code: None,
-        signal: None,
-        finished_at_ms: crate::records::now_ms(),
-        duration_ms: None,
-        detail: Some(detail.to_owned()),
     }
 }
 
