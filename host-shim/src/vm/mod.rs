@@ -369,6 +369,32 @@ impl VmHandle {
     }
 }
 
+impl VmHandle {
+    /// A handle for VM `name` and the driver's end of its request channel.
+    fn new(name: &str) -> std::io::Result<(Self, mpsc::Receiver<Request>)> {
+        let (tx, rx) = mpsc::channel();
+        let status = VmStatus {
+            name: name.to_owned(),
+            state: VmState::WaitingForAgent,
+            agent_generation: None,
+            agent_software: None,
+            config_revision: None,
+            heartbeat_age_ms: None,
+            agent_restarts: 0,
+            running: 0,
+            cutoffs: 0,
+            last_cutoff: None,
+            violations: 0,
+        };
+        let handle = Self {
+            tx,
+            wake: Arc::new(ivshmem::eventfd()?),
+            status: Arc::new(Mutex::new(status)),
+        };
+        Ok((handle, rx))
+    }
+}
+
 /// Starts the driver thread of a VM; its records go through `writer`.
 pub fn spawn(
     settings: VmSettings,
@@ -376,26 +402,8 @@ pub fn spawn(
     writer: Writer,
     events: broadcast::Sender<VmEvent>,
 ) -> std::io::Result<(VmHandle, std::thread::JoinHandle<()>)> {
-    let (tx, rx) = mpsc::channel();
-    let wake = Arc::new(ivshmem::eventfd()?);
-    let status = Arc::new(Mutex::new(VmStatus {
-        name: settings.name.clone(),
-        state: VmState::WaitingForAgent,
-        agent_generation: None,
-        agent_software: None,
-        config_revision: None,
-        heartbeat_age_ms: None,
-        agent_restarts: 0,
-        running: 0,
-        cutoffs: 0,
-        last_cutoff: None,
-        violations: 0,
-    }));
-    let handle = VmHandle {
-        tx,
-        wake: wake.clone(),
-        status: status.clone(),
-    };
+    let (handle, rx) = VmHandle::new(&settings.name)?;
+    let (wake, status) = (handle.wake.clone(), handle.status.clone());
     let thread = std::thread::Builder::new()
         .name(format!("vm-{}", settings.name))
         .spawn(move || {

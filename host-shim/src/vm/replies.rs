@@ -225,43 +225,56 @@ impl Driver {
         reply: Option<tokio::sync::oneshot::Sender<Result<(), VmError>>>,
         now: Instant,
     ) {
-        if let Some(other) = self
-            .running
-            .get(&agent)
-            .map(|r| r.id)
-            .or_else(|| self.ended_set.contains(&agent).then_some(ExecutionId(0)))
-        {
-            self.violation(now, "an execution id the agent used before");
-            let detail = if other.0 == 0 {
-                format!("the agent reused execution id {agent} of an execution that ended")
-            } else {
-                format!("the agent reused execution id {agent}, which execution {other} has")
-            };
-            self.end(
-                id,
-                ExecState::AgentLost,
-                None,
-                None,
-                None,
-                Some(detail),
-                Then::Ended {
+        match self.map_running(id, agent, timeout_ms, now) {
+            Ok(accept) => self.batches.op(accept, Then::Accepted { id, agent, reply }),
+            Err(detail) => {
+                let then = Then::Ended {
                     id,
                     refused: reply.map(|r| (r, VmError::AgentLost)),
-                },
-            );
-            return;
+                };
+                self.end(
+                    id,
+                    ExecState::AgentLost,
+                    None,
+                    None,
+                    None,
+                    Some(detail),
+                    then,
+                );
+            }
+        }
+    }
+
+    /// Maps agent execution `agent` to record `id` as running and returns the op that
+    /// records it; if the agent used that id before (a violation), why it is refused.
+    fn map_running(
+        &mut self,
+        id: ExecutionId,
+        agent: AgentExecId,
+        timeout_ms: Option<u32>,
+        now: Instant,
+    ) -> Result<Op, String> {
+        let reused = match self.running.get(&agent) {
+            Some(other) => Some(format!(
+                "the agent reused execution id {agent}, which execution {} has",
+                other.id
+            )),
+            None => self.ended_set.contains(&agent).then(|| {
+                format!("the agent reused execution id {agent} of an execution that ended")
+            }),
+        };
+        if let Some(detail) = reused {
+            self.violation(now, "an execution id the agent used before");
+            return Err(detail);
         }
         let entry = self.running_entry(id, timeout_ms, now);
         self.running.insert(agent, entry);
-        self.batches.op(
-            Op::Accept {
-                id,
-                generation: agent.generation,
-                counter: agent.counter,
-                at_ms: crate::records::now_ms(),
-            },
-            Then::Accepted { id, agent, reply },
-        );
+        Ok(Op::Accept {
+            id,
+            generation: agent.generation,
+            counter: agent.counter,
+            at_ms: crate::records::now_ms(),
+        })
     }
 
     fn on_rejected(&mut self, request_id: u64, reason: Rejection, now: Instant) {
@@ -379,26 +392,15 @@ impl Driver {
         match (outcome, job.run) {
             (PushOutcome::Started(agent), Some(id)) => {
                 let timeout = job.timeout_ms.filter(|&t| t > 0);
-                if self.running.contains_key(&agent) || self.ended_set.contains(&agent) {
-                    self.violation(now, "an execution id the agent used before");
-                    let detail = format!("the agent reused execution id {agent}");
-                    self.end_unrun(id, ExecState::AgentLost, detail);
-                    if let Some(r) = job.reply {
-                        let _ = r.send(Err(VmError::AgentLost));
+                match self.map_running(id, agent, timeout, now) {
+                    Ok(accept) => self.batches.op(accept, then(job.reply)),
+                    Err(detail) => {
+                        self.end_unrun(id, ExecState::AgentLost, detail);
+                        if let Some(r) = job.reply {
+                            let _ = r.send(Err(VmError::AgentLost));
+                        }
                     }
-                    return;
                 }
-                let entry = self.running_entry(id, timeout, now);
-                self.running.insert(agent, entry);
-                self.batches.op(
-                    Op::Accept {
-                        id,
-                        generation: agent.generation,
-                        counter: agent.counter,
-                        at_ms: crate::records::now_ms(),
-                    },
-                    then(job.reply),
-                );
             }
             (PushOutcome::Failed(reason), Some(id)) => {
                 let detail = rejection_text(&reason);

@@ -3,13 +3,12 @@
 //! invariants (what a guest can make it hold, and that every record ends) without threads
 //! or clocks in the way.
 
-use std::sync::{Arc, Mutex, mpsc};
 use std::time::Instant;
 
 use tokio::sync::broadcast;
 
 use super::driver::Driver;
-use super::{ChannelKind, VmEvent, VmHandle, VmSettings, VmState, VmStatus};
+use super::{ChannelKind, VmEvent, VmHandle, VmSettings};
 use crate::memory::GuestRegion;
 use crate::records::Writer;
 
@@ -48,26 +47,8 @@ impl SteppedDriver {
         let file = crate::ivshmem::memfd(size)?;
         let guest = GuestRegion::from_file(file.try_clone()?, size)?;
         let host = GuestRegion::from_file(file, size)?;
-        let (tx, rx) = mpsc::channel();
-        let wake = Arc::new(crate::ivshmem::eventfd()?);
-        let status = Arc::new(Mutex::new(VmStatus {
-            name: settings.name.clone(),
-            state: VmState::WaitingForAgent,
-            agent_generation: None,
-            agent_software: None,
-            config_revision: None,
-            heartbeat_age_ms: None,
-            agent_restarts: 0,
-            running: 0,
-            cutoffs: 0,
-            last_cutoff: None,
-            violations: 0,
-        }));
-        let handle = VmHandle {
-            tx,
-            wake: wake.clone(),
-            status: status.clone(),
-        };
+        let (handle, rx) = VmHandle::new(&settings.name)?;
+        let (wake, status) = (handle.wake.clone(), handle.status.clone());
         let (events, _) = broadcast::channel::<VmEvent>(16);
         let mut driver = Driver::new(
             settings,
