@@ -177,9 +177,18 @@ fn a_daemon_killed_at_any_point_loses_and_doubles_nothing() {
     }
     // At most once: every execution the agents started has one record, and every record
     // that ran was started by an agent.
-    assert_eq!(
-        recorded_agent_ids, started_by_agents,
-        "the agents' starts and the records disagree"
+    let unrecorded: Vec<_> = started_by_agents.difference(&recorded_agent_ids).collect();
+    let unstarted: Vec<_> = recorded_agent_ids.difference(&started_by_agents).collect();
+    let unrun: Vec<String> = finals
+        .iter()
+        .filter(|r| r["agent_generation"].is_null())
+        .map(|r| format!("{} {} {} {}", r["id"], r["vm"], r["state"], r["detail"]))
+        .collect();
+    assert!(
+        unrecorded.is_empty() && unstarted.is_empty(),
+        "the agents' starts and the records disagree: started but not recorded {unrecorded:?}, \
+         recorded but not started {unstarted:?}; the records that did not run: {unrun:?} \
+         (CRASH_SEED={seed})"
     );
     println!(
         "{KILLS} kills in {kill_time:.1?}; {} executions recorded ({} submitted and answered), \

@@ -278,10 +278,8 @@ impl Driver {
         .unwrap_or(self.next_tick)
     }
 
+    /// Serves the VM (after [`open`](Self::open)) until every handle is gone.
     pub(super) fn run(&mut self) {
-        if !self.open(Instant::now()) {
-            return;
-        }
         let mut sleep = Duration::from_micros(50);
         let mut last_work = Instant::now();
         // Until the daemon drops every handle.
@@ -605,6 +603,25 @@ impl Driver {
                 }
             }
             Then::Accepted { id, agent, reply } => match result {
+                Err(RecordsError::NotPending { state, .. }) => {
+                    // It ended before the agent's acceptance was recorded (it was given up
+                    // on): the agent must not go on with it, and nothing more attaches.
+                    if self.running.get(&agent).is_some_and(|r| r.id == id) {
+                        self.running.remove(&agent);
+                    }
+                    self.remember_ended(agent);
+                    let request_id = self.request_id();
+                    let _ = self.send_to_guest(&HostToAgent::Cancel {
+                        request_id,
+                        execution: agent,
+                    });
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(VmError::Invalid(format!(
+                            "execution {id} had already ended ({state}) when the agent \
+                             accepted it; it was cancelled in the guest"
+                        ))));
+                    }
+                }
                 Err(RecordsError::AgentIdInUse { existing, .. }) => {
                     self.violation(now, "an execution id the agent used before");
                     if self.running.get(&agent).is_some_and(|r| r.id == id) {

@@ -404,13 +404,22 @@ pub fn spawn(
 ) -> std::io::Result<(VmHandle, std::thread::JoinHandle<()>)> {
     let (handle, rx) = VmHandle::new(&settings.name)?;
     let (wake, status) = (handle.wake.clone(), handle.status.clone());
+    // The driver opens the region and reconciles the records before this returns, so that
+    // no execution the API creates from now on is taken for one a previous daemon left.
+    let (opened_tx, opened_rx) = mpsc::channel();
     let thread = std::thread::Builder::new()
         .name(format!("vm-{}", settings.name))
         .spawn(move || {
             let mut driver =
                 driver::Driver::new(settings, channel, writer, events, rx, wake, status);
-            driver.run();
+            let opened = driver.open(std::time::Instant::now());
+            let _ = opened_tx.send(opened);
+            if opened {
+                driver.run();
+            }
         })?;
+    // A region that cannot be used is reported by the driver; the VM's requests then fail.
+    let _ = opened_rx.recv();
     Ok((handle, thread))
 }
 
