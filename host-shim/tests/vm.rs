@@ -38,6 +38,8 @@ fn host_config(dir: &Path) -> String {
 [daemon]
 socket = "{dir}/portless.sock"
 state_dir = "{dir}/state"
+# 16 MiB of output and what its chunks cost on disk (the cap counts both).
+output_cap = 17825792
 
 [[vm]]
 name = "vmd"

@@ -340,6 +340,13 @@ impl<R: Role> Endpoint<R> {
         self.rx.read_index()
     }
 
+    /// Bytes of incoming frames read but not yet [released](Self::release). While there are
+    /// any, the peer does not ring this side for new data (it sees the ring as not drained,
+    /// PROTOCOL.md 4.3), so this side must look again on its own.
+    pub fn unreleased(&self) -> u32 {
+        self.rx.read_index().wrapping_sub(self.rx.cons())
+    }
+
     /// Publishes that every incoming frame before `upto` (a [`read_index`](Self::read_index)
     /// of this epoch) is consumed, so that the peer may reuse their space. An index that is
     /// not ahead of the last one released, or past what was read, changes nothing; so does

@@ -107,7 +107,7 @@ pub(super) struct Batches {
 /// How much of the output rows budget is left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum RowsBudget {
-    /// More than half: write output as it comes.
+    /// Nearly all of it (90%): write output as it comes.
     Plenty,
     /// Some: merge output for `merge_wait` before writing it.
     Some,

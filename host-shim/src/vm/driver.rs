@@ -317,6 +317,8 @@ impl Driver {
         let mut n = 1;
         let mut timeout = timeout;
         let paced = self.paced_until.is_some();
+        // Never past the driver's own next deadline (a merge wait, a retry, an answer).
+        let own = self.next_wake().saturating_duration_since(Instant::now());
         if let ChannelKind::Doorbell(server) = &self.channel {
             if let Some(fd) = server.host_event(0) {
                 fds[n].fd = fd;
@@ -333,10 +335,13 @@ impl Driver {
                 // do, and a QEMU that connects wakes us. A guest attached with no QEMU
                 // connected (this daemon restarted under a running VM) cannot ring: poll it.
                 // A paced guest has frames waiting already: sleep only to the refill.
+                // A driver holding frames it has not released is not rung for new data
+                // (PROTOCOL.md 3.5): it wakes for its writer's answer, or on its own.
                 let unreachable = self.peer.is_none() && ep.guest_attached(mem);
+                let holding = ep.unreleased() != 0;
                 match ep.prepare_wait(mem, needed) {
-                    Ok(true) if !unreachable && !paced => {
-                        timeout = timeout.max(TICK.min(self.until_deadline()));
+                    Ok(true) if !unreachable && !paced && !holding => {
+                        timeout = timeout.max(TICK.min(self.until_deadline()).min(own));
                     }
                     Ok(true) => {}
                     _ if paced => {}
@@ -526,7 +531,10 @@ impl Driver {
     fn submit_batch(&mut self, now: Instant) -> bool {
         let rows = self.batches.rows_waiting();
         let burst = self.rows_burst();
-        let budget = if rows == 0 || self.rows.has(burst / 2 + rows, now) {
+        // Output goes as it comes while the budget is nearly untouched (a command now and
+        // then, read at once); under sustained output it is merged for `merge_wait`, so that
+        // the chunks grow with the rate rather than their number.
+        let budget = if rows == 0 || self.rows.has((burst - burst / 10).max(rows), now) {
             RowsBudget::Plenty
         } else if self.rows.has(rows.min(burst), now) {
             RowsBudget::Some

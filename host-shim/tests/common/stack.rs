@@ -31,6 +31,7 @@ name = "bytes"
 description = "n bytes of a pattern on stdout, then exit with code n % 7"
 program = "/bin/sh"
 args = ["-c", 'head -c "$1" /dev/zero | tr "\000" "p"; exit $(($1 % 7))', "bytes", "{n}"]
+max_output = 16777216
 
 [[command.param]]
 name = "n"
