@@ -345,7 +345,8 @@ fn a_schema_1_database_is_upgraded_with_its_output_counted() {
     let path = dir.join(host_shim::records::DB_FILE_NAME);
     {
         let conn = rusqlite::Connection::open(&path).expect("sqlite");
-        conn.execute_batch(SCHEMA_1).expect("schema 1");
+        conn.execute_batch(host_shim::records::MIGRATIONS[0])
+            .expect("schema 1");
         conn.execute_batch(
             "INSERT INTO executions (principal, vm, command, args, state, requested_at_ms, \
              output_cap, stdout_stored, stdout_total) \
@@ -371,57 +372,6 @@ fn a_schema_1_database_is_upgraded_with_its_output_counted() {
         .expect("pragma");
     assert_eq!(vacuum, 2);
 }
-
-/// The schema of version 1, as it was written.
-const SCHEMA_1: &str = r#"
-CREATE TABLE executions (
-    id                INTEGER PRIMARY KEY AUTOINCREMENT,
-    principal         TEXT    NOT NULL,
-    vm                TEXT    NOT NULL,
-    command           TEXT    NOT NULL,
-    args              TEXT    NOT NULL,
-    state             TEXT    NOT NULL,
-    requested_at_ms   INTEGER NOT NULL,
-    started_at_ms     INTEGER,
-    finished_at_ms    INTEGER,
-    duration_ms       INTEGER,
-    exit_code         INTEGER,
-    signal            INTEGER,
-    detail            TEXT,
-    agent_generation  INTEGER,
-    agent_counter     INTEGER,
-    output_cap        INTEGER NOT NULL,
-    stdout_stored     INTEGER NOT NULL DEFAULT 0,
-    stdout_total      INTEGER NOT NULL DEFAULT 0,
-    stderr_stored     INTEGER NOT NULL DEFAULT 0,
-    stderr_total      INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX executions_by_vm ON executions (vm, id);
-CREATE INDEX executions_by_principal ON executions (principal, id);
-CREATE INDEX executions_by_state ON executions (state, id);
-CREATE UNIQUE INDEX executions_by_agent_id
-    ON executions (vm, agent_generation, agent_counter)
-    WHERE agent_generation IS NOT NULL;
-CREATE TABLE output (
-    execution  INTEGER NOT NULL REFERENCES executions (id) ON DELETE CASCADE,
-    stream     INTEGER NOT NULL,
-    offset     INTEGER NOT NULL,
-    data       BLOB    NOT NULL,
-    PRIMARY KEY (execution, stream, offset)
-);
-CREATE TABLE audit (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
-    at_ms      INTEGER NOT NULL,
-    principal  TEXT,
-    caller     TEXT    NOT NULL,
-    action     TEXT    NOT NULL,
-    target     TEXT,
-    allowed    INTEGER NOT NULL,
-    reason     TEXT
-);
-CREATE INDEX audit_by_time ON audit (at_ms, id);
-CREATE INDEX audit_by_principal ON audit (principal, id);
-"#;
 
 #[test]
 fn the_writer_commits_groups_and_keeps_one_jobs_failure_to_itself() {

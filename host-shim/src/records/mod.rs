@@ -72,8 +72,9 @@ pub const SCHEMA_VERSION: i64 = 2;
 /// How long a call waits for a lock held by another connection before it fails.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The migrations, in order: `MIGRATIONS[n]` takes the schema from version `n` to `n + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
+/// The migrations, in order: `MIGRATIONS[n]` takes the schema from version `n` to `n + 1`
+/// (public so that tests can build a database of an earlier version).
+pub const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     r#"
 CREATE TABLE executions (
     id                INTEGER PRIMARY KEY AUTOINCREMENT,
