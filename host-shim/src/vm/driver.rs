@@ -289,8 +289,8 @@ impl Driver {
                 last_work = Instant::now();
                 continue;
             }
-            let until = self.next_wake();
-            self.sleep(sleep.min(until.saturating_duration_since(Instant::now())));
+            let own = self.next_wake().saturating_duration_since(Instant::now());
+            self.sleep(sleep.min(own), own);
             sleep = (sleep * 2).min(self.poll_cap(last_work.elapsed()));
         }
         self.shut_down();
@@ -306,9 +306,10 @@ impl Driver {
     }
 
     /// Sleeps until a request, a doorbell, QEMU connecting, or `timeout` (a plain channel
-    /// cannot be rung, so the timeout is its polling interval; a doorbell channel sleeps to
-    /// the next tick).
-    fn sleep(&mut self, timeout: Duration) {
+    /// cannot be rung, so the timeout is its polling interval; a doorbell channel sleeps
+    /// longer, but never past `own`, the driver's next deadline: a merge wait, a retry, an
+    /// answer, the tick).
+    fn sleep(&mut self, timeout: Duration, own: Duration) {
         let mut fds = [libc::pollfd {
             fd: self.wake.as_raw_fd(),
             events: libc::POLLIN,
@@ -317,8 +318,6 @@ impl Driver {
         let mut n = 1;
         let mut timeout = timeout;
         let paced = self.paced_until.is_some();
-        // Never past the driver's own next deadline (a merge wait, a retry, an answer).
-        let own = self.next_wake().saturating_duration_since(Instant::now());
         if let ChannelKind::Doorbell(server) = &self.channel {
             if let Some(fd) = server.host_event(0) {
                 fds[n].fd = fd;
