@@ -530,7 +530,8 @@ async fn push(
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let sent = handle.request(Request::Push {
         name: q.name.clone(),
-        data: body.to_vec(),
+        // The body moves into the driver (no copy when it is not shared).
+        data: Vec::from(body),
         run,
         timeout_ms: q.timeout_ms,
         ticket,
