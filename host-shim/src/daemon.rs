@@ -76,24 +76,55 @@ fn plain_region(path: &Path, size: usize) -> Result<GuestRegion> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let file = std::fs::File::options()
+    let file = GuestRegion::open_file(path, size)?;
+    Ok(GuestRegion::from_file(file, size)?)
+}
+
+/// Takes the state directory's lock, so that a second `portless serve` on the same records
+/// (and socket) refuses to start instead of taking the first one's socket away. Held for
+/// the daemon's life (the kernel drops it when the process ends, however it ends).
+fn lock_state_dir(dir: &Path) -> Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(LOCK_FILE_NAME);
+    let mut file = std::fs::File::options()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(path)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    let len = file.metadata()?.len();
-    if len == 0 {
-        file.set_len(size as u64)?;
-    } else if len != size as u64 {
-        bail!(
-            "{} is {len} bytes but the configuration says {size}",
-            path.display()
-        );
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            bail!(
+                "another `portless serve` (pid {}) uses the state directory {}: stop it \
+                 first, or give this daemon a state_dir (and socket) of its own",
+                pid.trim(),
+                dir.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
     }
-    Ok(GuestRegion::from_file(file, size)?)
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
 }
+
+/// The lock file in the state directory.
+pub const LOCK_FILE_NAME: &str = "portless.lock";
 
 fn channel(vm: &VmConfig, state_dir: &Path) -> Result<ChannelKind> {
     Ok(match &vm.channel {
@@ -117,6 +148,7 @@ fn channel(vm: &VmConfig, state_dir: &Path) -> Result<ChannelKind> {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn serve(config: HostConfig) -> Result<()> {
     let d = config.daemon.clone();
+    let _lock = lock_state_dir(&d.state_dir)?;
     let r = config.records;
     let limits = StoreLimits {
         output_cap: d.output_cap as u64,

@@ -154,21 +154,7 @@ impl Server {
     /// bytes if missing or empty, else kept as it is): a daemon that restarts maps the same
     /// memory again and carries on with a QEMU that kept running.
     pub fn with_file(socket: &Path, region: &Path, size: usize, vectors: u32) -> io::Result<Self> {
-        let file = std::fs::File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(region)?;
-        let len = file.metadata()?.len();
-        if len == 0 {
-            file.set_len(size as u64)?;
-        } else if len != size as u64 {
-            return Err(io::Error::other(format!(
-                "{} is {len} bytes but the configuration says {size}",
-                region.display()
-            )));
-        }
+        let file = GuestRegion::open_file(region, size)?;
         let shm = OwnedFd::from(file.try_clone()?);
         let mapping = GuestRegion::from_file(file, size)?;
         Self::serve(socket, shm, mapping, vectors)

@@ -25,6 +25,44 @@ impl GuestRegion {
         Ok(Self { region })
     }
 
+    /// Opens the region file at `path`, creating it with `size` bytes (mode 0600) if it is
+    /// missing or empty; an existing file must have that size. A symbolic link is refused
+    /// (`O_NOFOLLOW`), so that nobody can point the daemon at a file of their choosing.
+    pub fn open_file(path: &Path, size: usize) -> io::Result<File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::ELOOP) {
+                    io::Error::new(
+                        e.kind(),
+                        format!(
+                            "{} is a symbolic link; a region must be a file of its own",
+                            path.display()
+                        ),
+                    )
+                } else {
+                    io::Error::new(e.kind(), format!("opening {}: {e}", path.display()))
+                }
+            })?;
+        let len = file.metadata()?.len();
+        if len == 0 {
+            file.set_len(size as u64)?;
+        } else if len != size as u64 {
+            return Err(io::Error::other(format!(
+                "{} is {len} bytes but the configuration says {size}",
+                path.display()
+            )));
+        }
+        Ok(file)
+    }
+
     /// Maps a new anonymous region of `size` bytes (a memfd), zeroed: a channel without a
     /// VM, for tests and fuzzing.
     pub fn anonymous(size: usize) -> io::Result<Self> {
