@@ -379,7 +379,7 @@ pub async fn run(cli: &Cli, client: &Client, io: &mut Io<'_>) -> u8 {
     match result {
         Ok(code) => code,
         Err(e) => {
-            let _ = writeln!(io.err, "portless: {e}");
+            let _ = writeln!(io.err, "portless: {}", printable(&e.to_string()));
             EXIT_ERROR
         }
     }
@@ -448,7 +448,7 @@ async fn exec(client: &Client, args: &ExecArgs, json: bool, io: &mut Io<'_>) -> 
     let answer = match answer {
         Ok(answer) => answer,
         Err(e) if e.status() == Some(403) => {
-            writeln!(io.err, "portless: {e}")?;
+            writeln!(io.err, "portless: {}", printable(&e.to_string()))?;
             return Ok(EXIT_NOT_RUN);
         }
         Err(e) => return Err(e.into()),
@@ -953,10 +953,11 @@ async fn push(client: &Client, args: &PushArgs, json: bool, io: &mut Io<'_>) -> 
             let why = answer.error.as_deref().unwrap_or("no reason given");
             writeln!(
                 io.err,
-                "portless: {}: push of {} {}: {why}",
+                "portless: {}: push of {} {}: {}",
                 answer.vm,
-                answer.name,
-                answer.outcome.as_str()
+                printable(&answer.name),
+                answer.outcome.as_str(),
+                printable(why)
             )?;
             Ok(EXIT_ERROR)
         }
@@ -1252,7 +1253,7 @@ fn state_words(state: ExecState) -> &'static str {
 
 fn write_reason(io: &mut Io<'_>, result: &VmResult) -> io::Result<()> {
     match result.reason_line() {
-        Some(line) => writeln!(io.err, "portless: {line}"),
+        Some(line) => writeln!(io.err, "portless: {}", printable(&line)),
         None => Ok(()),
     }
 }
@@ -1260,6 +1261,11 @@ fn write_reason(io: &mut Io<'_>, result: &VmResult) -> io::Result<()> {
 /// Renders rows under a header, columns left-aligned and two spaces apart; no trailing
 /// spaces.
 pub fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| printable(c).into_owned()).collect())
+        .collect();
+    let rows = rows.as_slice();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -1286,6 +1292,26 @@ pub fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// `s` with its control characters shown as escapes (`\x1b`, `\n`, `\u{9b}`): text from a
+/// guest (a command's description, the agent's name) or from another caller (a command
+/// name, arguments) must not move the cursor, rewrite the screen or recolour the terminal
+/// of whoever reads it. Everything the CLI prints for people goes through it; output bytes
+/// (`portless output`, `--follow`) are printed as they are, as `cat` would.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 fn or_dash<T: ToString>(value: Option<T>) -> String {
@@ -1444,6 +1470,7 @@ fn render_details(pairs: &[(&str, String)]) -> String {
     let width = pairs.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
     let mut out = String::new();
     for (key, value) in pairs {
+        let value = printable(value);
         let _ = writeln!(out, "{:<width$}  {value}", format!("{key}:"));
     }
     out

@@ -593,3 +593,38 @@ fn an_unreachable_daemon_is_exit_1_naming_the_socket() {
         assert_eq!(err.lines().count(), 1, "{err}");
     }
 }
+
+#[test]
+fn text_from_guests_and_callers_is_shown_with_its_control_characters_escaped() {
+    assert_eq!(cli::printable("plain text, é"), "plain text, é");
+    assert_eq!(
+        cli::printable("a\x1b[2Jb\nc\td\u{9b}e"),
+        "a\\u{1b}[2Jb\\nc\\td\\u{9b}e"
+    );
+    let list: CommandList = serde_json::from_value(serde_json::json!({
+        "vm": "vm1", "age_ms": 0, "config_revision": 1,
+        "commands": [
+            {"name": "x", "description": "\u{1b}[2J\u{1b}[31mowned\u{7}", "timeout_ms": 0,
+             "max_output": 1, "params": []}
+        ]
+    }))
+    .expect("commands");
+    let table = cli::commands_table(&list);
+    assert!(
+        !table.contains('\u{1b}') && !table.contains('\u{7}'),
+        "{table:?}"
+    );
+    assert!(
+        table.contains("\\u{1b}[2J\\u{1b}[31mowned\\u{7}"),
+        "{table}"
+    );
+    let vms: Vec<VmInfo> = serde_json::from_value(serde_json::json!([
+        {"name": "vm1", "channel": "plain", "state": "ready",
+         "agent_software": "agent\u{1b}]0;title\u{7}", "agent_generation": 1,
+         "config_revision": 1, "heartbeat_age_ms": 1}
+    ]))
+    .expect("vms");
+    let table = cli::vms_table(&vms);
+    assert!(!table.contains('\u{1b}'), "{table:?}");
+    assert!(table.contains("agent\\u{1b}]0;title\\u{7}"), "{table}");
+}
