@@ -218,10 +218,45 @@ impl App {
         vm: Option<&VmConfig>,
         target: Option<String>,
     ) -> ApiResult<&Principal> {
+        self.authorize_for(peer, headers, action, vm, None, target)
+            .await
+    }
+
+    /// [`authorize`](Self::authorize) for an execution started by principal `owner`:
+    /// reading or cancelling another principal's execution also needs `read_all` or
+    /// `cancel_all`. Denied for that reason, the caller is told the execution does not
+    /// exist (it learns nothing); the audit log says why.
+    async fn authorize_for(
+        &self,
+        peer: &Peer,
+        headers: &HeaderMap,
+        action: &Action<'_>,
+        vm: Option<&VmConfig>,
+        owner: Option<(&str, u64)>,
+        target: Option<String>,
+    ) -> ApiResult<&Principal> {
         let caller = caller(peer, headers);
+        let mut hidden = false;
         let (principal, result) = match &caller {
             Ok(c) => match self.policy.check(c, action, vm) {
-                Ok(p) => (Some(p), Ok(())),
+                Ok(p) => match owner.filter(|(o, _)| *o != p.name()) {
+                    None => (Some(p), Ok(None)),
+                    Some((o, _)) => match others_right(p, action) {
+                        Ok(right) => (
+                            Some(p),
+                            Ok(Some(format!("an execution of principal {o:?} ({right})"))),
+                        ),
+                        Err(right) => {
+                            hidden = true;
+                            let reason = format!(
+                                "principal {:?} may not {action} of principal {o:?} \
+                                 (needs {right})",
+                                p.name()
+                            );
+                            (Some(p), Err(reason))
+                        }
+                    },
+                },
                 Err(d) => (self.policy.identify(c), Err(d.reason)),
             },
             Err((_, reason)) => (None, Err(reason.clone())),
@@ -235,7 +270,10 @@ impl App {
             action: action_name(action).to_owned(),
             target,
             allowed: result.is_ok(),
-            reason: result.as_ref().err().cloned(),
+            reason: match &result {
+                Ok(note) => note.clone(),
+                Err(reason) => Some(reason.clone()),
+            },
         };
         if let Err(e) = write(self, vec![Op::Audit(entry)]).await {
             // Nothing happens unrecorded.
@@ -245,9 +283,13 @@ impl App {
             ));
         }
         match (result, principal) {
-            (Ok(()), Some(p)) => Ok(p),
+            (Ok(_), Some(p)) => Ok(p),
+            (Err(_), _) if hidden => Err(ApiError::not_found(format!(
+                "no execution {}",
+                owner.map_or(0, |(_, id)| id)
+            ))),
             (Err(reason), _) => Err(ApiError(StatusCode::FORBIDDEN, reason)),
-            (Ok(()), None) => Err(ApiError(
+            (Ok(_), None) => Err(ApiError(
                 StatusCode::FORBIDDEN,
                 "unidentified caller".into(),
             )),
@@ -286,10 +328,21 @@ impl App {
                 rec.vm
             )));
         };
-        self.authorize(peer, headers, action, Some(vm), target)
+        let owner = Some((rec.principal.as_str(), id));
+        self.authorize_for(peer, headers, action, Some(vm), owner, target)
             .await?;
         Ok(rec)
     }
+}
+
+/// Whether `principal` may do `action` on another principal's execution: the right that
+/// allows it, or the one it lacks.
+fn others_right(principal: &Principal, action: &Action<'_>) -> Result<&'static str, &'static str> {
+    let (right, has) = match action {
+        Action::Cancel => ("cancel_all", principal.config().cancel_all),
+        _ => ("read_all", principal.config().read_all),
+    };
+    if has { Ok(right) } else { Err(right) }
 }
 
 fn action_name(a: &Action<'_>) -> &'static str {
@@ -856,10 +909,14 @@ async fn list_executions(
         let page = read(&app, move |r| r.executions(&filter)).await?;
         let Some(last) = page.last() else { break };
         before = Some(last.id);
+        // Another principal's executions only with `read_all`.
+        let all = principal.config().read_all;
         list.extend(page.into_iter().filter(|r| {
-            app.config
-                .vm(&r.vm)
-                .is_some_and(|vm| principal.may_access(vm))
+            (all || r.principal == principal.name())
+                && app
+                    .config
+                    .vm(&r.vm)
+                    .is_some_and(|vm| principal.may_access(vm))
         }));
     }
     list.truncate(want);

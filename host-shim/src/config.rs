@@ -184,6 +184,10 @@ pub struct PrincipalConfig {
     pub push: bool,
     /// Whether it may read the audit log.
     pub audit: bool,
+    /// Whether it may read the executions other principals started (on its VMs).
+    pub read_all: bool,
+    /// Whether it may cancel the executions other principals started (on its VMs).
+    pub cancel_all: bool,
 }
 
 /// An entry of a principal's `vms`: which VMs it covers.
@@ -873,6 +877,10 @@ struct RawPrincipal {
     push: bool,
     #[serde(default)]
     audit: bool,
+    #[serde(default)]
+    read_all: bool,
+    #[serde(default)]
+    cancel_all: bool,
 }
 
 /// A `size` as written: a string with a unit, or an integer of bytes.
@@ -1250,6 +1258,8 @@ impl RawPrincipal {
             commands,
             push: self.push,
             audit: self.audit,
+            read_all: self.read_all,
+            cancel_all: self.cancel_all,
         })
     }
 }
@@ -1310,7 +1320,7 @@ mod tests {
         assert_eq!(p.gids, Vec::<u32>::new());
         assert_eq!(p.token_sha256, None);
         assert!(p.vms.is_empty() && p.commands.is_empty());
-        assert!(!p.push && !p.audit);
+        assert!(!p.push && !p.audit && !p.read_all && !p.cancel_all);
     }
 
     #[test]

@@ -168,6 +168,8 @@ fn example_file_is_as_documented() {
                 commands: vec![CommandSelector::All],
                 push: true,
                 audit: true,
+                read_all: true,
+                cancel_all: true,
             },
             PrincipalConfig {
                 name: "ci".to_owned(),
@@ -187,6 +189,8 @@ fn example_file_is_as_documented() {
                 ],
                 push: false,
                 audit: false,
+                read_all: false,
+                cancel_all: false,
             },
         ],
         budget: BudgetConfig::default(),

@@ -36,10 +36,22 @@ pub fn try_http(
     path: &str,
     body: Option<&[u8]>,
 ) -> Result<(u16, Vec<u8>), String> {
+    try_http_with(socket, method, path, &[], body)
+}
+
+/// [`try_http`] with extra header lines (`Authorization: Bearer ...`).
+pub fn try_http_with(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: Option<&[u8]>,
+) -> Result<(u16, Vec<u8>), String> {
     let mut s = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
     let body = body.unwrap_or_default();
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: portless\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: portless\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes())
