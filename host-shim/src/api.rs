@@ -296,6 +296,62 @@ impl App {
         }
     }
 
+    /// The caller's principal, if one matches; a caller none matches is audited as denied
+    /// `action` on `target` and refused (403). Nothing is audited for an identified caller:
+    /// its call is audited when it is authorized.
+    async fn identified(
+        &self,
+        peer: &Peer,
+        headers: &HeaderMap,
+        action: &Action<'_>,
+        target: &str,
+    ) -> ApiResult<&Principal> {
+        if let Ok(c) = caller(peer, headers)
+            && let Some(p) = self.policy.identify(&c)
+        {
+            return Ok(p);
+        }
+        // Not identified: `authorize` audits and refuses it.
+        self.authorize(peer, headers, action, None, Some(target.to_owned()))
+            .await
+    }
+
+    /// Audits `action` on `target` as denied for `reason` (a request that cannot be carried
+    /// out as asked).
+    async fn audit_denied(
+        &self,
+        peer: &Peer,
+        headers: &HeaderMap,
+        action: &Action<'_>,
+        target: &str,
+        reason: &str,
+    ) -> ApiResult<()> {
+        let caller = caller(peer, headers);
+        let principal = caller
+            .as_ref()
+            .ok()
+            .and_then(|c| self.policy.identify(c))
+            .map(|p| p.name().to_owned());
+        let entry = AuditEntry {
+            at_ms: now_ms(),
+            principal,
+            caller: caller
+                .as_ref()
+                .map_or_else(|(who, _)| who.clone(), ToString::to_string),
+            action: action_name(action).to_owned(),
+            target: Some(target.to_owned()),
+            allowed: false,
+            reason: Some(reason.to_owned()),
+        };
+        write(self, vec![Op::Audit(entry)]).await.map_err(|e| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the audit log cannot be written, so nothing is done: {e}"),
+            )
+        })?;
+        Ok(())
+    }
+
     async fn execution(&self, id: u64) -> ApiResult<ExecutionRecord> {
         read(self, move |r| r.execution(ExecutionId(id)))
             .await?
@@ -658,14 +714,28 @@ async fn exec(
     headers: HeaderMap,
     Json(body): Json<ExecBody>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let target = Target::parse(&body.target).map_err(|e| ApiError::bad(format!("target: {e}")))?;
     let action = Action::Exec {
         command: &body.command,
     };
-    let selected = app
-        .config
-        .select_vms(&target)
-        .map_err(|e| ApiError::bad(e.to_string()))?;
+    // Identify first: a caller no principal matches is refused (and audited) before the
+    // target is even parsed, so it learns nothing of the VMs. An identified caller's target
+    // that does not resolve is audited as a denied exec.
+    app.identified(&peer, &headers, &action, &body.target)
+        .await?;
+    let resolved = Target::parse(&body.target)
+        .map_err(|e| format!("target: {e}"))
+        .and_then(|t| {
+            let selected = app.config.select_vms(&t).map_err(|e| e.to_string())?;
+            Ok((t, selected))
+        });
+    let (target, selected) = match resolved {
+        Ok(r) => r,
+        Err(reason) => {
+            app.audit_denied(&peer, &headers, &action, &body.target, &reason)
+                .await?;
+            return Err(ApiError::bad(reason));
+        }
+    };
     // `*` means every VM this caller may use; a VM named outright must be allowed.
     let all = matches!(target, Target::All);
     let mut vms: Vec<&VmConfig> = Vec::new();

@@ -413,9 +413,12 @@ fn denials_bad_requests_and_the_audit_log() {
         .iter()
         .filter(|e| e["action"] == "exec")
         .collect();
-    assert_eq!(denied.len(), 1, "{log}");
-    assert_eq!(denied[0]["principal"], "ops");
-    assert_eq!(denied[0]["target"], "vm1:secret");
+    // The refused command, and the exec to an unknown vm (audited too, with its reason).
+    assert_eq!(denied.len(), 2, "{log}");
+    assert_eq!(denied[1]["principal"], "ops");
+    assert_eq!(denied[1]["target"], "vm1:secret");
+    assert_eq!(denied[0]["target"], "nope");
+    assert_eq!(denied[0]["reason"], "unknown vm: \"nope\"");
 }
 
 #[test]

@@ -182,3 +182,64 @@ fn another_principals_executions_need_read_all_and_cancel_all() {
         lead_cancel
     );
 }
+
+#[test]
+fn exec_identifies_the_caller_before_it_resolves_the_target() {
+    let mut s = Stack::new("rights-identify", &["vm1"], &principals());
+    s.start_daemon();
+    // A caller no principal matches learns nothing of the VMs: the same refusal whether the
+    // target exists or not, and each attempt is in the audit log.
+    for target in ["nosuch", "role=secret", "vm1", "bad target!"] {
+        let (status, body) = call_with(
+            &s,
+            "wrong-token",
+            "POST",
+            "/v1/exec",
+            Some(json!({"target": target, "command": "echo", "args": ["x"]})),
+        );
+        assert_eq!(status, 403, "{target}: {body}");
+        let error = body["error"].as_str().unwrap_or("");
+        assert!(
+            !error.contains("vm") && !error.contains("label") && !error.contains("target"),
+            "{target}: {error}"
+        );
+    }
+    // An identified caller is told what is wrong with its target, and that is audited too.
+    let (status, body) = call_with(
+        &s,
+        PEER,
+        "POST",
+        "/v1/exec",
+        Some(json!({"target": "nosuch", "command": "echo", "args": ["x"]})),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unknown vm")),
+        "{body}"
+    );
+    let (_, audit) = s.call("GET", "/v1/audit?action=exec&order=oldest", None);
+    let entries = audit["entries"].as_array().expect("entries");
+    let targets: Vec<(&str, bool, bool)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e["target"].as_str().unwrap_or(""),
+                e["principal"].is_null(),
+                e["allowed"] == true,
+            )
+        })
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            ("nosuch", true, false),
+            ("role=secret", true, false),
+            ("vm1", true, false),
+            ("bad target!", true, false),
+            ("nosuch", false, false),
+        ],
+        "{entries:?}"
+    );
+}
