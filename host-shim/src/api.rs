@@ -261,27 +261,8 @@ impl App {
             },
             Err((_, reason)) => (None, Err(reason.clone())),
         };
-        let entry = AuditEntry {
-            at_ms: now_ms(),
-            principal: principal.map(|p| p.name().to_owned()),
-            caller: caller
-                .as_ref()
-                .map_or_else(|(who, _)| who.clone(), ToString::to_string),
-            action: action_name(action).to_owned(),
-            target,
-            allowed: result.is_ok(),
-            reason: match &result {
-                Ok(note) => note.clone(),
-                Err(reason) => Some(reason.clone()),
-            },
-        };
-        if let Err(e) = write(self, vec![Op::Audit(entry)]).await {
-            // Nothing happens unrecorded.
-            return Err(ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("the audit log cannot be written, so nothing is done: {e}"),
-            ));
-        }
+        self.record(&caller, principal, action, target, &result)
+            .await?;
         match (result, principal) {
             (Ok(_), Some(p)) => Ok(p),
             (Err(_), _) if hidden => Err(ApiError::not_found(format!(
@@ -327,21 +308,35 @@ impl App {
         reason: &str,
     ) -> ApiResult<()> {
         let caller = caller(peer, headers);
-        let principal = caller
-            .as_ref()
-            .ok()
-            .and_then(|c| self.policy.identify(c))
-            .map(|p| p.name().to_owned());
+        let principal = caller.as_ref().ok().and_then(|c| self.policy.identify(c));
+        let result = Err(reason.to_owned());
+        self.record(&caller, principal, action, Some(target.to_owned()), &result)
+            .await
+    }
+
+    /// Writes the audit entry of a call: allowed (with an optional note) or denied (with its
+    /// reason). When it cannot be written, nothing is done (503).
+    async fn record(
+        &self,
+        caller: &Result<Caller, (String, String)>,
+        principal: Option<&Principal>,
+        action: &Action<'_>,
+        target: Option<String>,
+        result: &Result<Option<String>, String>,
+    ) -> ApiResult<()> {
         let entry = AuditEntry {
             at_ms: now_ms(),
-            principal,
+            principal: principal.map(|p| p.name().to_owned()),
             caller: caller
                 .as_ref()
                 .map_or_else(|(who, _)| who.clone(), ToString::to_string),
             action: action_name(action).to_owned(),
-            target: Some(target.to_owned()),
-            allowed: false,
-            reason: Some(reason.to_owned()),
+            target,
+            allowed: result.is_ok(),
+            reason: match result {
+                Ok(note) => note.clone(),
+                Err(reason) => Some(reason.clone()),
+            },
         };
         write(self, vec![Op::Audit(entry)]).await.map_err(|e| {
             ApiError(

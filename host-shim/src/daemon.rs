@@ -85,22 +85,15 @@ fn plain_region(path: &Path, size: usize) -> Result<GuestRegion> {
 /// the daemon's life (the kernel drops it when the process ends, however it ends).
 fn lock_state_dir(dir: &Path) -> Result<std::fs::File> {
     use std::io::{Read, Seek, Write};
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(LOCK_FILE_NAME);
-    let mut file = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
+    let mut file =
+        crate::sys::open_private(&path).with_context(|| format!("opening {}", path.display()))?;
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {

@@ -6,7 +6,7 @@
 //! - [`policy`]: who may do what on which VM.
 //! - [`records`]: executions, their output and the audit log, in SQLite; the writer that
 //!   commits them in groups; retention.
-//! - [`sys`]: system calls outside the ivshmem server (free disk space).
+//! - [`sys`]: the daemon's private files, and free disk space.
 //! - [`vm`]: one VM's driver: its channel, its agent's life, the requests in flight.
 //! - [`api`]: the HTTP/JSON API: callers, policy, audit, handlers.
 //! - [`daemon`]: `portless serve`.

@@ -29,28 +29,19 @@ impl GuestRegion {
     /// missing or empty; an existing file must have that size. A symbolic link is refused
     /// (`O_NOFOLLOW`), so that nobody can point the daemon at a file of their choosing.
     pub fn open_file(path: &Path, size: usize) -> io::Result<File> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)
-            .map_err(|e| {
-                if e.raw_os_error() == Some(libc::ELOOP) {
-                    io::Error::new(
-                        e.kind(),
-                        format!(
-                            "{} is a symbolic link; a region must be a file of its own",
-                            path.display()
-                        ),
-                    )
-                } else {
-                    io::Error::new(e.kind(), format!("opening {}: {e}", path.display()))
-                }
-            })?;
+        let file = crate::sys::open_private(path).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{} is a symbolic link; a region must be a file of its own",
+                        path.display()
+                    ),
+                )
+            } else {
+                io::Error::new(e.kind(), format!("opening {}: {e}", path.display()))
+            }
+        })?;
         let len = file.metadata()?.len();
         if len == 0 {
             file.set_len(size as u64)?;

@@ -1,7 +1,24 @@
-//! The few system calls the daemon makes outside the ivshmem server: here so that `unsafe`
-//! stays in two small modules.
+//! The daemon's own files and the few system calls it makes outside the ivshmem server
+//! (here so that `unsafe` stays in two small modules): private files, free disk space.
 
+use std::fs::File;
+use std::io;
 use std::path::Path;
+
+/// Opens the file at `path` for reading and writing, creating it private (mode 0600) if it
+/// is missing, never truncating it and never through a symbolic link (`O_NOFOLLOW`): the
+/// daemon's own files (records, lock, regions), which nobody else may read or redirect.
+pub fn open_private(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
 
 /// Free bytes for unprivileged users on the file system of `dir`, if it can be asked.
 pub fn free_bytes(dir: &Path) -> Option<u64> {

@@ -286,11 +286,7 @@ fn a_one_byte_output_flood_is_paced_merged_and_kept_within_the_quota() {
     let frames_per_s = 20_000;
     let budget = format!("{FAST}frames_per_s = {frames_per_s}\n\n[records]\nvm_quota = \"1M\"\n");
     let sc = Scenario::start("hostile-output", Flood::OneByteOutput, &budget);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while sc.vm1()["state"] != "ready" {
-        assert!(Instant::now() < deadline, "vm1 never ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    sc.s.wait_ready("vm1", Duration::from_secs(15));
     let id = exec_vm1(&sc.s).expect("the flood started");
     let pid = sc.s.daemon_pid().to_string();
     let cpu0 = common::cpu_time_of(&pid);
@@ -371,11 +367,7 @@ fn a_one_byte_output_flood_is_paced_merged_and_kept_within_the_quota() {
 fn replies_of_the_wrong_kind_count_as_violations_and_cut_the_guest_off() {
     let budget = format!("{FAST}violations_per_min = 6\n");
     let sc = Scenario::start("hostile-mismatch", Flood::MismatchedReplies, &budget);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while sc.vm1()["state"] != "ready" {
-        assert!(Instant::now() < deadline, "vm1 never ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    sc.s.wait_ready("vm1", Duration::from_secs(15));
     let mut ids = Vec::new();
     for _ in 0..4 {
         ids.extend(exec_vm1(&sc.s));
@@ -396,11 +388,7 @@ fn replies_of_the_wrong_kind_count_as_violations_and_cut_the_guest_off() {
 fn requests_a_guest_never_answers_end_at_their_deadline_within_the_in_flight_budget() {
     let budget = format!("{FAST}requests_in_flight = 4\n");
     let sc = Scenario::start("hostile-silent", Flood::NeverAnswer, &budget);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while sc.vm1()["state"] != "ready" {
-        assert!(Instant::now() < deadline, "vm1 never ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    sc.s.wait_ready("vm1", Duration::from_secs(15));
     // Eight execs at once: four are in flight, the others are refused at once (503).
     let socket = sc.s.socket.clone();
     let calls: Vec<_> = (0..8)
@@ -458,11 +446,7 @@ fn requests_a_guest_never_answers_end_at_their_deadline_within_the_in_flight_bud
 fn a_reused_execution_id_is_refused() {
     let budget = format!("{FAST}violations_per_min = 3\n");
     let sc = Scenario::start("hostile-reuse", Flood::IdReuse, &budget);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while sc.vm1()["state"] != "ready" {
-        assert!(Instant::now() < deadline, "vm1 never ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    sc.s.wait_ready("vm1", Duration::from_secs(15));
     let first = exec_vm1(&sc.s).expect("first");
     let rec = sc.s.wait(first, 1);
     assert_eq!(rec["state"], "running", "{rec}");
@@ -504,11 +488,7 @@ fn a_push_given_up_on_is_withdrawn_and_its_late_start_cancelled() {
         Flood::SlowPush(Duration::from_secs(10)),
         extra,
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while sc.vm1()["state"] != "ready" {
-        assert!(Instant::now() < deadline, "vm1 never ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    sc.s.wait_ready("vm1", Duration::from_secs(15));
     // The daemon waits the delivery timeout (3 s here) and 5 s more, then gives up; the
     // guest starts it 2 s after that.
     let (status, body) = common::http(

@@ -62,6 +62,19 @@ fn audit(records: &Records, at: u64, target: &str) {
 
 const DAY: u64 = 86_400_000;
 
+/// Records in `dir` whose VMs may keep `quota` bytes of output each.
+fn with_quota(dir: &std::path::Path, quota: u64) -> Records {
+    Records::open_with(
+        dir,
+        StoreLimits {
+            output_cap: 1 << 20,
+            vm_quota: quota,
+            min_free: 0,
+        },
+    )
+    .expect("open")
+}
+
 #[test]
 fn a_chunk_costs_no_more_than_its_overhead() {
     let dir = scratch("overhead");
@@ -125,15 +138,7 @@ fn output_of_an_ended_execution_is_refused() {
 fn a_vm_quota_stops_keeping_output_of_that_vm_only() {
     let dir = scratch("quota");
     let quota = 4096;
-    let records = Records::open_with(
-        &dir,
-        StoreLimits {
-            output_cap: 1 << 20,
-            vm_quota: quota,
-            min_free: 0,
-        },
-    )
-    .expect("open");
+    let records = with_quota(&dir, quota);
     let a = records
         .create_execution(&new_exec("vm1", 1))
         .expect("create");
@@ -257,15 +262,7 @@ fn pruning_by_age_keeps_running_executions_and_the_audit_that_covers_them() {
 fn the_quota_makes_room_for_new_output_and_pruning_by_size_gives_the_space_back() {
     let dir = scratch("size");
     let quota = 200_000;
-    let records = Records::open_with(
-        &dir,
-        StoreLimits {
-            output_cap: 1 << 20,
-            vm_quota: quota,
-            min_free: 0,
-        },
-    )
-    .expect("open");
+    let records = with_quota(&dir, quota);
     // vm1 fills its quota with 20 finished executions of 10 KB each.
     let chunk = vec![b'q'; 10_000];
     let mut ids = Vec::new();

@@ -42,8 +42,8 @@
 //! every read keep working.
 
 use std::fmt;
-use std::fs::{DirBuilder, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::DirBuilder;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -726,15 +726,10 @@ impl Records {
         let path = state_dir.join(DB_FILE_NAME);
         // Created here rather than by SQLite so that it is never readable by others; SQLite
         // gives the -wal and -shm files the same mode.
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|source| RecordsError::Create {
-                path: path.clone(),
-                source,
-            })?;
+        crate::sys::open_private(&path).map_err(|source| RecordsError::Create {
+            path: path.clone(),
+            source,
+        })?;
         let mut conn = Connection::open(&path)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         // Pages freed by pruning go back to the file system (`incremental_vacuum`). It must

@@ -216,31 +216,20 @@ impl Writer {
     /// their results.
     pub async fn run(&self, ops: Vec<Op>) -> JobResult {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(
-            Priority::Api,
-            Job {
-                ops,
-                done: Box::new(move |r| {
-                    let _ = tx.send(r);
-                }),
-            },
-        );
+        self.submit_api(ops, move |r| drop(tx.send(r)));
         rx.await.unwrap_or_else(|_| Err(stopped()))
     }
 
     /// Applies `ops` as one API job and blocks the calling thread until they are committed.
     pub fn run_blocking(&self, ops: Vec<Op>) -> JobResult {
         let (tx, rx) = std::sync::mpsc::channel();
-        self.submit(
-            Priority::Api,
-            Job {
-                ops,
-                done: Box::new(move |r| {
-                    let _ = tx.send(r);
-                }),
-            },
-        );
+        self.submit_api(ops, move |r| drop(tx.send(r)));
         rx.recv().unwrap_or_else(|_| Err(stopped()))
+    }
+
+    fn submit_api(&self, ops: Vec<Op>, done: impl FnOnce(JobResult) + Send + 'static) {
+        let done = Box::new(done);
+        self.submit(Priority::Api, Job { ops, done });
     }
 
     /// Asks the writer thread to stop once the queue is empty; jobs submitted after this
