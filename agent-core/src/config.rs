@@ -28,8 +28,9 @@
 //! args = ["{seconds}"]         # argv after argv[0]; "{param}" alone is replaced by the value
 //! timeout_ms = 5000            # optional, 0 = none
 //! max_output = 65536           # optional, bytes per stream
-//! user = "nobody"              # optional: name or uid
-//! group = 65534                # optional: name or gid
+//! user = "nobody"              # optional: name or uid; without `group`, the user's
+//!                              # primary group and its groups in /etc/group (initgroups)
+//! group = 65534                # optional: name or gid; the only group the process has
 //! cwd = "/"                    # optional, absolute
 //! env = ["LANG=C"]             # optional, KEY=VALUE, keys unique
 //!

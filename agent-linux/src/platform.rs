@@ -4,6 +4,7 @@
 use std::ffi::CStr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
+use agent_core::config::MAX_PRINCIPAL_LEN;
 use agent_core::platform::{
     Errno, ExitStatus, Identity, LogEvent, Platform, ReadOutcome, Signal, SpawnRequest,
     SystemMetrics,
@@ -65,6 +66,103 @@ impl PathBuf {
     }
 }
 
+/// Most supplementary groups a process is started with (`initgroups` allows more; a user
+/// in more groups than this is refused with E2BIG rather than started with some missing).
+pub(crate) const MAX_GROUPS: usize = 64;
+
+/// Who a process runs as, resolved: `None` keeps the agent's own id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Credentials {
+    pub(crate) uid: Option<u32>,
+    pub(crate) gid: Option<u32>,
+    /// The supplementary groups (the first `ngroups`), set whenever `gid` is.
+    pub(crate) groups: [libc::gid_t; MAX_GROUPS],
+    pub(crate) ngroups: usize,
+}
+
+impl Default for Credentials {
+    fn default() -> Self {
+        Self {
+            uid: None,
+            gid: None,
+            groups: [0; MAX_GROUPS],
+            ngroups: 0,
+        }
+    }
+}
+
+impl Credentials {
+    /// The supplementary groups.
+    pub(crate) fn groups(&self) -> &[libc::gid_t] {
+        self.groups.get(..self.ngroups).unwrap_or_default()
+    }
+}
+
+/// One line of `/etc/passwd` or `/etc/group`: its name, its id (third field) and, for
+/// passwd, its primary group (fourth field).
+struct Entry<'t> {
+    name: &'t [u8],
+    id: u32,
+    gid: Option<u32>,
+}
+
+fn parse_id(field: &[u8]) -> Option<u32> {
+    std::str::from_utf8(field).ok()?.parse().ok()
+}
+
+/// The first line of a `name:x:id:...` table whose field `key` matches. Lines starting
+/// with `#` or `+`/`-` (NIS) are skipped.
+fn find_entry(text: &[u8], matches: impl Fn(&[u8]) -> bool, key: usize) -> Option<Entry<'_>> {
+    text.split(|b| *b == b'\n')
+        .filter(|l| !matches!(l.first(), None | Some(b'#' | b'+' | b'-')))
+        .find_map(|line| {
+            let field = line.split(|b| *b == b':').nth(key)?;
+            if !matches(field) {
+                return None;
+            }
+            let mut fields = line.split(|b| *b == b':');
+            let name = fields.next()?;
+            let id = parse_id(fields.nth(1)?)?;
+            let gid = fields.next().and_then(parse_id);
+            Some(Entry { name, id, gid })
+        })
+}
+
+/// The groups of `user` as `initgroups` makes them: `primary` first, then every group of
+/// `/etc/group` (`text`) whose member list names the user, each once. Returns the count.
+fn member_groups(
+    text: &[u8],
+    user: &[u8],
+    primary: u32,
+    out: &mut [libc::gid_t; MAX_GROUPS],
+) -> Result<usize, Errno> {
+    out[0] = primary;
+    let mut n = 1;
+    for line in text.split(|b| *b == b'\n') {
+        if matches!(line.first(), None | Some(b'#' | b'+' | b'-')) {
+            continue;
+        }
+        let mut fields = line.split(|b| *b == b':');
+        let (Some(_), Some(_), Some(id), Some(members)) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let Some(gid) = parse_id(id) else {
+            continue;
+        };
+        let member = members
+            .split(|b| *b == b',')
+            .any(|m| m.trim_ascii() == user);
+        if !member || out.get(..n).unwrap_or_default().contains(&gid) {
+            continue;
+        }
+        *out.get_mut(n).ok_or(libc::E2BIG)? = gid;
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// The Linux platform.
 pub(crate) struct LinuxPlatform {
     image: Box<sys::ExecImage>,
@@ -92,27 +190,87 @@ impl LinuxPlatform {
         self.log.line(args);
     }
 
-    /// Resolves a user or group name through `/etc/passwd` or `/etc/group` (the third
-    /// field of a `name:x:id:...` line), reading into the platform's scratch buffer.
-    fn resolve(&mut self, who: Identity<'_>, file: &CStr) -> Result<u32, Errno> {
-        let name = match who {
-            Identity::Id(id) => return Ok(id),
-            Identity::Name(n) => n,
-        };
+    /// Reads `file` whole into the scratch buffer; a file that fills it is refused (EFBIG)
+    /// rather than read in part, so that no entry is silently missed.
+    fn read_table(&mut self, file: &CStr) -> Result<usize, Errno> {
         let n = sys::read_file(file, &mut self.scratch[..])
             .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
-        let text = self.scratch.get(..n).unwrap_or_default();
-        for line in text.split(|b| *b == b'\n') {
-            let mut fields = line.split(|b| *b == b':');
-            if fields.next() == Some(name.as_bytes()) {
-                let id = fields
-                    .nth(1)
-                    .and_then(|f| std::str::from_utf8(f).ok())
-                    .and_then(|f| f.parse().ok());
-                return id.ok_or(libc::EINVAL);
-            }
+        if n == self.scratch.len() {
+            return Err(libc::EFBIG);
         }
-        Err(libc::ESRCH)
+        Ok(n)
+    }
+
+    /// The credentials a process runs with, resolved through `/etc/passwd` and `/etc/group`
+    /// the way `runuser`/`initgroups` resolve them:
+    /// - a `user` without a `group` runs with the user's primary group and every group whose
+    ///   member list names the user (a user without a passwd entry is refused, ESRCH: there
+    ///   is no group to give it);
+    /// - a `group` runs with that group alone as primary and supplementary group;
+    /// - neither keeps the agent's own credentials.
+    fn credentials(
+        &mut self,
+        user: Option<Identity<'_>>,
+        group: Option<Identity<'_>>,
+    ) -> Result<Credentials, Errno> {
+        let mut creds = Credentials::default();
+        if let Some(group) = group {
+            let gid = match group {
+                Identity::Id(id) => id,
+                Identity::Name(name) => {
+                    let n = self.read_table(c"/etc/group")?;
+                    let text = self.scratch.get(..n).unwrap_or_default();
+                    find_entry(text, |f| f == name.as_bytes(), 0)
+                        .ok_or(libc::ESRCH)?
+                        .id
+                }
+            };
+            creds.gid = Some(gid);
+            creds.groups[0] = gid;
+            creds.ngroups = 1;
+        }
+        let Some(user) = user else {
+            return Ok(creds);
+        };
+        let n = self.read_table(c"/etc/passwd")?;
+        let text = self.scratch.get(..n).unwrap_or_default();
+        let entry = match user {
+            Identity::Name(name) => find_entry(text, |f| f == name.as_bytes(), 0),
+            Identity::Id(id) => find_entry(text, |f| parse_id(f) == Some(id), 2),
+        };
+        let entry = match entry {
+            Some(e) => e,
+            None if creds.gid.is_some() => {
+                // A numeric user with an explicit group needs no passwd entry.
+                let Identity::Id(id) = user else {
+                    return Err(libc::ESRCH);
+                };
+                creds.uid = Some(id);
+                return Ok(creds);
+            }
+            None => return Err(libc::ESRCH),
+        };
+        creds.uid = Some(entry.id);
+        if creds.gid.is_some() {
+            return Ok(creds);
+        }
+        let primary = entry.gid.ok_or(libc::EINVAL)?;
+        // The name is copied out: the group table is read into the same buffer.
+        let mut name = [0u8; MAX_PRINCIPAL_LEN];
+        let name_len = entry.name.len();
+        name.get_mut(..name_len)
+            .ok_or(libc::ENAMETOOLONG)?
+            .copy_from_slice(entry.name);
+        let n = self.read_table(c"/etc/group")?;
+        let text = self.scratch.get(..n).unwrap_or_default();
+        creds.gid = Some(primary);
+        creds.ngroups = member_groups(
+            text,
+            name.get(..name_len).unwrap_or_default(),
+            primary,
+            &mut creds.groups,
+        )?;
+        Ok(creds)
     }
 
     fn proc_number(&mut self, path: &CStr, key: &str) -> Option<u64> {
@@ -129,16 +287,9 @@ impl Platform for LinuxPlatform {
     type Process = Process;
 
     fn spawn(&mut self, req: &SpawnRequest<'_>) -> Result<Process, Errno> {
-        let uid = req
-            .user
-            .map(|u| self.resolve(u, c"/etc/passwd"))
-            .transpose()?;
-        let gid = req
-            .group
-            .map(|g| self.resolve(g, c"/etc/group"))
-            .transpose()?;
+        let creds = self.credentials(req.user, req.group)?;
         self.image.build(req.program, req.args, req.env, req.cwd)?;
-        let child = sys::spawn(&self.image, uid, gid)?;
+        let child = sys::spawn(&self.image, &creds)?;
         Ok(Process {
             pid: child.pid,
             stdout: Some(child.stdout),
@@ -283,5 +434,47 @@ impl Platform for LinuxPlatform {
 
     fn log(&mut self, event: &LogEvent<'_>) {
         self.log.event(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PASSWD: &[u8] = b"root:x:0:0:root:/root:/bin/sh\n# a comment\n\
+        nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n\
+        ops:x:1000:1000::/home/ops:/bin/sh\n";
+    const GROUP: &[u8] = b"root:x:0:\nnogroup:x:65534:\nops:x:1000:\n\
+        adm:x:4:syslog,ops\nwheel:x:10:root\ndisk:x:6: ops \nbroken:x\nops-again:x:1000:ops\n";
+
+    #[test]
+    fn users_are_found_by_name_or_uid_with_their_primary_group() {
+        let e = find_entry(PASSWD, |f| f == b"ops", 0).expect("found");
+        assert_eq!((e.name, e.id, e.gid), (&b"ops"[..], 1000, Some(1000)));
+        let e = find_entry(PASSWD, |f| parse_id(f) == Some(65534), 2).expect("found");
+        assert_eq!(e.name, b"nobody");
+        assert!(find_entry(PASSWD, |f| f == b"a comment", 0).is_none());
+        assert!(find_entry(PASSWD, |f| f == b"nope", 0).is_none());
+    }
+
+    #[test]
+    fn supplementary_groups_are_the_primary_then_every_group_naming_the_user_once() {
+        let mut out = [0; MAX_GROUPS];
+        let n = member_groups(GROUP, b"ops", 1000, &mut out).expect("fits");
+        assert_eq!(&out[..n], [1000, 4, 6]);
+        let n = member_groups(GROUP, b"nobody", 65534, &mut out).expect("fits");
+        assert_eq!(&out[..n], [65534]);
+        let n = member_groups(GROUP, b"root", 0, &mut out).expect("fits");
+        assert_eq!(&out[..n], [0, 10]);
+    }
+
+    #[test]
+    fn too_many_groups_are_refused_not_cut() {
+        let mut text = Vec::new();
+        for g in 0..MAX_GROUPS as u32 + 1 {
+            text.extend_from_slice(format!("g{g}:x:{}:u\n", g + 100).as_bytes());
+        }
+        let mut out = [0; MAX_GROUPS];
+        assert_eq!(member_groups(&text, b"u", 1, &mut out), Err(libc::E2BIG));
     }
 }

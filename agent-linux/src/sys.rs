@@ -9,6 +9,8 @@ use std::ptr::NonNull;
 
 use ring_protocol::MappedRegion;
 
+use crate::platform::Credentials;
+
 /// The calling thread's `errno`.
 pub(crate) fn errno() -> i32 {
     io::Error::last_os_error()
@@ -270,11 +272,14 @@ struct ChildArgs {
     cwd: Option<*const c_char>,
     uid: Option<u32>,
     gid: Option<u32>,
+    groups: *const libc::gid_t,
+    ngroups: usize,
     stdio: [RawFd; 3],
     status: RawFd,
 }
 
-/// Starts `image` in a new process group, as `uid`/`gid` if given, with stdin on /dev/null
+/// Starts `image` in a new process group, with the credentials given (uid, gid and
+/// supplementary groups; those not given stay the agent's), with stdin on /dev/null
 /// and stdout/stderr on fresh non-blocking pipes. Returns the exec failure's errno if the
 /// program could not be started.
 ///
@@ -283,7 +288,7 @@ struct ChildArgs {
 /// `execve`s (this thread is suspended until then). Unlike `fork` it copies no page tables
 /// and makes neither side take copy-on-write faults, so starting a command costs the same
 /// whatever the agent's own size.
-pub(crate) fn spawn(image: &ExecImage, uid: Option<u32>, gid: Option<u32>) -> Result<Child, i32> {
+pub(crate) fn spawn(image: &ExecImage, creds: &Credentials) -> Result<Child, i32> {
     let io = |e: io::Error| e.raw_os_error().unwrap_or(libc::EIO);
     let (out_r, out_w) = pipe(true).map_err(io)?;
     let (err_r, err_w) = pipe(true).map_err(io)?;
@@ -300,8 +305,10 @@ pub(crate) fn spawn(image: &ExecImage, uid: Option<u32>, gid: Option<u32>) -> Re
         argv: image.argv.as_ptr(),
         envp: image.envp.as_ptr(),
         cwd: image.cwd.map(|c| base.wrapping_add(c)),
-        uid,
-        gid,
+        uid: creds.uid,
+        gid: creds.gid,
+        groups: creds.groups().as_ptr(),
+        ngroups: creds.groups().len(),
         stdio: [null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
         status: status_w.as_raw_fd(),
     };
@@ -379,6 +386,8 @@ unsafe fn child_exec(a: &ChildArgs) -> ! {
         cwd,
         uid,
         gid,
+        groups,
+        ngroups,
         stdio,
         status,
     } = *a;
@@ -410,15 +419,15 @@ unsafe fn child_exec(a: &ChildArgs) -> ! {
         ] {
             libc::signal(sig, libc::SIG_DFL);
         }
-        if let Some(gid) = gid {
-            let groups = [gid];
-            if libc::syscall(libc::SYS_setgroups, 1, groups.as_ptr()) != 0
-                || libc::syscall(libc::SYS_setgid, gid) != 0
-            {
-                fail(status);
-            }
+        // Groups first, while the process may still change them; the uid last.
+        if let Some(gid) = gid
+            && (libc::syscall(libc::SYS_setgroups, ngroups, groups) != 0
+                || libc::syscall(libc::SYS_setgid, gid) != 0)
+        {
+            fail(status);
         }
         if let Some(uid) = uid {
+            // A uid without a gid keeps none of the agent's groups.
             if gid.is_none()
                 && libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
             {

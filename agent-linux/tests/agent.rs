@@ -460,6 +460,13 @@ fn the_steady_state_allocates_nothing_and_leaves_no_zombie() {
     assert!(zombies_of(pid).is_empty(), "zombies: {:?}", zombies_of(pid));
 }
 
+/// `id` of the user the agent itself can see (`id USER` as root, through the same files).
+fn id_of(h: &mut Harness, user_command: &str) -> String {
+    let run = h.run(user_command, &[]);
+    assert_eq!(run.outcome(), Outcome::Exited(0), "{run:?}");
+    String::from_utf8_lossy(&run.stdout).into_owned()
+}
+
 #[test]
 fn commands_run_as_the_configured_user_and_group() {
     // SAFETY: `geteuid` has no preconditions.
@@ -469,19 +476,51 @@ fn commands_run_as_the_configured_user_and_group() {
     }
     let config = format!(
         "{CONFIG}\n[[command]]\nname = \"whoami\"\nprogram = \"/usr/bin/id\"\nuser = 65534\ngroup = 65534\n\n\
-         [[command]]\nname = \"whoami-by-name\"\nprogram = \"/usr/bin/id\"\nargs = [\"-u\"]\nuser = \"nobody\"\n"
+         [[command]]\nname = \"whoami-by-name\"\nprogram = \"/usr/bin/id\"\nuser = \"nobody\"\n\n\
+         [[command]]\nname = \"id-nobody\"\nprogram = \"/usr/bin/id\"\nargs = [\"nobody\"]\n"
     );
     let mut h = Harness::start("identity", &config);
     h.hello();
-    let run = h.run("whoami", &[]);
-    assert_eq!(run.outcome(), Outcome::Exited(0));
-    let out = String::from_utf8_lossy(&run.stdout).into_owned();
+    let out = id_of(&mut h, "whoami");
     assert!(
         out.starts_with("uid=65534(nobody) gid=65534(nogroup) groups=65534(nogroup)"),
         "{out}"
     );
-    let run = h.run("whoami-by-name", &[]);
-    assert_eq!(run.stdout, b"65534\n");
+    // A user without a group: the user's own group and groups, never the agent's (root).
+    assert_eq!(id_of(&mut h, "whoami-by-name"), id_of(&mut h, "id-nobody"));
+}
+
+#[test]
+fn a_user_without_a_group_gets_its_primary_and_supplementary_groups() {
+    // SAFETY: `geteuid` has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: changing user and mounting need root");
+        return;
+    }
+    let passwd = "root:x:0:0:root:/root:/bin/sh\npltest:x:4242:4243::/nonexistent:/bin/false\n";
+    let group = "root:x:0:\npltest:x:4243:\nwheel:x:4300:root,pltest\nother:x:4301:root\n\
+                 audio:x:4302:pltest\n";
+    let id = |name: &str, user: &str| {
+        format!("[[command]]\nname = \"{name}\"\nprogram = \"/usr/bin/id\"\nuser = {user}\n\n")
+    };
+    let config = format!(
+        "{CONFIG}\n{}{}[[command]]\nname = \"id-pltest\"\nprogram = \"/usr/bin/id\"\nargs = [\"pltest\"]\n\n\
+         [[command]]\nname = \"ghost\"\nprogram = \"/usr/bin/id\"\nuser = 5555\n",
+        id("by-name", "\"pltest\""),
+        id("by-uid", "4242"),
+    );
+    let mut h = Harness::start_with_users("identity-groups", &config, passwd, group);
+    h.hello();
+    let expected = id_of(&mut h, "id-pltest");
+    assert_eq!(
+        expected, "uid=4242(pltest) gid=4243(pltest) groups=4243(pltest),4300(wheel),4302(audio)\n",
+        "the test's own files are in force"
+    );
+    assert_eq!(id_of(&mut h, "by-name"), expected);
+    assert_eq!(id_of(&mut h, "by-uid"), expected);
+    // A uid without a passwd entry and without a group has no group to run with.
+    let run = h.run("ghost", &[]);
+    assert_eq!(run.outcome(), Outcome::FailedToStart(libc::ESRCH));
 }
 
 #[test]

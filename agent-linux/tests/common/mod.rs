@@ -237,6 +237,8 @@ pub struct Harness {
     next_request: u64,
     /// Events received but not yet asked for.
     pub backlog: Vec<Event>,
+    /// A command line the agent is started through (it must `exec "$@"` in the end).
+    pub wrapper: Vec<String>,
 }
 
 /// The agent binary under test: `PORTLESS_AGENT_BIN` if set (the shipped static build, for
@@ -271,7 +273,10 @@ pub fn scratch_dir(name: &str) -> PathBuf {
 impl Harness {
     /// Sets up the region and starts the agent with `config` as its allow-list.
     pub fn start(name: &str, config: &str) -> Self {
-        let dir = scratch_dir(name);
+        Self::start_through(scratch_dir(name), config, Vec::new())
+    }
+
+    fn start_through(dir: PathBuf, config: &str, wrapper: Vec<String>) -> Self {
         let shm_path = dir.join("region");
         let shm = SharedFile::create(&shm_path, REGION);
         let host = HostEndpoint::create(&*shm, 1).expect("valid region");
@@ -285,9 +290,35 @@ impl Harness {
             config: config_path,
             next_request: 1,
             backlog: Vec::new(),
+            wrapper,
         };
         h.spawn_agent();
         h
+    }
+
+    /// Like [`Harness::start`], with the agent in a private mount namespace where
+    /// `/etc/passwd` and `/etc/group` are the files given (needs root and `unshare`).
+    pub fn start_with_users(name: &str, config: &str, passwd: &str, group: &str) -> Self {
+        let dir = scratch_dir(name);
+        fs::write(dir.join("passwd"), passwd).expect("write passwd");
+        fs::write(dir.join("group"), group).expect("write group");
+        let script = format!(
+            "mount --bind {d}/passwd /etc/passwd && mount --bind {d}/group /etc/group && exec \"$@\"",
+            d = dir.display()
+        );
+        let wrapper = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+            "sh",
+        ]
+        .map(String::from)
+        .to_vec();
+        Self::start_through(dir, config, wrapper)
     }
 
     /// Boots a VM (kernel and initramfs in `PORTLESS_VM_DIR`) whose agent polls an
@@ -329,6 +360,7 @@ impl Harness {
             agent: Some(agent),
             next_request: 1,
             backlog: Vec::new(),
+            wrapper: Vec::new(),
         }
     }
 
@@ -389,7 +421,15 @@ impl Harness {
     /// Starts (or restarts) the agent process.
     pub fn spawn_agent(&mut self) {
         let log = File::create(self.dir.join("agent.log")).expect("log file");
-        let child = Command::new(agent_binary())
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(agent_binary());
+                c
+            }
+            None => Command::new(agent_binary()),
+        };
+        let child = cmd
             .arg("--shm-file")
             .arg(self.dir.join("region"))
             .arg("--config")
