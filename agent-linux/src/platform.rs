@@ -349,12 +349,15 @@ impl Platform for LinuxPlatform {
 
     fn push_create(&mut self, dir: &str, name: &str) -> Result<(), Errno> {
         let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(libc::EIO);
-        sys::ensure_dir(self.push_final.set(&[dir])?).map_err(errno)?;
+        sys::ensure_private_dir(self.push_final.set(&[dir])?).map_err(errno)?;
         self.push_final.set(&[dir, "/", name])?;
         let partial = self.push_partial.set(&[dir, "/.", name, ".partial"])?;
+        // A new file every time: whatever has the staging name (an earlier partial file, or
+        // a link to some other file) is unlinked, never opened, written or truncated.
+        sys::unlink(partial);
         let fd = sys::open(
             partial,
-            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
             0o600,
         )
         .map_err(errno)?;

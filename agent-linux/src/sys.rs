@@ -665,13 +665,25 @@ pub(crate) fn count_processes() -> u32 {
 }
 
 /// Ensures `dir` (NUL-terminated) exists with mode 0700, creating the last component.
-pub(crate) fn ensure_dir(dir: &CStr) -> io::Result<()> {
+///
+/// One that exists must be a real directory (not a symbolic link), owned by this process's
+/// user and writable by nobody else: otherwise another user could swap what the agent
+/// stores and runs. EPERM if it is not.
+pub(crate) fn ensure_private_dir(dir: &CStr) -> io::Result<()> {
     // SAFETY: `dir` is NUL-terminated.
-    if unsafe { libc::mkdir(dir.as_ptr(), 0o700) } == 0 || errno() == libc::EEXIST {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+    if unsafe { libc::mkdir(dir.as_ptr(), 0o700) } != 0 && errno() != libc::EEXIST {
+        return Err(io::Error::last_os_error());
     }
+    // SAFETY: `st` is plain data, fully written by a successful `lstat`.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `dir` is NUL-terminated and `st` a valid out-pointer.
+    check(unsafe { libc::lstat(dir.as_ptr(), &mut st) })?;
+    // SAFETY: `geteuid` has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if st.st_mode & libc::S_IFMT != libc::S_IFDIR || st.st_uid != euid || st.st_mode & 0o022 != 0 {
+        return Err(io::Error::from_raw_os_error(libc::EPERM));
+    }
+    Ok(())
 }
 
 /// `fsync` then `fchmod`.

@@ -341,6 +341,62 @@ fn pushed_programs_are_checked_stored_and_run() {
 }
 
 #[test]
+fn a_push_never_writes_through_what_another_user_left_in_its_directory() {
+    use ring_protocol::message::PushOutcome;
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    let dir = common::scratch_dir("push-staging-dir");
+    let pushed = dir.join("pushed");
+    std::fs::create_dir(&pushed).expect("push dir");
+    std::fs::set_permissions(&pushed, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    // Another file of the agent's user, hard-linked at the staging name.
+    let victim = dir.join("victim");
+    std::fs::write(&victim, "precious").expect("victim");
+    std::fs::hard_link(&victim, pushed.join(".patch.sh.partial")).expect("link");
+    let mut h = Harness::start("push-staging", &push_config(&dir));
+    h.hello();
+    let script = b"#!/bin/sh\necho new\n";
+    let hash: [u8; 32] = Sha256::digest(script).into();
+    let ev = push(&mut h, 1, "patch.sh", script, hash, false);
+    assert_eq!(
+        ev,
+        Event::PushResult {
+            push_id: 1,
+            outcome: PushOutcome::Stored
+        }
+    );
+    assert_eq!(std::fs::read(&victim).expect("victim"), b"precious");
+    assert_eq!(
+        std::fs::read(pushed.join("patch.sh")).expect("stored"),
+        script
+    );
+
+    // A push directory others can write to, or a link to one, is refused.
+    std::fs::set_permissions(&pushed, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let ev = push(&mut h, 2, "patch.sh", script, hash, false);
+    assert_eq!(
+        ev,
+        Event::PushResult {
+            push_id: 2,
+            outcome: PushOutcome::Failed(Rejection::Failed)
+        }
+    );
+    std::fs::set_permissions(&pushed, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let elsewhere = dir.join("elsewhere");
+    std::fs::rename(&pushed, &elsewhere).expect("move");
+    symlink(&elsewhere, &pushed).expect("symlink");
+    let ev = push(&mut h, 3, "other.sh", script, hash, false);
+    assert_eq!(
+        ev,
+        Event::PushResult {
+            push_id: 3,
+            outcome: PushOutcome::Failed(Rejection::Failed)
+        }
+    );
+    assert!(!elsewhere.join("other.sh").exists());
+}
+
+#[test]
 fn pushes_are_refused_unless_enabled() {
     use ring_protocol::message::PushOutcome;
     let mut h = Harness::start("push-disabled", CONFIG);
