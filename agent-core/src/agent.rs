@@ -38,6 +38,12 @@ pub const REPLY_RESERVE: u32 = 1024;
 /// behind still holds them open. Output held back by a full ring is still read in full: the
 /// grace only ends the wait for an empty pipe to close.
 pub const DRAIN_GRACE_MS: u64 = 2000;
+/// Longest an execution waits, once it has ended, for the processes it left behind to die
+/// after they were killed (a process in uninterruptible sleep dies only when it wakes). The
+/// execution then ends anyway, its leftovers counted.
+pub const LEFTOVER_WAIT_MS: u64 = 5000;
+/// How often the processes left behind are checked for while they die.
+const LEFTOVER_POLL_MS: u64 = 10;
 /// Longest pushed program name.
 pub const MAX_PUSH_NAME: usize = 64;
 /// Most messages handled in one poll, so that output keeps flowing under a request flood.
@@ -94,6 +100,9 @@ struct Execution<P> {
     exit: Option<(ExitStatus, u64)>,
     stop: Option<Stop>,
     truncated: bool,
+    /// Once the end is reached: how many processes were left behind, and when they were
+    /// killed.
+    leftovers: Option<(u32, u64)>,
 }
 
 impl<P> Execution<P> {
@@ -166,6 +175,8 @@ pub struct Agent<P: Platform> {
     listing: Option<Listing>,
     incompatible: bool,
     interrupts: bool,
+    /// The capabilities of the host's latest Hello on this attachment.
+    host_capabilities: Capabilities,
     counters: AgentCounters,
     chunk: [u8; OUTPUT_CHUNK],
 }
@@ -195,6 +206,7 @@ impl<P: Platform> Agent<P> {
             listing: None,
             incompatible: false,
             interrupts: false,
+            host_capabilities: Capabilities(0),
             counters: AgentCounters::default(),
             chunk: [0; OUTPUT_CHUNK],
         }
@@ -293,6 +305,7 @@ impl<P: Platform> Agent<P> {
         mem: &M,
     ) -> Result<(), SendError> {
         self.listing = None;
+        self.host_capabilities = Capabilities(0);
         let hello = self.hello(false);
         self.send(ep, mem, &hello)
     }
@@ -482,6 +495,7 @@ impl<P: Platform> Agent<P> {
                     reply: false,
                 };
                 self.incompatible = ours.negotiate(&h).is_none();
+                self.host_capabilities = h.capabilities;
                 // Every hello that is not itself a reply gets one (PROTOCOL.md 5.6), so that
                 // the host learns our version range even when there is no overlap.
                 if !h.reply {
@@ -726,6 +740,7 @@ impl<P: Platform> Agent<P> {
             exit,
             stop,
             truncated: false,
+            leftovers: None,
         };
         // `exec` checked for room; a push run is checked in `push_commit`.
         if let Err(mut lost) = self.running.push(exec)
@@ -905,11 +920,35 @@ impl<P: Platform> Agent<P> {
             // output still waiting in a pipe because the host has not made room for it: that
             // would drop it, untold, however soon the host reads.
             if exec.drained(now) && !held_back {
+                // Nothing it started outlives it: what is left is killed, and the end waits
+                // (a bounded time) until it is gone.
+                if let Some(p) = exec.process.as_mut() {
+                    let (count, since) = *exec
+                        .leftovers
+                        .get_or_insert_with(|| (platform.kill_leftovers(p), now));
+                    if count > 0
+                        && !platform.leftovers_gone(p)
+                        && now < since.saturating_add(LEFTOVER_WAIT_MS)
+                    {
+                        act.wake_at(now.saturating_add(LEFTOVER_POLL_MS));
+                        i += 1;
+                        continue;
+                    }
+                }
+                let leftovers = exec.leftovers.map_or(0, |(n, _)| n);
                 let finished = exec.finished(now);
                 let id = exec.id;
-                let msg = AgentToHost::Exit {
-                    execution: id,
-                    finished,
+                let msg = if self.host_capabilities.contains(Capabilities::ENDED) {
+                    AgentToHost::Ended {
+                        execution: id,
+                        finished,
+                        leftovers,
+                    }
+                } else {
+                    AgentToHost::Exit {
+                        execution: id,
+                        finished,
+                    }
                 };
                 match ep.send(mem, &msg) {
                     Ok(()) => {
@@ -930,6 +969,7 @@ impl<P: Platform> Agent<P> {
                 platform.log(&LogEvent::Finished {
                     execution: id,
                     finished,
+                    leftovers,
                 });
                 if self.finished.is_full() {
                     self.finished.pop_front();
@@ -1146,6 +1186,7 @@ impl<P: Platform> Agent<P> {
             cwd: Some(push_settings.dir),
             user: push_settings.user,
             group: push_settings.group,
+            limits: crate::platform::Limits::NONE,
         };
         let spawned = platform.spawn(&request);
         let id = self.new_id();
@@ -1194,6 +1235,7 @@ fn spawn_command<P: Platform>(
         cwd: cmd.cwd(),
         user: cmd.user(),
         group: cmd.group(),
+        limits: cmd.limits(),
     };
     Ok((platform.spawn(&request), timeout, cmd.max_output()))
 }

@@ -32,6 +32,11 @@
 //!                              # primary group and its groups in /etc/group (initgroups)
 //! group = 65534                # optional: name or gid; the only group the process has
 //! cwd = "/"                    # optional, absolute
+//! memory_max = 268435456       # optional, bytes (>= 1 MiB): cgroup memory.max
+//! pids_max = 64                # optional, processes and threads: cgroup pids.max
+//! cpu_max_percent = 50         # optional, percent of one CPU: cgroup cpu.max
+//!                              # (a guest without these cgroup controllers refuses to
+//!                              # start a command that sets them)
 //! env = ["LANG=C"]             # optional, KEY=VALUE, keys unique
 //!
 //! [[command.param]]            # belongs to the last [[command]]; order = argument order
@@ -78,6 +83,8 @@ mod tests;
 
 use ring_protocol::message::{ArgProblem, CommandInfo, ParamKind, ParamSpec, Rejection};
 
+use crate::platform::Limits;
+
 pub use charset::{Charset, CharsetError};
 pub use error::{
     Capacity, ConfigError, ConfigErrorKind, SNIPPET_BYTES, Snippet, Table, Unsupported, ValueType,
@@ -106,6 +113,13 @@ pub const MAX_PARAM_NAME_LEN: usize = 32;
 pub const MAX_CHOICE_LEN: usize = 64;
 /// Largest `max_len` of a string parameter, in bytes.
 pub const MAX_TEXT_LEN: u16 = 1024;
+/// Smallest `memory_max` of a command, in bytes (less could not even start a program).
+pub const MIN_MEMORY_MAX: u32 = 1 << 20;
+/// Largest `pids_max` of a command (the kernel's own limit on process ids).
+pub const MAX_PIDS: u32 = 4 * 1024 * 1024;
+/// Largest `cpu_max_percent` of a command (1000 CPUs).
+pub const MAX_CPU_PERCENT: u32 = 100_000;
+
 /// Longest user or group name, in bytes.
 pub const MAX_PRINCIPAL_LEN: usize = 32;
 /// Most bytes of text in one command's listing ([`CommandSpec::info`]): its name,
@@ -233,6 +247,7 @@ struct CommandRecord {
     user: Option<PrincipalRecord>,
     group: Option<PrincipalRecord>,
     cwd: Option<Span>,
+    limits: Limits,
 }
 
 impl CommandRecord {
@@ -248,6 +263,7 @@ impl CommandRecord {
         user: None,
         group: None,
         cwd: None,
+        limits: Limits::NONE,
     };
 }
 
@@ -580,6 +596,7 @@ impl core::fmt::Debug for CommandSpec<'_> {
             .field("group", &self.group())
             .field("cwd", &self.cwd())
             .field("env", &DebugList(self.env()))
+            .field("limits", &self.limits())
             .finish()
     }
 }
@@ -657,6 +674,11 @@ impl<'a> CommandSpec<'a> {
     pub fn group(&self) -> Option<Principal<'a>> {
         let arena: &'a str = &self.config.arena;
         self.record.group.map(|p| p.view(arena))
+    }
+
+    /// The resource limits of its executions (`memory_max`, `pids_max`, `cpu_max_percent`).
+    pub fn limits(&self) -> Limits {
+        self.record.limits
     }
 
     /// The absolute working directory, if set.

@@ -25,6 +25,34 @@ pub struct SpawnRequest<'a> {
     pub user: Option<Identity<'a>>,
     /// Run as this group, if set.
     pub group: Option<Identity<'a>>,
+    /// Resource limits of the whole execution (the process and everything it starts).
+    pub limits: Limits,
+}
+
+/// Resource limits of one execution, as the allow-list gives them (`None`: no limit). A
+/// platform that cannot enforce a limit that is set refuses to start the command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    /// Most memory in bytes (cgroup `memory.max`).
+    pub memory_max: Option<u64>,
+    /// Most processes and threads at once (cgroup `pids.max`).
+    pub pids_max: Option<u32>,
+    /// Most CPU time, in percent of one CPU (cgroup `cpu.max`).
+    pub cpu_max_percent: Option<u32>,
+}
+
+impl Limits {
+    /// No limit.
+    pub const NONE: Self = Self {
+        memory_max: None,
+        pids_max: None,
+        cpu_max_percent: None,
+    };
+
+    /// Whether any limit is set.
+    pub const fn any(&self) -> bool {
+        self.memory_max.is_some() || self.pids_max.is_some() || self.cpu_max_percent.is_some()
+    }
 }
 
 /// The result of reading a process's output pipe.
@@ -89,6 +117,8 @@ pub enum LogEvent<'a> {
         execution: ring_protocol::message::ExecutionId,
         /// How.
         finished: ring_protocol::message::Finished,
+        /// Processes it left running, killed at its end.
+        leftovers: u32,
     },
     /// A request was refused.
     Rejected {
@@ -128,8 +158,16 @@ pub trait Platform {
     /// Reaps the process if it has ended. Must not block.
     fn try_wait(&mut self, process: &mut Self::Process) -> Option<ExitStatus>;
 
-    /// Signals the process's whole group.
+    /// Signals everything the execution started: the process, its process group and, where
+    /// the platform contains executions (a cgroup each), whatever left the group.
     fn signal(&mut self, process: &mut Self::Process, signal: Signal);
+
+    /// Kills whatever the execution started that is still running, once its leader has been
+    /// reaped and its output read. Returns how many processes that was (0: none).
+    fn kill_leftovers(&mut self, process: &mut Self::Process) -> u32;
+
+    /// Whether nothing the execution started is still running. Must not block.
+    fn leftovers_gone(&mut self, process: &mut Self::Process) -> bool;
 
     /// Releases what is left of a finished process (pipes). After this the handle is dropped.
     fn release(&mut self, process: Self::Process);

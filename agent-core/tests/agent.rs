@@ -8,8 +8,10 @@
 
 mod common;
 
-use agent_core::agent::{DRAIN_GRACE_MS, MAX_FINISHED, OUTPUT_CHUNK, REPLY_RESERVE, SOFTWARE};
-use agent_core::platform::{ExitStatus, Signal};
+use agent_core::agent::{
+    DRAIN_GRACE_MS, LEFTOVER_WAIT_MS, MAX_FINISHED, OUTPUT_CHUNK, REPLY_RESERVE, SOFTWARE,
+};
+use agent_core::platform::{ExitStatus, Limits, Signal};
 use common::{
     CONFIG, FakeProcess, GENERATION, Logged, METRICS, PushOp, Rig, Spawned, T0, Who, config,
     config_without_push, exec_request, id,
@@ -494,6 +496,7 @@ fn exec_is_accepted_with_sequential_ids_and_spawns_the_substituted_command() {
                 cwd: Some("/tmp".into()),
                 user: Some(Who::Name("nobody".into())),
                 group: Some(Who::Id(65534)),
+                limits: Limits::NONE,
             },
             Spawned {
                 program: "/bin/hello".into(),
@@ -502,6 +505,7 @@ fn exec_is_accepted_with_sequential_ids_and_spawns_the_substituted_command() {
                 cwd: None,
                 user: None,
                 group: None,
+                limits: Limits::NONE,
             },
         ]
     );
@@ -658,7 +662,8 @@ fn spawn_failure_is_accepted_then_exits_failed_to_start() {
             },
             Logged::Finished {
                 execution: id(1),
-                finished: failed
+                finished: failed,
+                leftovers: 0,
             },
         ]
     );
@@ -726,6 +731,114 @@ fn output_is_contiguous_per_stream_then_one_exit() {
     rig.advance(DRAIN_GRACE_MS * 2);
     rig.expect_nothing();
     assert_eq!(rig.agent.counters().output_bytes, stdout_total + 9);
+}
+
+// --- Leftovers ---
+
+/// A host Hello that announces it reads `Ended`.
+fn host_hello_reading_ended() -> HostToAgent<'static> {
+    HostToAgent::Hello(Hello {
+        min_version: 1,
+        max_version: 1,
+        capabilities: Capabilities::ENDED,
+        generation: 7,
+        config_revision: 0,
+        software: "test-host/0",
+        reply: true,
+    })
+}
+
+#[test]
+fn what_an_execution_leaves_running_is_killed_and_its_end_waits_until_it_is_gone() {
+    let mut rig = Rig::standard();
+    rig.request(&host_hello_reading_ended());
+    rig.expect_nothing();
+    let e = rig.exec(1, "hello", &[]);
+    rig.process(0).leftovers = 2;
+    rig.process(0).dying_checks = u32::MAX;
+    rig.process(0).end(ExitStatus::Exited(0));
+    // Reaped and drained: the leftovers are killed, and the end waits for them.
+    let act = rig.advance(5);
+    rig.expect_nothing();
+    assert_eq!(rig.process(0).leftover_kills, 1);
+    assert_eq!(act.running, 1);
+    assert_eq!(act.next_deadline, Some(T0 + 5 + 10));
+    rig.advance(10);
+    rig.advance(10);
+    rig.expect_nothing();
+    // They die.
+    rig.process(0).dying_checks = 0;
+    rig.advance(10);
+    rig.expect(&[AgentToHost::Ended {
+        execution: e,
+        finished: finished(Outcome::Exited(0), 5, 0, 0),
+        leftovers: 2,
+    }]);
+    assert_eq!(rig.process(0).leftover_kills, 1, "killed once");
+    assert!(rig.process(0).released);
+    assert!(matches!(
+        rig.fake.log.last(),
+        Some(Logged::Finished { leftovers: 2, .. })
+    ));
+}
+
+#[test]
+fn leftovers_that_do_not_die_hold_the_end_for_a_bounded_time() {
+    let mut rig = Rig::standard();
+    rig.request(&host_hello_reading_ended());
+    let e = rig.exec(1, "hello", &[]);
+    rig.process(0).leftovers = 1;
+    rig.process(0).dying_checks = u32::MAX;
+    rig.process(0).end(ExitStatus::Exited(3));
+    rig.advance(5);
+    rig.expect_nothing();
+    rig.advance(LEFTOVER_WAIT_MS - 10);
+    rig.expect_nothing();
+    rig.advance(10);
+    rig.expect(&[AgentToHost::Ended {
+        execution: e,
+        finished: finished(Outcome::Exited(3), 5, 0, 0),
+        leftovers: 1,
+    }]);
+}
+
+#[test]
+fn a_host_that_does_not_read_ended_gets_exit_and_nothing_is_waited_for_without_leftovers() {
+    let mut rig = Rig::standard();
+    let e = rig.exec(1, "hello", &[]);
+    rig.process(0).leftovers = 1;
+    rig.process(0).end(ExitStatus::Exited(0));
+    rig.advance(5);
+    rig.expect(&[exit(e, finished(Outcome::Exited(0), 5, 0, 0))]);
+    // Without leftovers the end is not held: no check at all.
+    rig.request(&host_hello_reading_ended());
+    let e = rig.exec(2, "hello", &[]);
+    rig.process(1).dying_checks = u32::MAX;
+    rig.process(1).end(ExitStatus::Exited(0));
+    rig.advance(5);
+    rig.expect(&[AgentToHost::Ended {
+        execution: e,
+        finished: finished(Outcome::Exited(0), 5, 0, 0),
+        leftovers: 0,
+    }]);
+    assert_eq!(rig.process(1).leftover_kills, 1);
+}
+
+#[test]
+fn command_limits_are_passed_to_the_platform() {
+    let mut rig = Rig::new(
+        "[[command]]\nname = \"boxed\"\nprogram = \"/bin/boxed\"\n\
+         memory_max = 67108864\npids_max = 16\ncpu_max_percent = 50\n",
+    );
+    rig.exec(1, "boxed", &[]);
+    assert_eq!(
+        rig.fake.spawns[0].limits,
+        Limits {
+            memory_max: Some(64 << 20),
+            pids_max: Some(16),
+            cpu_max_percent: Some(50),
+        }
+    );
 }
 
 #[test]
@@ -1417,6 +1530,7 @@ fn push_commit_with_run_starts_the_program() {
             cwd: Some("/srv/push".into()),
             user: Some(Who::Name("runner".into())),
             group: Some(Who::Id(100)),
+            limits: Limits::NONE,
         }
     );
     // The run's timeout is the shorter of [push] timeout_ms (10 s) and the commit's.

@@ -68,6 +68,7 @@ impl Log {
             LogEvent::Finished {
                 execution,
                 finished,
+                leftovers,
             } if !self.quiet => {
                 let how = match finished.outcome {
                     Outcome::Exited(c) => Ended::Code(c),
@@ -77,7 +78,7 @@ impl Log {
                     Outcome::FailedToStart(e) => Ended::FailedToStart(e),
                 };
                 self.line(format_args!(
-                    "exec {execution} ended: {how} after {} ms ({} + {} bytes of output{})",
+                    "exec {execution} ended: {how} after {} ms ({} + {} bytes of output{}){}",
                     finished.duration_ms,
                     finished.stdout_bytes,
                     finished.stderr_bytes,
@@ -85,7 +86,8 @@ impl Log {
                         ", truncated"
                     } else {
                         ""
-                    }
+                    },
+                    Leftovers(*leftovers),
                 ));
             }
             LogEvent::Rejected { what, reason } => {
@@ -96,6 +98,19 @@ impl Log {
             }
             LogEvent::Protocol(what) => self.line(format_args!("protocol: {what}")),
             _ => {}
+        }
+    }
+}
+
+/// ", killed N processes it left running", or nothing.
+struct Leftovers(u32);
+
+impl std::fmt::Display for Leftovers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            0 => Ok(()),
+            1 => f.write_str(", killed 1 process it left running"),
+            n => write!(f, ", killed {n} processes it left running"),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! processes, waking on doorbells, pipes, child exits and timers, or polling adaptively when
 //! the host cannot ring it.
 
+mod contain;
 mod device;
 mod log;
 mod platform;
@@ -37,6 +38,10 @@ options:
                      (vfio when it works, else poll; the default)
   --poll-max-us N    longest sleep between polls when the host cannot wake the agent
                      (default 1000)
+  --cgroup MODE      how executions are contained: `auto` (a cgroup v2 each, beside the
+                     agent's own, where the guest has cgroup v2; else process groups; the
+                     default), `off` (process groups only), or a cgroup v2 directory to
+                     make them in
   --kmsg             also log to the kernel log (/dev/kmsg)
   --quiet            do not log each execution
   --check-config     check the allow-list and exit
@@ -58,6 +63,7 @@ pub(crate) struct Options {
     pub(crate) quiet: bool,
     pub(crate) check_config: bool,
     pub(crate) sysfs: PathBuf,
+    pub(crate) cgroup: contain::CgroupMode,
 }
 
 impl Options {
@@ -72,6 +78,7 @@ impl Options {
             quiet: false,
             check_config: false,
             sysfs: PathBuf::from("/sys"),
+            cgroup: contain::CgroupMode::Auto,
         };
         while let Some(arg) = args.next() {
             let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
@@ -102,6 +109,18 @@ impl Options {
                         other => {
                             return Err(format!(
                                 "--wakeup takes auto, vfio or poll, not `{other}`"
+                            ));
+                        }
+                    };
+                }
+                "--cgroup" => {
+                    o.cgroup = match value("--cgroup")?.as_str() {
+                        "auto" => contain::CgroupMode::Auto,
+                        "off" => contain::CgroupMode::Off,
+                        dir if dir.starts_with('/') => contain::CgroupMode::Under(dir.into()),
+                        other => {
+                            return Err(format!(
+                                "--cgroup takes auto, off or an absolute directory, not `{other}`"
                             ));
                         }
                     };

@@ -11,11 +11,9 @@ use agent_core::platform::{
 };
 use ring_protocol::message::Stream;
 
+use crate::contain::Cgroups;
 use crate::log::Log;
 use crate::sys;
-
-/// Longest path the platform builds (push directory and file name).
-const PATH_MAX: usize = 512;
 
 /// A process started by the agent.
 pub(crate) struct Process {
@@ -23,6 +21,8 @@ pub(crate) struct Process {
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
     reaped: bool,
+    /// Its cgroup's number, when executions are contained in cgroups.
+    cgroup: Option<u64>,
 }
 
 impl Process {
@@ -35,35 +35,15 @@ impl Process {
     }
 }
 
-/// A NUL-terminated path built in a fixed buffer.
-struct PathBuf {
-    bytes: [u8; PATH_MAX],
-    len: usize,
-}
-
-impl PathBuf {
-    fn new() -> Self {
-        Self {
-            bytes: [0; PATH_MAX],
-            len: 0,
+/// The live processes in the process group `pgid` (a scan of /proc; zombies do not count).
+fn group_size(pgid: libc::pid_t) -> u32 {
+    let mut count = 0u32;
+    sys::for_each_pid(|pid| {
+        if sys::live_process_group(pid) == Some(pgid) {
+            count = count.saturating_add(1);
         }
-    }
-
-    fn set(&mut self, parts: &[&str]) -> Result<&CStr, Errno> {
-        self.len = 0;
-        for p in parts {
-            let end = self.len + p.len();
-            let dst = self
-                .bytes
-                .get_mut(self.len..end)
-                .ok_or(libc::ENAMETOOLONG)?;
-            dst.copy_from_slice(p.as_bytes());
-            self.len = end;
-        }
-        *self.bytes.get_mut(self.len).ok_or(libc::ENAMETOOLONG)? = 0;
-        CStr::from_bytes_with_nul(self.bytes.get(..=self.len).unwrap_or_default())
-            .map_err(|_| libc::EINVAL)
-    }
+    });
+    count
 }
 
 /// Most supplementary groups a process is started with (`initgroups` allows more; a user
@@ -168,19 +148,22 @@ pub(crate) struct LinuxPlatform {
     image: Box<sys::ExecImage>,
     scratch: Box<[u8; 64 * 1024]>,
     push_file: Option<OwnedFd>,
-    push_partial: PathBuf,
-    push_final: PathBuf,
+    push_partial: sys::PathBuf,
+    push_final: sys::PathBuf,
+    cgroups: Option<Cgroups>,
     log: Log,
 }
 
 impl LinuxPlatform {
-    pub(crate) fn new(log: Log) -> Self {
+    /// The platform, with executions contained by `cgroups` (else by process groups).
+    pub(crate) fn new(log: Log, cgroups: Option<Cgroups>) -> Self {
         Self {
+            cgroups,
             image: Box::new(sys::ExecImage::new()),
             scratch: Box::new([0; 64 * 1024]),
             push_file: None,
-            push_partial: PathBuf::new(),
-            push_final: PathBuf::new(),
+            push_partial: sys::PathBuf::new(),
+            push_final: sys::PathBuf::new(),
             log,
         }
     }
@@ -289,13 +272,32 @@ impl Platform for LinuxPlatform {
     fn spawn(&mut self, req: &SpawnRequest<'_>) -> Result<Process, Errno> {
         let creds = self.credentials(req.user, req.group)?;
         self.image.build(req.program, req.args, req.env, req.cwd)?;
-        let child = sys::spawn(&self.image, &creds)?;
-        Ok(Process {
-            pid: child.pid,
-            stdout: Some(child.stdout),
-            stderr: Some(child.stderr),
-            reaped: false,
-        })
+        let cgroup = match self.cgroups.as_mut() {
+            Some(c) => Some(c.create(&req.limits)?),
+            None if req.limits.any() => return Err(libc::EOPNOTSUPP),
+            None => None,
+        };
+        let child = sys::spawn(
+            &self.image,
+            &creds,
+            cgroup.as_ref().map(|(_, procs)| procs.as_raw_fd()),
+        );
+        let cgroup = cgroup.map(|(n, _procs)| n);
+        match child {
+            Ok(child) => Ok(Process {
+                pid: child.pid,
+                stdout: Some(child.stdout),
+                stderr: Some(child.stderr),
+                reaped: false,
+                cgroup,
+            }),
+            Err(e) => {
+                if let (Some(c), Some(n)) = (self.cgroups.as_mut(), cgroup) {
+                    c.remove(n, &mut self.scratch[..]);
+                }
+                Err(e)
+            }
+        }
     }
 
     fn read_output(&mut self, p: &mut Process, stream: Stream, buf: &mut [u8]) -> ReadOutcome {
@@ -335,15 +337,44 @@ impl Platform for LinuxPlatform {
         };
         // The group outlives the leader when children linger: signal it even once reaped.
         sys::kill_group(p.pid, sig);
+        if let (Some(c), Some(n)) = (self.cgroups.as_mut(), p.cgroup) {
+            c.signal(n, sig, &mut self.scratch[..]);
+        }
+    }
+
+    fn kill_leftovers(&mut self, p: &mut Process) -> u32 {
+        let left = match (self.cgroups.as_mut(), p.cgroup) {
+            (Some(c), Some(n)) => c.count(n, &mut self.scratch[..]),
+            _ => group_size(p.pid),
+        };
+        if left > 0 {
+            self.signal(p, Signal::Kill);
+        }
+        left
+    }
+
+    fn leftovers_gone(&mut self, p: &mut Process) -> bool {
+        let gone = match (self.cgroups.as_mut(), p.cgroup) {
+            (Some(c), Some(n)) => c.is_empty(n, &mut self.scratch[..]),
+            _ => group_size(p.pid) == 0,
+        };
+        if !gone {
+            // Whatever was forked while the kill went out.
+            self.signal(p, Signal::Kill);
+        }
+        gone
     }
 
     fn release(&mut self, mut p: Process) {
-        // Whatever the process left behind in its group has had its chance.
+        // Whatever the process left behind has had its chance.
         if !p.reaped {
-            sys::kill_group(p.pid, libc::SIGKILL);
+            self.signal(&mut p, Signal::Kill);
             while self.try_wait(&mut p).is_none() {
                 std::thread::yield_now();
             }
+        }
+        if let (Some(c), Some(n)) = (self.cgroups.as_mut(), p.cgroup) {
+            c.remove(n, &mut self.scratch[..]);
         }
     }
 
@@ -375,25 +406,16 @@ impl Platform for LinuxPlatform {
         let Some(fd) = self.push_file.take() else {
             return Err(libc::EBADF);
         };
-        let partial = CStr::from_bytes_with_nul(
-            self.push_partial
-                .bytes
-                .get(..=self.push_partial.len)
-                .unwrap_or_default(),
-        )
-        .map_err(|_| libc::EINVAL)?;
+        let partial = self.push_partial.get().ok_or(libc::EINVAL)?;
         if !keep {
             sys::unlink(partial);
             return Ok(());
         }
         let result = sys::sync_and_chmod(fd.as_raw_fd(), 0o700).and_then(|()| {
-            let to = CStr::from_bytes_with_nul(
-                self.push_final
-                    .bytes
-                    .get(..=self.push_final.len)
-                    .unwrap_or_default(),
-            )
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+            let to = self
+                .push_final
+                .get()
+                .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))?;
             sys::rename(partial, to)
         });
         if result.is_err() {

@@ -274,11 +274,13 @@ struct ChildArgs {
     gid: Option<u32>,
     groups: *const libc::gid_t,
     ngroups: usize,
+    cgroup_procs: Option<RawFd>,
     stdio: [RawFd; 3],
     status: RawFd,
 }
 
-/// Starts `image` in a new process group, with the credentials given (uid, gid and
+/// Starts `image` in a new process group (and in the cgroup whose `cgroup.procs` is open
+/// as `cgroup_procs`, if given), with the credentials given (uid, gid and
 /// supplementary groups; those not given stay the agent's), with stdin on /dev/null
 /// and stdout/stderr on fresh non-blocking pipes. Returns the exec failure's errno if the
 /// program could not be started.
@@ -288,7 +290,11 @@ struct ChildArgs {
 /// `execve`s (this thread is suspended until then). Unlike `fork` it copies no page tables
 /// and makes neither side take copy-on-write faults, so starting a command costs the same
 /// whatever the agent's own size.
-pub(crate) fn spawn(image: &ExecImage, creds: &Credentials) -> Result<Child, i32> {
+pub(crate) fn spawn(
+    image: &ExecImage,
+    creds: &Credentials,
+    cgroup_procs: Option<RawFd>,
+) -> Result<Child, i32> {
     let io = |e: io::Error| e.raw_os_error().unwrap_or(libc::EIO);
     let (out_r, out_w) = pipe(true).map_err(io)?;
     let (err_r, err_w) = pipe(true).map_err(io)?;
@@ -309,6 +315,7 @@ pub(crate) fn spawn(image: &ExecImage, creds: &Credentials) -> Result<Child, i32
         gid: creds.gid,
         groups: creds.groups().as_ptr(),
         ngroups: creds.groups().len(),
+        cgroup_procs,
         stdio: [null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
         status: status_w.as_raw_fd(),
     };
@@ -388,6 +395,7 @@ unsafe fn child_exec(a: &ChildArgs) -> ! {
         gid,
         groups,
         ngroups,
+        cgroup_procs,
         stdio,
         status,
     } = *a;
@@ -402,6 +410,12 @@ unsafe fn child_exec(a: &ChildArgs) -> ! {
     // values, pointers to this frame's locals, or the pointers this function's contract
     // guarantees.
     unsafe {
+        // Into the execution's cgroup first, before anything can be forked or escape.
+        if let Some(fd) = cgroup_procs
+            && libc::write(fd, c"0".as_ptr().cast(), 1) != 1
+        {
+            fail(status);
+        }
         if libc::setpgid(0, 0) != 0 {
             fail(status);
         }
@@ -624,14 +638,50 @@ pub(crate) fn read_file(path: &CStr, buf: &mut [u8]) -> io::Result<usize> {
     Ok(got)
 }
 
-/// Counts the numeric entries of /proc (the processes) with `getdents64` into a stack
-/// buffer: no allocation, not even libc's.
-pub(crate) fn count_processes() -> u32 {
-    let Ok(dir) = open(c"/proc", libc::O_RDONLY | libc::O_DIRECTORY, 0) else {
-        return 0;
-    };
+/// Longest path built in a [`PathBuf`].
+const PATH_MAX: usize = 512;
+
+/// A NUL-terminated path built in a fixed buffer.
+pub(crate) struct PathBuf {
+    bytes: [u8; PATH_MAX],
+    len: usize,
+}
+
+impl PathBuf {
+    pub(crate) fn new() -> Self {
+        Self {
+            bytes: [0; PATH_MAX],
+            len: 0,
+        }
+    }
+
+    /// Makes the path the concatenation of `parts`.
+    pub(crate) fn set(&mut self, parts: &[&str]) -> Result<&CStr, i32> {
+        self.len = 0;
+        for p in parts {
+            let end = self.len + p.len();
+            let dst = self
+                .bytes
+                .get_mut(self.len..end)
+                .ok_or(libc::ENAMETOOLONG)?;
+            dst.copy_from_slice(p.as_bytes());
+            self.len = end;
+        }
+        *self.bytes.get_mut(self.len).ok_or(libc::ENAMETOOLONG)? = 0;
+        self.get().ok_or(libc::EINVAL)
+    }
+
+    /// The path last set.
+    pub(crate) fn get(&self) -> Option<&CStr> {
+        CStr::from_bytes_with_nul(self.bytes.get(..=self.len)?).ok()
+    }
+}
+
+/// Calls `f` with the name of every entry of the directory `dir`, read with `getdents64`
+/// into a stack buffer: no allocation, not even libc's. Stops early when `f` says false.
+pub(crate) fn for_each_entry(dir: &CStr, mut f: impl FnMut(&[u8]) -> bool) -> io::Result<()> {
+    let dir = open(dir, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
     let mut buf = [0u8; 8192];
-    let mut count = 0u32;
     loop {
         // SAFETY: `buf` is valid for `buf.len()` bytes of writes.
         let n = unsafe {
@@ -642,9 +692,11 @@ pub(crate) fn count_processes() -> u32 {
                 buf.len(),
             )
         };
-        let Ok(n) = usize::try_from(n) else { break };
+        let Ok(n) = usize::try_from(n) else {
+            return Err(io::Error::last_os_error());
+        };
         if n == 0 {
-            break;
+            return Ok(());
         }
         let mut off = 0;
         // struct linux_dirent64 { u64 ino; i64 off; u16 reclen; u8 type; char name[]; }
@@ -653,15 +705,130 @@ pub(crate) fn count_processes() -> u32 {
                 .get(off + 16..off + 18)
                 .map_or(0, |b| u16::from_ne_bytes([b[0], b[1]]));
             if reclen == 0 {
-                break;
+                return Ok(());
             }
-            if buf.get(off + 19).is_some_and(u8::is_ascii_digit) {
-                count += 1;
+            let record = buf
+                .get(off + 19..off + usize::from(reclen))
+                .unwrap_or_default();
+            let name = record.split(|b| *b == 0).next().unwrap_or_default();
+            if !f(name) {
+                return Ok(());
             }
             off += usize::from(reclen);
         }
     }
+}
+
+/// The process ids in /proc, in directory order.
+pub(crate) fn for_each_pid(mut f: impl FnMut(libc::pid_t)) {
+    let _ = for_each_entry(c"/proc", |name| {
+        if let Some(pid) = parse_u64(name).and_then(|p| libc::pid_t::try_from(p).ok()) {
+            f(pid);
+        }
+        true
+    });
+}
+
+/// Counts the processes (the numeric entries of /proc).
+pub(crate) fn count_processes() -> u32 {
+    let mut count = 0u32;
+    for_each_pid(|_| count = count.saturating_add(1));
     count
+}
+
+/// A decimal number made of ASCII digits only.
+pub(crate) fn parse_u64(text: &[u8]) -> Option<u64> {
+    if text.is_empty() || text.len() > 19 {
+        return None;
+    }
+    text.iter().try_fold(0u64, |n, b| {
+        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+    })
+}
+
+/// The process group of a live process, from `/proc/PID/stat`; `None` if it is gone or a
+/// zombie (dead, waiting to be reaped: it runs nothing and holds nothing but its pid).
+pub(crate) fn live_process_group(pid: libc::pid_t) -> Option<libc::pid_t> {
+    let mut path = [0u8; 32];
+    let mut digits = [0u8; 20];
+    let pid_text = format_u64(u64::try_from(pid).ok()?, &mut digits);
+    let parts: [&[u8]; 3] = [b"/proc/", pid_text.as_bytes(), b"/stat\0"];
+    let mut len = 0;
+    for part in parts {
+        path.get_mut(len..len + part.len())?.copy_from_slice(part);
+        len += part.len();
+    }
+    let path = CStr::from_bytes_with_nul(path.get(..len)?).ok()?;
+    let mut buf = [0u8; 512];
+    let n = read_file(path, &mut buf).ok()?;
+    // "pid (comm) state ppid pgrp ...": comm may hold anything, so parse after its last ')'.
+    let text = buf.get(..n)?;
+    let close = text.iter().rposition(|b| *b == b')')?;
+    let mut fields = text
+        .get(close + 1..)?
+        .split(|b| *b == b' ')
+        .filter(|f| !f.is_empty());
+    let state = fields.next()?;
+    if matches!(state, b"Z" | b"X" | b"x") {
+        return None;
+    }
+    let _ppid = fields.next()?;
+    parse_u64(fields.next()?).and_then(|g| libc::pid_t::try_from(g).ok())
+}
+
+/// Writes `n` in decimal into `buf`; returns the digits.
+pub(crate) fn format_u64(mut n: u64, buf: &mut [u8; 20]) -> &str {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        #[allow(clippy::cast_possible_truncation)] // a digit
+        if let Some(slot) = buf.get_mut(at) {
+            *slot = b'0' + (n % 10) as u8;
+        }
+        n /= 10;
+        if n == 0 || at == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(buf.get(at..).unwrap_or_default()).unwrap_or("0")
+}
+
+/// Writes `data` to the file at `path` in one `write` (cgroup files take one value per
+/// write).
+pub(crate) fn write_file(path: &CStr, data: &[u8]) -> io::Result<()> {
+    let fd = open(path, libc::O_WRONLY, 0)?;
+    write_all(fd.as_raw_fd(), data)
+}
+
+/// `mkdir(path, mode)`; an existing entry is `EEXIST`.
+pub(crate) fn mkdir(path: &CStr, mode: libc::mode_t) -> io::Result<()> {
+    // SAFETY: `path` is NUL-terminated.
+    check(unsafe { libc::mkdir(path.as_ptr(), mode) }).map(|_| ())
+}
+
+/// `rmdir(path)`.
+pub(crate) fn rmdir(path: &CStr) -> io::Result<()> {
+    // SAFETY: `path` is NUL-terminated.
+    check(unsafe { libc::rmdir(path.as_ptr()) }).map(|_| ())
+}
+
+/// Sends `sig` to the process `pid`, ignoring errors (it may have just ended).
+pub(crate) fn kill_process(pid: libc::pid_t, sig: c_int) {
+    if pid > 0 {
+        // SAFETY: `kill` takes plain values; `pid` is positive, so one process.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// The filesystem type (`f_type`) of the filesystem holding `path`.
+pub(crate) fn filesystem_type(path: &CStr) -> io::Result<u64> {
+    // SAFETY: `st` is plain data, fully written by a successful `statfs`.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `st` a valid out-pointer.
+    check(unsafe { libc::statfs(path.as_ptr(), &mut st) })?;
+    // `f_type` is signed in glibc and unsigned in musl; magic numbers fit either way.
+    #[allow(clippy::cast_sign_loss, clippy::unnecessary_cast)]
+    Ok(st.f_type as u64)
 }
 
 /// Ensures `dir` (NUL-terminated) exists with mode 0700, creating the last component.

@@ -10,6 +10,7 @@ use agent_core::Agent;
 use agent_core::config::Config;
 use ring_protocol::{AttachError, ChannelError, GuestEndpoint, Start};
 
+use crate::contain::{CgroupMode, Cgroups};
 use crate::device::{self, Channel};
 use crate::log::Log;
 use crate::platform::LinuxPlatform;
@@ -101,10 +102,25 @@ pub(crate) fn run(
     sys::ignore_sigpipe();
     let signals = Signals::new().map_err(|e| format!("signalfd: {e}"))?;
     let generation = agent.generation();
+    let cgroups = match Cgroups::setup(&opts.cgroup) {
+        Ok(Some(c)) => {
+            log.line(format_args!("containment: {}", c.describe()));
+            Some(c)
+        }
+        Ok(None) => {
+            log.line(format_args!("containment: process groups (--cgroup off)"));
+            None
+        }
+        Err(e) if opts.cgroup == CgroupMode::Auto => {
+            log.line(format_args!("containment: process groups only: {e}"));
+            None
+        }
+        Err(e) => return Err(format!("--cgroup: {e}")),
+    };
     let mut r = Runner {
         opts,
         agent,
-        platform: LinuxPlatform::new(log),
+        platform: LinuxPlatform::new(log, cgroups),
         text,
         spare: Box::new(Config::new()),
         signals,

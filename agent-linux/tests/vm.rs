@@ -137,3 +137,120 @@ fn a_pushed_program_with_a_bad_hash_is_refused_and_a_good_one_runs() {
     );
     assert_eq!(out, "pushed and running on portless-guest\n");
 }
+
+/// Pushes and runs `script` (a shell script) with `timeout_ms`; the execution's id.
+fn push_and_start(
+    h: &mut Harness,
+    push_id: u64,
+    script: &str,
+    timeout_ms: u32,
+) -> ring_protocol::message::ExecutionId {
+    use sha2::{Digest, Sha256};
+    let name = format!("script-{push_id}.sh");
+    let hash: [u8; 32] = Sha256::digest(script.as_bytes()).into();
+    h.send(&HostToAgent::PushBegin {
+        push_id,
+        name: &name,
+        size: script.len() as u64,
+        sha256: hash,
+    });
+    h.send(&HostToAgent::PushChunk {
+        push_id,
+        offset: 0,
+        data: script.as_bytes(),
+    });
+    h.send(&HostToAgent::PushCommit {
+        push_id,
+        run: true,
+        timeout_ms: Some(timeout_ms),
+    });
+    match h.wait_for(
+        Duration::from_secs(30),
+        |e| matches!(e, Event::PushResult { push_id: p, .. } if *p == push_id),
+    ) {
+        Event::PushResult {
+            outcome: PushOutcome::Started(id),
+            ..
+        } => id,
+        other => panic!("not started: {other:?}\nagent log:\n{}", h.log()),
+    }
+}
+
+#[test]
+#[ignore = "boots a VM; needs PORTLESS_VM_DIR (cargo xtask test runs it)"]
+fn a_real_guest_contains_executions_in_cgroups_and_runs_users_with_their_groups() {
+    let mut h = Harness::start_vm_plain("vm-contain");
+    let _gen = h.hello_within(Duration::from_secs(90));
+    h.greet_reading_ended();
+    assert!(
+        h.log()
+            .contains("containment: a cgroup per execution in /sys/fs/cgroup/portless-agent"),
+        "agent log:\n{}",
+        h.log()
+    );
+
+    // A user without a group: its primary group and its groups from /etc/group.
+    let run = h.run("whoami", &[]);
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout),
+        "uid=65534(nobody) gid=65534(nogroup) groups=100(users),65534(nogroup)\n",
+        "busybox id lists the groups as the kernel keeps them, sorted"
+    );
+    // The allow-list's limits are the cgroup's.
+    let run = h.run("limits", &[]);
+    assert_eq!(run.outcome(), Outcome::Exited(0), "{run:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout),
+        "memory.max 67108864\npids.max 16\ncpu.max 50000 100000\n"
+    );
+
+    // A child in a session of its own, left running and holding the output pipe: killed
+    // at the end, which says so.
+    let id = push_and_start(
+        &mut h,
+        1,
+        "#!/bin/sh\nsetsid sleep 777 &\necho started\n",
+        20_000,
+    );
+    let run = h.collect(id, Duration::from_secs(30));
+    assert_eq!(run.outcome(), Outcome::Exited(0));
+    assert_eq!(run.leftovers, Some(1));
+    // Timed out, and cancelled: the escaped child goes with the execution.
+    let id = push_and_start(
+        &mut h,
+        2,
+        "#!/bin/sh\nsetsid sleep 778 >/dev/null 2>&1 &\nexec sleep 1000\n",
+        1500,
+    );
+    assert_eq!(
+        h.collect(id, Duration::from_secs(30)).outcome(),
+        Outcome::TimedOut
+    );
+    let id = push_and_start(
+        &mut h,
+        3,
+        "#!/bin/sh\nsetsid sleep 779 >/dev/null 2>&1 &\nexec sleep 1000\n",
+        60_000,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    h.send(&HostToAgent::Cancel {
+        request_id: 77,
+        execution: id,
+    });
+    assert_eq!(
+        h.collect(id, Duration::from_secs(30)).outcome(),
+        Outcome::Cancelled
+    );
+    let id = push_and_start(
+        &mut h,
+        4,
+        "#!/bin/sh\necho \"left: $(ps | grep -c '[s]leep 77[789]')\"\nls /sys/fs/cgroup/portless-agent | grep -c '^exec-'\n",
+        20_000,
+    );
+    let run = h.collect(id, Duration::from_secs(30));
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout),
+        "left: 0\n1\n",
+        "only the checking script's own cgroup is there"
+    );
+}

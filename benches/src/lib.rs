@@ -152,6 +152,14 @@ impl Platform for BenchPlatform {
 
     fn signal(&mut self, _process: &mut BenchProcess, _signal: Signal) {}
 
+    fn kill_leftovers(&mut self, _process: &mut BenchProcess) -> u32 {
+        0
+    }
+
+    fn leftovers_gone(&mut self, _process: &mut BenchProcess) -> bool {
+        true
+    }
+
     fn release(&mut self, _process: BenchProcess) {}
 
     fn push_create(&mut self, _dir: &str, _name: &str) -> Result<(), Errno> {

@@ -44,6 +44,9 @@ impl Capabilities {
     pub const INTERRUPTS: Self = Self(1 << 2);
     /// The agent can cancel executions.
     pub const CANCEL: Self = Self(1 << 3);
+    /// The host reads [`AgentToHost::Ended`]: an agent then ends executions with it instead
+    /// of [`AgentToHost::Exit`].
+    pub const ENDED: Self = Self(1 << 4);
 
     /// Whether every bit of `other` is set.
     pub const fn contains(self, other: Self) -> bool {
@@ -494,6 +497,17 @@ pub enum AgentToHost<'a> {
     },
     /// 12: protocol error.
     Error(ProtocolError<'a>),
+    /// 13: an execution ended, with what the agent had to clean up after it; sent instead of
+    /// `Exit` to a host that announces [`Capabilities::ENDED`]. No output of it follows.
+    Ended {
+        /// Which execution.
+        execution: ExecutionId,
+        /// How it ended.
+        finished: Finished,
+        /// Processes it had started that were still running when it ended (after its
+        /// leader exited and its output was read), which the agent then killed.
+        leftovers: u32,
+    },
 }
 
 /// Serialises a byte string as one block (postcard: length, then a single copy) rather than

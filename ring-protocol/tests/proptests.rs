@@ -286,6 +286,11 @@ impl Pool {
                 code: codes[self.n[3] as usize % 4],
                 detail: self.s(3),
             }),
+            AgentToHost::Ended {
+                execution: self.exec_id(),
+                finished: self.finished(),
+                leftovers: self.n[4] as u32,
+            },
         ]
     }
 }

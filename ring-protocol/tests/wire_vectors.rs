@@ -163,6 +163,28 @@ fn exit() {
     );
 }
 
+// Example 8b: `Ended` is `Exit` with a varint after it, under index 13.
+#[test]
+fn ended() {
+    let msg = AgentToHost::Ended {
+        execution: EXEC_1_2,
+        finished: Finished {
+            outcome: Outcome::Exited(0),
+            duration_ms: 1500,
+            stdout_bytes: 3,
+            stderr_bytes: 0,
+            truncated: false,
+        },
+        leftovers: 300,
+    };
+    check_a2h(
+        &msg,
+        &[
+            0x0d, 0x01, 0x02, 0x00, 0x00, 0xdc, 0x0b, 0x03, 0x00, 0x00, 0xac, 0x02,
+        ],
+    );
+}
+
 // Example 9: a u8 field is one raw byte.
 #[test]
 fn rejected_invalid_argument() {

@@ -434,7 +434,11 @@ fn build_flavour(sh: &Shell, flavour: Flavour) -> Result<Image> {
         tree.join("etc/passwd"),
         "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
     )?;
-    sh.write_file(tree.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
+    // nobody is also in `users`: commands that name only a user get its groups too.
+    sh.write_file(
+        tree.join("etc/group"),
+        "root:x:0:\nusers:x:100:nobody\nnogroup:x:65534:\n",
+    )?;
     sh.write_file(tree.join("init"), INIT)?;
     cmd!(
         sh,

@@ -10,9 +10,10 @@
 use super::error::{Capacity, ConfigError, ConfigErrorKind, Snippet, Table, ValueType};
 use super::toml::{Array, Header, Item, Lexer, TomlStr, Value};
 use super::{
-    ArgRecord, Charset, CommandRecord, Config, MAX_CHOICE_LEN, MAX_COMMANDS, MAX_DESCRIPTION_LEN,
-    MAX_LISTING_TEXT, MAX_NAME_LEN, MAX_PARAM_NAME_LEN, MAX_PARAMS, MAX_PRINCIPAL_LEN, MAX_RUNNING,
-    MAX_TEXT_LEN, ParamKindRecord, ParamRecord, PrincipalRecord, Span,
+    ArgRecord, Charset, CommandRecord, Config, MAX_CHOICE_LEN, MAX_COMMANDS, MAX_CPU_PERCENT,
+    MAX_DESCRIPTION_LEN, MAX_LISTING_TEXT, MAX_NAME_LEN, MAX_PARAM_NAME_LEN, MAX_PARAMS, MAX_PIDS,
+    MAX_PRINCIPAL_LEN, MAX_RUNNING, MAX_TEXT_LEN, MIN_MEMORY_MAX, ParamKindRecord, ParamRecord,
+    PrincipalRecord, Span,
 };
 
 type Kind = ConfigErrorKind;
@@ -97,6 +98,9 @@ keys!(CommandKey {
     Group = "group",
     Cwd = "cwd",
     Env = "env",
+    MemoryMax = "memory_max",
+    PidsMax = "pids_max",
+    CpuMaxPercent = "cpu_max_percent",
 });
 
 keys!(ParamKey {
@@ -361,6 +365,17 @@ impl Loader<'_> {
             }
             CommandKey::MaxOutput => {
                 record.max_output = Some(uint64(name, value, 0).map_err(at(line))?);
+            }
+            CommandKey::MemoryMax => {
+                let n = uint64(name, value, MIN_MEMORY_MAX).map_err(at(line))?;
+                record.limits.memory_max = Some(n);
+            }
+            CommandKey::PidsMax => {
+                record.limits.pids_max = Some(uint32(name, value, 1, MAX_PIDS).map_err(at(line))?);
+            }
+            CommandKey::CpuMaxPercent => {
+                let n = uint32(name, value, 1, MAX_CPU_PERCENT).map_err(at(line))?;
+                record.limits.cpu_max_percent = Some(n);
             }
             CommandKey::User => {
                 record.user = Some(principal(name, value, arena).map_err(at(line))?);

@@ -787,6 +787,18 @@ fn numbers_out_of_range() {
             out_of_range("timeout_ms", -1, 0, u32_max),
         ),
         (
+            "[[command]]\nmemory_max = 4096",
+            out_of_range("memory_max", 4096, 1 << 20, i64::MAX),
+        ),
+        (
+            "[[command]]\npids_max = 0",
+            out_of_range("pids_max", 0, 1, 4 << 20),
+        ),
+        (
+            "[[command]]\ncpu_max_percent = 100001",
+            out_of_range("cpu_max_percent", 100_001, 1, 100_000),
+        ),
+        (
             "[[command]]\nmax_output = -1",
             out_of_range("max_output", -1, 0, i64::MAX),
         ),

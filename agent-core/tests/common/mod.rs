@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use agent_core::config::Config;
 use agent_core::platform::{
-    Errno, ExitStatus, Identity, LogEvent, Platform, ReadOutcome, Signal, SpawnRequest,
+    Errno, ExitStatus, Identity, Limits, LogEvent, Platform, ReadOutcome, Signal, SpawnRequest,
     SystemMetrics,
 };
 use agent_core::{Activity, Agent};
@@ -231,6 +231,7 @@ pub struct Spawned {
     pub cwd: Option<String>,
     pub user: Option<Who>,
     pub group: Option<Who>,
+    pub limits: Limits,
 }
 
 impl From<&SpawnRequest<'_>> for Spawned {
@@ -242,6 +243,7 @@ impl From<&SpawnRequest<'_>> for Spawned {
             cwd: r.cwd.map(str::to_string),
             user: r.user.map(Who::from),
             group: r.group.map(Who::from),
+            limits: r.limits,
         }
     }
 }
@@ -262,6 +264,12 @@ pub struct FakeProcess {
     pub signals: Vec<Signal>,
     /// Whether the agent has released the handle.
     pub released: bool,
+    /// Processes it leaves running behind it.
+    pub leftovers: u32,
+    /// How many `leftovers_gone` checks after the kill still find them (a slow death).
+    pub dying_checks: u32,
+    /// `kill_leftovers` calls.
+    pub leftover_kills: u32,
 }
 
 impl FakeProcess {
@@ -309,6 +317,7 @@ pub enum Logged {
     Finished {
         execution: ExecutionId,
         finished: Finished,
+        leftovers: u32,
     },
     Rejected {
         what: String,
@@ -422,6 +431,22 @@ impl Platform for FakePlatform {
         }
     }
 
+    fn kill_leftovers(&mut self, process: &mut Handle) -> u32 {
+        let p = &mut self.processes[process.0];
+        assert!(p.reaped, "leftovers killed before the leader was reaped");
+        p.leftover_kills += 1;
+        std::mem::take(&mut p.leftovers)
+    }
+
+    fn leftovers_gone(&mut self, process: &mut Handle) -> bool {
+        let p = &mut self.processes[process.0];
+        if p.dying_checks == 0 {
+            return true;
+        }
+        p.dying_checks -= 1;
+        false
+    }
+
     fn release(&mut self, process: Handle) {
         let p = &mut self.processes[process.0];
         assert!(!p.released, "released twice");
@@ -475,9 +500,11 @@ impl Platform for FakePlatform {
             LogEvent::Finished {
                 execution,
                 finished,
+                leftovers,
             } => Logged::Finished {
                 execution,
                 finished,
+                leftovers,
             },
             LogEvent::Rejected { what, reason } => Logged::Rejected {
                 what: what.to_string(),

@@ -116,9 +116,11 @@ pub enum Event {
         offset: u64,
         data: Vec<u8>,
     },
+    /// `Exit`, or `Ended` with its leftovers.
     Exit {
         execution: ExecutionId,
         finished: Finished,
+        leftovers: Option<u32>,
     },
     Status,
     PushResult {
@@ -178,6 +180,16 @@ impl Event {
             } => Self::Exit {
                 execution: *execution,
                 finished: *finished,
+                leftovers: None,
+            },
+            AgentToHost::Ended {
+                execution,
+                finished,
+                leftovers,
+            } => Self::Exit {
+                execution: *execution,
+                finished: *finished,
+                leftovers: Some(*leftovers),
             },
             AgentToHost::Status { .. } => Self::Status,
             AgentToHost::PushResult { push_id, outcome } => Self::PushResult {
@@ -202,6 +214,8 @@ pub struct Run {
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     pub finished: Option<Finished>,
+    /// What `Ended` said the execution left running (`None`: it came as `Exit`).
+    pub leftovers: Option<u32>,
 }
 
 impl Run {
@@ -239,6 +253,9 @@ pub struct Harness {
     pub backlog: Vec<Event>,
     /// A command line the agent is started through (it must `exec "$@"` in the end).
     pub wrapper: Vec<String>,
+    /// The agent's `--cgroup` (`off` unless a test gives it a cgroup of its own: tests run
+    /// side by side, and the host's own cgroups are not theirs to use).
+    pub cgroup: String,
 }
 
 /// The agent binary under test: `PORTLESS_AGENT_BIN` if set (the shipped static build, for
@@ -273,10 +290,10 @@ pub fn scratch_dir(name: &str) -> PathBuf {
 impl Harness {
     /// Sets up the region and starts the agent with `config` as its allow-list.
     pub fn start(name: &str, config: &str) -> Self {
-        Self::start_through(scratch_dir(name), config, Vec::new())
+        Self::start_through(scratch_dir(name), config, Vec::new(), "off")
     }
 
-    fn start_through(dir: PathBuf, config: &str, wrapper: Vec<String>) -> Self {
+    fn start_through(dir: PathBuf, config: &str, wrapper: Vec<String>, cgroup: &str) -> Self {
         let shm_path = dir.join("region");
         let shm = SharedFile::create(&shm_path, REGION);
         let host = HostEndpoint::create(&*shm, 1).expect("valid region");
@@ -291,9 +308,20 @@ impl Harness {
             next_request: 1,
             backlog: Vec::new(),
             wrapper,
+            cgroup: cgroup.to_owned(),
         };
         h.spawn_agent();
         h
+    }
+
+    /// Like [`Harness::start`], with the agent's executions in cgroups below `cgroup`.
+    pub fn start_in_cgroup(name: &str, config: &str, cgroup: &Path) -> Self {
+        Self::start_through(
+            scratch_dir(name),
+            config,
+            Vec::new(),
+            &cgroup.display().to_string(),
+        )
     }
 
     /// Like [`Harness::start`], with the agent in a private mount namespace where
@@ -318,7 +346,7 @@ impl Harness {
         ]
         .map(String::from)
         .to_vec();
-        Self::start_through(dir, config, wrapper)
+        Self::start_through(dir, config, wrapper, "off")
     }
 
     /// Boots a VM (kernel and initramfs in `PORTLESS_VM_DIR`) whose agent polls an
@@ -361,6 +389,7 @@ impl Harness {
             next_request: 1,
             backlog: Vec::new(),
             wrapper: Vec::new(),
+            cgroup: "auto".to_owned(),
         }
     }
 
@@ -434,6 +463,8 @@ impl Harness {
             .arg(self.dir.join("region"))
             .arg("--config")
             .arg(&self.config)
+            .arg("--cgroup")
+            .arg(&self.cgroup)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -522,6 +553,23 @@ impl Harness {
         }
     }
 
+    /// Greets the agent as a host that reads `Ended` (as `portless` does).
+    pub fn greet_reading_ended(&mut self) {
+        use ring_protocol::message::{Capabilities, Hello};
+        self.send(&HostToAgent::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+            capabilities: Capabilities::ENDED,
+            generation: 1,
+            config_revision: 0,
+            software: "test-host",
+            reply: false,
+        }));
+        self.wait_for(Duration::from_secs(10), |e| {
+            matches!(e, Event::Hello { reply: true, .. })
+        });
+    }
+
     /// Waits for the agent's hello.
     pub fn hello(&mut self) -> u32 {
         self.hello_within(Duration::from_secs(10))
@@ -582,7 +630,12 @@ impl Harness {
                     assert_eq!(offset, out.len() as u64, "output offsets are contiguous");
                     out.extend_from_slice(&data);
                 }
-                Event::Exit { finished, .. } => {
+                Event::Exit {
+                    finished,
+                    leftovers,
+                    ..
+                } => {
+                    run.leftovers = leftovers;
                     if !finished.truncated {
                         assert_eq!(finished.stdout_bytes, run.stdout.len() as u64);
                         assert_eq!(finished.stderr_bytes, run.stderr.len() as u64);

@@ -414,9 +414,9 @@ impl Driver {
             min_version: MIN_PROTOCOL_VERSION,
             max_version: PROTOCOL_VERSION,
             capabilities: if matches!(self.channel, ChannelKind::Doorbell(_)) {
-                Capabilities::INTERRUPTS
+                Capabilities::ENDED.union(Capabilities::INTERRUPTS)
             } else {
-                Capabilities::default()
+                Capabilities::ENDED
             },
             generation: self.host_generation,
             config_revision: 0,

@@ -76,9 +76,11 @@ pub(super) enum OwnedMsg {
         offset: u64,
         data: Vec<u8>,
     },
+    /// `Exit` or `Ended` (`leftovers` 0 for `Exit`).
     Exit {
         execution: AgentExecId,
         finished: Finished,
+        leftovers: u32,
     },
     Status {
         request_id: u64,
@@ -149,6 +151,16 @@ impl OwnedMsg {
             } => Self::Exit {
                 execution: *execution,
                 finished: *finished,
+                leftovers: 0,
+            },
+            AgentToHost::Ended {
+                execution,
+                finished,
+                leftovers,
+            } => Self::Exit {
+                execution: *execution,
+                finished: *finished,
+                leftovers: *leftovers,
             },
             AgentToHost::Status {
                 request_id,

@@ -130,10 +130,11 @@ impl Driver {
             OwnedMsg::Exit {
                 execution,
                 finished,
+                leftovers,
             } => {
                 if let Some(run) = self.running.remove(&execution) {
                     self.remember_ended(execution);
-                    self.record_exit(run.id, &finished);
+                    self.record_exit(run.id, &finished, leftovers);
                 } else if !self.ended_set.contains(&execution) {
                     self.violation(now, "the exit of an execution the agent never started");
                 }
@@ -332,7 +333,7 @@ impl Driver {
             AgentState::Finished(f) => {
                 if self.running.remove(&agent).is_some() {
                     self.remember_ended(agent);
-                    self.record_exit(id, &f);
+                    self.record_exit(id, &f, 0);
                 }
             }
             AgentState::Unknown => {
@@ -473,7 +474,9 @@ impl Driver {
     }
 
     /// Records how an execution ended, as the agent reports it.
-    pub(super) fn record_exit(&mut self, id: ExecutionId, f: &Finished) {
+    /// Ends a record as the agent reported; `leftovers` processes it left running were
+    /// killed by the agent at its end (said in the record's detail).
+    pub(super) fn record_exit(&mut self, id: ExecutionId, f: &Finished, leftovers: u32) {
         let (state, exit_code, signal) = match f.outcome {
             Outcome::Exited(0) => (ExecState::Succeeded, Some(0), None),
             Outcome::Exited(c) => (ExecState::Failed, Some(c), None),
@@ -487,6 +490,8 @@ impl Driver {
                 "failed to start: {}",
                 std::io::Error::from_raw_os_error(errno)
             )),
+            _ if leftovers == 1 => Some("killed 1 process it left running".to_owned()),
+            _ if leftovers > 1 => Some(format!("killed {leftovers} processes it left running")),
             _ => None,
         };
         self.end(

@@ -7,6 +7,9 @@
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+# cgroup v2: the agent runs each execution in a cgroup of its own (killed as a whole, limited
+# as the allow-list says).
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console \
   irqbypass vfio vfio_iommu_type1 vfio_virqfd vfio-pci-core vfio-pci; do
   [ -f "/lib/modules/$m.ko" ] && insmod "/lib/modules/$m.ko" 2>/dev/null

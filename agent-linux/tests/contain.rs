@@ -1,0 +1,319 @@
+//! Nothing an execution starts outlives it: `portless-agent --shm-file` with real processes,
+//! contained by process groups (`--cgroup off`) and, where the host has cgroup v2, by a
+//! cgroup per execution. Each test starts `sleep` with a number of seconds no other test
+//! uses, and looks for it in /proc afterwards.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{CONFIG, Harness};
+use ring_protocol::message::{HostToAgent, Outcome};
+
+/// Commands that leave a `sleep` behind in different ways; `{s}` is its seconds, the mark a
+/// test finds it by.
+const COMMANDS: &str = r#"
+[[command]]
+name = "leave"
+program = "/bin/sh"
+args = ["-c", "sleep \"$1\" >/dev/null 2>&1 & echo started", "sh", "{s}"]
+
+[[command.param]]
+name = "s"
+kind = "integer"
+min = 1
+max = 100000000
+
+[[command]]
+name = "leave-and-wait"
+program = "/bin/sh"
+args = ["-c", "sleep \"$1\" >/dev/null 2>&1 & exec sleep 1000", "sh", "{s}"]
+timeout_ms = 700
+
+[[command.param]]
+name = "s"
+kind = "integer"
+min = 1
+max = 100000000
+
+[[command]]
+name = "escape"
+program = "/bin/sh"
+args = ["-c", "setsid sleep \"$1\" & echo started", "sh", "{s}"]
+
+[[command.param]]
+name = "s"
+kind = "integer"
+min = 1
+max = 100000000
+
+[[command]]
+name = "escape-and-wait"
+program = "/bin/sh"
+args = ["-c", "setsid sleep \"$1\" >/dev/null 2>&1 & exec sleep 1000", "sh", "{s}"]
+timeout_ms = 700
+
+[[command.param]]
+name = "s"
+kind = "integer"
+min = 1
+max = 100000000
+
+[[command]]
+name = "limited"
+program = "/bin/cat"
+args = ["/proc/self/cgroup"]
+pids_max = 32
+"#;
+
+/// A number of seconds for `sleep` that marks it as this test's.
+fn mark(k: u32) -> String {
+    (50_000_000 + (std::process::id() % 100_000) * 100 + k).to_string()
+}
+
+/// Live (not zombie) processes running `sleep <mark>`.
+fn alive(mark: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args.len() < 2 || !args[0].ends_with(b"sleep") || args[1] != mark.as_bytes() {
+            continue;
+        }
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .unwrap_or("Z");
+        if state != "Z" && state != "X" {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Kills what a failed test left, so that it does not outlive the test either.
+struct Sweep(Vec<String>);
+
+impl Drop for Sweep {
+    fn drop(&mut self) {
+        for m in &self.0 {
+            for pid in alive(m) {
+                // SAFETY: `kill` takes plain values.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+fn start(h: &mut Harness) {
+    h.hello();
+    h.greet_reading_ended();
+}
+
+/// Runs `command` with `mark` to its end; returns its outcome and leftovers.
+fn run(h: &mut Harness, command: &str, mark: &str) -> (Outcome, Option<u32>) {
+    let id = h.exec(command, &[mark], None).expect("accepted");
+    let run = h.collect(id, Duration::from_secs(20));
+    (run.outcome(), run.leftovers)
+}
+
+/// Starts `command` with `mark`, waits until its `sleep` runs, cancels it; returns how it
+/// ended and its leftovers.
+fn run_and_cancel(h: &mut Harness, command: &str, mark: &str) -> (Outcome, Option<u32>) {
+    let id = h.exec(command, &[mark], Some(60_000)).expect("accepted");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(mark).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{command} never started its sleep"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    h.send(&HostToAgent::Cancel {
+        request_id: 999,
+        execution: id,
+    });
+    let run = h.collect(id, Duration::from_secs(20));
+    (run.outcome(), run.leftovers)
+}
+
+#[test]
+fn process_groups_a_background_child_is_killed_when_its_execution_ends() {
+    let marks = [mark(1), mark(2), mark(3)];
+    let _sweep = Sweep(marks.to_vec());
+    let mut h = Harness::start("contain-pgroup", &format!("{CONFIG}{COMMANDS}"));
+    start(&mut h);
+    assert!(
+        h.log().contains("containment: process groups"),
+        "{}",
+        h.log()
+    );
+
+    // The leader exits at once: what it left in the background is killed, and the end
+    // says so.
+    assert_eq!(
+        run(&mut h, "leave", &marks[0]),
+        (Outcome::Exited(0), Some(1))
+    );
+    assert_eq!(
+        alive(&marks[0]),
+        [] as [u32; 0],
+        "the background sleep outlived it"
+    );
+
+    // Timed out, and cancelled: the whole group goes.
+    assert_eq!(
+        run(&mut h, "leave-and-wait", &marks[1]).0,
+        Outcome::TimedOut
+    );
+    assert_eq!(alive(&marks[1]), [] as [u32; 0]);
+    assert_eq!(
+        run_and_cancel(&mut h, "leave-and-wait", &marks[2]).0,
+        Outcome::Cancelled
+    );
+    assert_eq!(alive(&marks[2]), [] as [u32; 0]);
+
+    // Limits need cgroups: without them such a command does not start.
+    let id = h.exec("limited", &[], None).expect("accepted");
+    let ended = h.collect(id, Duration::from_secs(10));
+    assert_eq!(ended.outcome(), Outcome::FailedToStart(libc::EOPNOTSUPP));
+    assert!(
+        h.log().contains("killed 1 process it left running"),
+        "{}",
+        h.log()
+    );
+}
+
+/// A cgroup v2 directory of this test's own, below the test process's cgroup; `None` (the
+/// test is skipped) where the host has no cgroup v2 this process may write.
+fn test_cgroup(name: &str) -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = info.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split(' ').next() == Some("cgroup2")).then(|| {
+            let mut f = left.split(' ');
+            (f.nth(3).map(str::to_owned), f.next().map(str::to_owned))
+        })
+    })?;
+    let (Some(root), Some(point)) = mount else {
+        return None;
+    };
+    if root != "/" {
+        return None;
+    }
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let own = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let dir = Path::new(&point)
+        .join(own.trim_start_matches('/'))
+        .join(format!("portless-test-{}-{name}", std::process::id()));
+    match std::fs::create_dir(&dir) {
+        Ok(()) => Some(dir),
+        Err(e) => {
+            eprintln!(
+                "skipped: no cgroup v2 to write here ({}: {e})",
+                dir.display()
+            );
+            None
+        }
+    }
+}
+
+/// The `exec-*` cgroups left in `dir`.
+fn exec_cgroups(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("cgroup dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("exec-"))
+        .collect()
+}
+
+#[test]
+fn cgroups_hold_what_left_the_process_group_and_are_removed_after() {
+    let Some(dir) = test_cgroup("contain") else {
+        return;
+    };
+    let marks = [mark(11), mark(12), mark(13), mark(14)];
+    let _sweep = Sweep(marks.to_vec());
+    let mut h = Harness::start_in_cgroup("contain-cgroup", &format!("{CONFIG}{COMMANDS}"), &dir);
+    start(&mut h);
+    assert!(
+        h.log().contains("containment: a cgroup per execution"),
+        "{}",
+        h.log()
+    );
+
+    // A child in a session of its own (setsid), holding the output pipe: after the drain
+    // grace it is killed all the same.
+    assert_eq!(
+        run(&mut h, "escape", &marks[0]),
+        (Outcome::Exited(0), Some(1))
+    );
+    assert_eq!(
+        alive(&marks[0]),
+        [] as [u32; 0],
+        "the setsid sleep outlived it"
+    );
+    // Timed out and cancelled, the escaped child goes too.
+    assert_eq!(
+        run(&mut h, "escape-and-wait", &marks[1]).0,
+        Outcome::TimedOut
+    );
+    assert_eq!(alive(&marks[1]), [] as [u32; 0]);
+    assert_eq!(
+        run_and_cancel(&mut h, "escape-and-wait", &marks[2]).0,
+        Outcome::Cancelled
+    );
+    assert_eq!(alive(&marks[2]), [] as [u32; 0]);
+    // Nothing left behind: no leftovers, no cgroup.
+    assert_eq!(
+        run(&mut h, "leave", &marks[3]),
+        (Outcome::Exited(0), Some(1))
+    );
+    assert_eq!(exec_cgroups(&dir), [] as [String; 0]);
+
+    // Limits where the cgroup has the controller; otherwise refused.
+    let controllers =
+        std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+    let id = h.exec("limited", &[], None).expect("accepted");
+    let ended = h.collect(id, Duration::from_secs(10));
+    if controllers.split_whitespace().any(|c| c == "pids") {
+        assert_eq!(ended.outcome(), Outcome::Exited(0));
+        let own = String::from_utf8_lossy(&ended.stdout);
+        let path = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .expect("cgroup");
+        assert!(path.contains("/exec-"), "{own}");
+    } else {
+        assert_eq!(ended.outcome(), Outcome::FailedToStart(libc::EOPNOTSUPP));
+    }
+
+    // An agent killed with executions running leaves their cgroups; the next one empties
+    // and removes them.
+    let id = h
+        .exec("leave-and-wait", &[&marks[0]], Some(60_000))
+        .expect("accepted");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(&marks[0]).is_empty() {
+        assert!(Instant::now() < deadline, "never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = id;
+    h.signal(libc::SIGKILL);
+    let _ = h.agent.take().expect("running").wait();
+    assert_eq!(exec_cgroups(&dir).len(), 1);
+    h.spawn_agent();
+    h.hello();
+    assert_eq!(exec_cgroups(&dir), [] as [String; 0]);
+    assert_eq!(alive(&marks[0]), [] as [u32; 0]);
+    drop(h);
+    std::fs::remove_dir(&dir).expect("the test's cgroup is empty");
+}
