@@ -136,7 +136,21 @@ pub enum ChannelConfig {
         socket: PathBuf,
         /// Region size in bytes: a power of two in 64 KiB..=64 MiB.
         size: usize,
+        /// The user QEMU runs as, when it is not the daemon's (`qemu_user`): the socket is
+        /// made that user's and its connections accepted. Root and the daemon's own user are
+        /// always accepted; anyone else never.
+        qemu_user: Option<UnixUser>,
     },
+}
+
+/// A unix user as configured: a name (resolved when the daemon starts) or a uid.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum UnixUser {
+    /// A numeric uid.
+    Id(u32),
+    /// A user name, looked up in the system's user database.
+    Name(String),
 }
 
 impl ChannelConfig {
@@ -574,7 +588,7 @@ pub enum ConfigErrorKind {
         vm: String,
         /// `"plain"` or `"doorbell"`.
         channel: &'static str,
-        /// `"path"` or `"socket"`.
+        /// `"path"`, `"socket"` or `"qemu_user"`.
         field: &'static str,
     },
     /// A `path` or `socket` another VM uses already.
@@ -851,6 +865,7 @@ struct RawVm {
     path: Option<Spanned<PathBuf>>,
     socket: Option<Spanned<PathBuf>>,
     size: Option<Spanned<RawSize>>,
+    qemu_user: Option<Spanned<UnixUser>>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -1174,8 +1189,22 @@ impl RawVm {
         }
         let path = path.into_inner();
         let channel = match channel.into_inner() {
-            ChannelKind::Plain => ChannelConfig::Plain { path, size },
-            ChannelKind::Doorbell => ChannelConfig::Doorbell { socket: path, size },
+            ChannelKind::Plain => {
+                if let Some(user) = self.qemu_user {
+                    let kind = ConfigErrorKind::ChannelFieldNotAllowed {
+                        vm: name,
+                        channel: "plain",
+                        field: "qemu_user",
+                    };
+                    return Err((user.span(), kind));
+                }
+                ChannelConfig::Plain { path, size }
+            }
+            ChannelKind::Doorbell => ChannelConfig::Doorbell {
+                socket: path,
+                size,
+                qemu_user: self.qemu_user.map(Spanned::into_inner),
+            },
         };
         Ok(VmConfig {
             name,
@@ -1349,7 +1378,7 @@ mod tests {
             (
                 format!("{WEB1}nmae = \"x\"\n"),
                 "host.toml:5:1: unknown field `nmae`, expected one of `name`, `labels`, \
-                 `channel`, `path`, `socket`, `size`",
+                 `channel`, `path`, `socket`, `size`, `qemu_user`",
             ),
             (
                 "\n[deamon]\n".to_owned(),
@@ -1489,6 +1518,10 @@ mod tests {
             (
                 "[[vm]]\nname = \"a\"\nchannel = \"plain\"\npath = \"\"\n".to_owned(),
                 "host.toml:4:8: vm \"a\": \"path\" is empty",
+            ),
+            (
+                format!("{WEB1}qemu_user = \"qemu\"\n"),
+                "host.toml:5:13: vm \"web1\": \"qemu_user\" does not apply to channel \"plain\"",
             ),
             (
                 format!(
@@ -1658,6 +1691,25 @@ mod tests {
             Position::of_offset(text, 100),
             Position { line: 3, column: 1 }
         );
+    }
+
+    #[test]
+    fn qemu_user_is_a_name_or_a_uid() {
+        let vm = |user: &str| {
+            let config = parse(&format!(
+                "[[vm]]\nname = \"d\"\nchannel = \"doorbell\"\nsocket = \"/s\"\n{user}"
+            ));
+            match &config.vms[0].channel {
+                ChannelConfig::Doorbell { qemu_user, .. } => qemu_user.clone(),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(vm(""), None);
+        assert_eq!(
+            vm("qemu_user = \"libvirt-qemu\"\n"),
+            Some(UnixUser::Name("libvirt-qemu".to_owned()))
+        );
+        assert_eq!(vm("qemu_user = 64055\n"), Some(UnixUser::Id(64055)));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use tokio::sync::broadcast;
 
 use crate::api::{self, App, Peer};
-use crate::config::{ChannelConfig, HostConfig, VmConfig};
+use crate::config::{ChannelConfig, HostConfig, UnixUser, VmConfig};
 use crate::memory::GuestRegion;
 use crate::policy::Policy;
 use crate::records::{Records, StoreLimits, Writer};
@@ -122,7 +122,11 @@ pub const LOCK_FILE_NAME: &str = "portless.lock";
 fn channel(vm: &VmConfig, state_dir: &Path) -> Result<ChannelKind> {
     Ok(match &vm.channel {
         ChannelConfig::Plain { path, size } => ChannelKind::Plain(plain_region(path, *size)?),
-        ChannelConfig::Doorbell { socket, size } => {
+        ChannelConfig::Doorbell {
+            socket,
+            size,
+            qemu_user,
+        } => {
             if let Some(dir) = socket.parent() {
                 std::fs::create_dir_all(dir)?;
             }
@@ -131,9 +135,18 @@ fn channel(vm: &VmConfig, state_dir: &Path) -> Result<ChannelKind> {
             let regions = state_dir.join("regions");
             std::fs::create_dir_all(&regions)?;
             let region = regions.join(format!("{}.region", vm.name));
-            ChannelKind::Doorbell(crate::ivshmem::Server::with_file(
-                socket, &region, *size, 1,
-            )?)
+            let mut server = crate::ivshmem::Server::with_file(socket, &region, *size, 1)?;
+            if let Some(user) = qemu_user {
+                let uid = match user {
+                    UnixUser::Id(uid) => *uid,
+                    UnixUser::Name(name) => crate::sys::uid_of(name)
+                        .with_context(|| format!("vm {}: qemu_user {name:?}", vm.name))?,
+                };
+                server
+                    .allow_uid(uid)
+                    .with_context(|| format!("vm {}", vm.name))?;
+            }
+            ChannelKind::Doorbell(server)
         }
     })
 }

@@ -16,6 +16,37 @@ use crate::memory::GuestRegion;
 /// The host's own peer id.
 pub const HOST_PEER: u16 = 0;
 
+/// Most QEMUs connected at once to one region's server: one VM has one, a second may come
+/// while a restarted or migrating QEMU replaces the first. Connections beyond are refused.
+pub const MAX_PEERS: usize = 4;
+
+/// The user ids of a connected unix socket's peer (`SO_PEERCRED`): pid and uid.
+pub fn peer_credentials(stream: &UnixStream) -> io::Result<(i32, u32)> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is a valid, writable `ucred` and `len` its size, as SO_PEERCRED wants.
+    check(unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            std::ptr::from_mut(&mut cred).cast(),
+            &mut len,
+        )
+    })?;
+    Ok((cred.pid, cred.uid))
+}
+
+/// This process's effective user id.
+fn euid() -> u32 {
+    // SAFETY: `geteuid` has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
         Err(io::Error::last_os_error())
@@ -137,7 +168,14 @@ pub struct Peer {
 }
 
 /// The ivshmem server for one region.
+///
+/// Its socket is created mode 0600, owned by the daemon's user (or, with
+/// [`allow_uid`](Self::allow_uid), by the VM's QEMU user). Whatever the file's mode, a client
+/// is served only if its peer credentials name root, the daemon's user or the allowed user:
+/// anyone else who could connect would get the guest's whole region.
 pub struct Server {
+    socket: std::path::PathBuf,
+    allowed_uid: Option<u32>,
     listener: UnixListener,
     memfd: OwnedFd,
     mapping: GuestRegion,
@@ -166,10 +204,15 @@ impl Server {
         mapping: GuestRegion,
         vectors: u32,
     ) -> io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket)?;
+        // The peer check below is what keeps others out; the mode tells them at connect.
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
         let host_events = (0..vectors).map(|_| eventfd()).collect::<io::Result<_>>()?;
         Ok(Self {
+            socket: socket.to_path_buf(),
+            allowed_uid: None,
             listener,
             memfd,
             mapping,
@@ -185,6 +228,29 @@ impl Server {
         let memfd = OwnedFd::from(memfd(size)?);
         let mapping = GuestRegion::from_file(std::fs::File::from(memfd.try_clone()?), size)?;
         Self::serve(socket, memfd, mapping, vectors)
+    }
+
+    /// Lets QEMU running as `uid` connect: the socket becomes that user's (which needs
+    /// root when it is not the daemon's own user) and its peers are accepted.
+    pub fn allow_uid(&mut self, uid: u32) -> io::Result<()> {
+        if uid != euid() {
+            std::os::unix::fs::chown(&self.socket, Some(uid), None).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot give {} to uid {uid} (the VM's qemu_user): {e}",
+                        self.socket.display()
+                    ),
+                )
+            })?;
+        }
+        self.allowed_uid = Some(uid);
+        Ok(())
+    }
+
+    /// Whether a peer with `uid` may connect.
+    fn allows(&self, uid: u32) -> bool {
+        uid == 0 || uid == euid() || Some(uid) == self.allowed_uid
     }
 
     /// The shared memory.
@@ -228,12 +294,35 @@ impl Server {
         self.peers.retain(|p| {
             let mut b = [0u8; 1];
             let _ = p.stream.set_nonblocking(true);
-            !matches!((&p.stream).read(&mut b), Ok(0))
+            // End-of-file, or a reset (it closed with our messages unread): gone.
+            match (&p.stream).read(&mut b) {
+                Ok(0) => false,
+                Err(e) => {
+                    e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted
+                }
+                Ok(_) => true,
+            }
         });
     }
 
     fn welcome(&mut self, stream: UnixStream) -> io::Result<u16> {
+        // Refused before anything is sent: the stream is dropped, which the client reads as
+        // the end.
+        let (pid, uid) = peer_credentials(&stream)?;
+        if !self.allows(uid) {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "refused a client (pid {pid}, uid {uid}): not root, the daemon's user or the VM's qemu_user"
+                ),
+            ));
+        }
         self.prune();
+        if self.peers.len() >= MAX_PEERS {
+            return Err(io::Error::other(format!(
+                "refused a client (pid {pid}, uid {uid}): {MAX_PEERS} QEMUs are connected already"
+            )));
+        }
         stream.set_nonblocking(false)?;
         // The lowest id not in use (the host is 0).
         let id = (1..=u16::MAX)
@@ -268,5 +357,110 @@ impl Server {
             .get(vector as usize)
             .ok_or_else(|| io::Error::other("no such vector"))?;
         signal_eventfd(e.as_raw_fd())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("portless-ivshmem-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    }
+
+    /// Connects to `socket` from a thread running as `uid` (a raw `setresuid`, which changes
+    /// that thread alone) and returns the first bytes the server sent, or the error.
+    fn connect_as(uid: u32, socket: &Path) -> thread::JoinHandle<io::Result<Vec<u8>>> {
+        let socket = socket.to_path_buf();
+        thread::spawn(move || {
+            if uid != euid() {
+                // SAFETY: a raw system call on plain values; it changes this thread only.
+                let rc = unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) };
+                if rc != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            let mut stream = UnixStream::connect(&socket)?;
+            stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+            let mut got = [0u8; 8];
+            let n = stream.read(&mut got)?;
+            Ok(got[..n].to_vec())
+        })
+    }
+
+    use std::thread;
+
+    #[test]
+    fn only_root_the_daemons_user_and_the_qemu_user_are_served() {
+        if euid() != 0 {
+            eprintln!("skipped: changing a thread's user needs root");
+            return;
+        }
+        let dir = scratch("peers");
+        let socket = dir.join("s");
+        let mut server = Server::new(&socket, 1 << 16, 1).expect("server");
+        let mode = std::fs::metadata(&socket)
+            .expect("socket")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+
+        // Another user cannot even connect to a 0600 socket...
+        let denied = connect_as(65534, &socket).join().expect("thread");
+        assert_eq!(
+            denied.expect_err("connected").kind(),
+            io::ErrorKind::PermissionDenied
+        );
+        // ...and with a careless mode it connects but is refused, without the memory.
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        let client = connect_as(65534, &socket);
+        let err = server.accept().expect_err("served another user");
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        assert!(err.to_string().contains("uid 65534"), "{err}");
+        assert_eq!(
+            client.join().expect("thread").expect("read"),
+            b"",
+            "sent nothing"
+        );
+
+        // The VM's QEMU user, once allowed, is served; so is root.
+        server.allow_uid(65534).expect("allow");
+        let owner =
+            std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&socket).expect("socket"));
+        assert_eq!(owner, 65534);
+        let client = connect_as(65534, &socket);
+        assert_eq!(server.accept().expect("served"), 1);
+        assert_eq!(
+            client.join().expect("thread").expect("read"),
+            0i64.to_le_bytes()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn connections_beyond_the_peer_limit_are_refused() {
+        let dir = scratch("limit");
+        let socket = dir.join("s");
+        let mut server = Server::new(&socket, 1 << 16, 1).expect("server");
+        let mut clients = Vec::new();
+        for id in 1..=MAX_PEERS {
+            clients.push(UnixStream::connect(&socket).expect("connect"));
+            assert_eq!(usize::from(server.accept().expect("served")), id);
+        }
+        let mut extra = UnixStream::connect(&socket).expect("connect");
+        let err = server.accept().expect_err("served past the limit");
+        assert!(err.to_string().contains("connected already"), "{err}");
+        let mut b = [0u8; 8];
+        assert_eq!(extra.read(&mut b).expect("read"), 0);
+        // A QEMU that goes frees its place.
+        drop(clients.pop());
+        let _again = UnixStream::connect(&socket).expect("connect");
+        assert_eq!(usize::from(server.accept().expect("served")), MAX_PEERS);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -35,3 +35,31 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
     let st = unsafe { st.assume_init() };
     Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
+
+/// The uid of the user called `name` in the system's user database (`getpwnam_r`).
+pub fn uid_of(name: &str) -> io::Result<u32> {
+    let cname = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "the name contains NUL"))?;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut pwd = std::mem::MaybeUninit::<libc::passwd>::uninit();
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: `cname` is NUL-terminated; `pwd`, `buf` (with its length) and `found` are
+    // valid out-pointers for the call, which writes the entry's strings into `buf`.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            cname.as_ptr(),
+            pwd.as_mut_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    if found.is_null() {
+        return Err(io::Error::new(io::ErrorKind::NotFound, "no such user"));
+    }
+    // SAFETY: a non-null result points at `pwd`, which `getpwnam_r` filled in.
+    Ok(unsafe { pwd.assume_init() }.pw_uid)
+}

@@ -155,6 +155,7 @@ fn example_file_is_as_documented() {
                 channel: ChannelConfig::Doorbell {
                     socket: PathBuf::from("/run/portless/db1.ivshmem"),
                     size: 4 << 20,
+                    qemu_user: None,
                 },
             },
         ],
