@@ -640,6 +640,8 @@ fn an_agent_started_before_the_host_waits_for_it() {
     std::fs::write(dir.join("allow-list.toml"), CONFIG).expect("config");
     let log = std::fs::File::create(dir.join("agent.log")).expect("log");
     let mut agent = std::process::Command::new(common::agent_binary())
+        .arg("--cgroup")
+        .arg("off")
         .arg("--shm-file")
         .arg(&region)
         .arg("--config")

@@ -19,6 +19,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, broadcast, oneshot};
 
+use crate::callers::Callers;
 use crate::config::{HostConfig, Target, VmConfig};
 use crate::policy::{Action, Caller, Policy, Principal};
 use crate::records::{
@@ -43,6 +44,12 @@ pub struct App {
     pub events: broadcast::Sender<VmEvent>,
     /// Names pushes, so that one the API gave up on can be withdrawn.
     pub tickets: std::sync::atomic::AtomicU64,
+    /// What callers may make the daemon spend: denied calls, follows, pushes.
+    pub callers: Callers,
+    /// Turns true when the daemon stops: open streams end.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// When the daemon started (ms since the epoch).
+    pub started_ms: u64,
 }
 
 /// Runs a read of the records on the blocking pool: SQLite never runs on an async worker.
@@ -148,6 +155,16 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The peer a denied call is counted against: a TCP caller's address (not its port: each
+/// connection has a new one), a unix caller's uid.
+fn peer_key(peer: &Peer) -> String {
+    match peer {
+        Peer::Unix(Some((uid, _, _))) => format!("unix uid {uid}"),
+        Peer::Unix(None) => "unix (no credentials)".to_owned(),
+        Peer::Tcp(addr) => format!("tcp {}", addr.ip()),
+    }
 }
 
 /// The caller of a request, from the connection and the `Authorization` header.
@@ -261,7 +278,7 @@ impl App {
             },
             Err((_, reason)) => (None, Err(reason.clone())),
         };
-        self.record(&caller, principal, action, target, &result)
+        self.record(peer, &caller, principal, action, target, &result)
             .await?;
         match (result, principal) {
             (Ok(_), Some(p)) => Ok(p),
@@ -310,22 +327,31 @@ impl App {
         let caller = caller(peer, headers);
         let principal = caller.as_ref().ok().and_then(|c| self.policy.identify(c));
         let result = Err(reason.to_owned());
-        self.record(&caller, principal, action, Some(target.to_owned()), &result)
-            .await
+        self.record(
+            peer,
+            &caller,
+            principal,
+            action,
+            Some(target.to_owned()),
+            &result,
+        )
+        .await
     }
 
     /// Writes the audit entry of a call: allowed (with an optional note) or denied (with its
     /// reason). When it cannot be written, nothing is done (503).
     async fn record(
         &self,
+        peer: &Peer,
         caller: &Result<Caller, (String, String)>,
         principal: Option<&Principal>,
         action: &Action<'_>,
         target: Option<String>,
         result: &Result<Option<String>, String>,
     ) -> ApiResult<()> {
+        let now = now_ms();
         let entry = AuditEntry {
-            at_ms: now_ms(),
+            at_ms: now,
             principal: principal.map(|p| p.name().to_owned()),
             caller: caller
                 .as_ref()
@@ -337,13 +363,26 @@ impl App {
                 Ok(note) => note.clone(),
                 Err(reason) => Some(reason.clone()),
             },
+            count: 1,
         };
-        write(self, vec![Op::Audit(entry)]).await.map_err(|e| {
-            ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("the audit log cannot be written, so nothing is done: {e}"),
-            )
-        })?;
+        // A denied call does nothing, so past its peer's budget it is counted rather than
+        // written (the count is written when the interval ends).
+        let entries = if result.is_err() {
+            self.callers.denied(&peer_key(peer), entry, now)
+        } else {
+            vec![entry]
+        };
+        if entries.is_empty() {
+            return Ok(());
+        }
+        write(self, entries.into_iter().map(Op::Audit).collect())
+            .await
+            .map_err(|e| {
+                ApiError(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the audit log cannot be written, so nothing is done: {e}"),
+                )
+            })?;
         Ok(())
     }
 
@@ -384,6 +423,24 @@ impl App {
             .await?;
         Ok(rec)
     }
+
+    /// [`authorize_execution`](Self::authorize_execution), also giving the caller's
+    /// principal.
+    async fn authorize_execution_as(
+        &self,
+        peer: &Peer,
+        headers: &HeaderMap,
+        action: &Action<'_>,
+        id: u64,
+    ) -> ApiResult<(ExecutionRecord, &Principal)> {
+        let rec = self.authorize_execution(peer, headers, action, id).await?;
+        // Identified just now, so it is identified again (without a second audit entry).
+        let principal = caller(peer, headers)
+            .ok()
+            .and_then(|c| self.policy.identify(&c))
+            .ok_or_else(|| ApiError(StatusCode::FORBIDDEN, "unidentified caller".into()))?;
+        Ok((rec, principal))
+    }
 }
 
 /// Whether `principal` may do `action` on another principal's execution: the right that
@@ -407,6 +464,7 @@ fn action_name(a: &Action<'_>) -> &'static str {
         Action::Ping => "ping",
         Action::Metrics => "metrics",
         Action::ReadAudit => "read_audit",
+        Action::ReadDaemon => "read_daemon",
     }
 }
 
@@ -457,6 +515,7 @@ pub fn router(app: Arc<App>) -> axum::Router {
         .route("/v1/executions/{id}/follow", get(follow))
         .route("/v1/executions/{id}/cancel", post(cancel))
         .route("/v1/audit", get(audit))
+        .route("/v1/daemon", get(daemon_state))
         .fallback(|| async { ApiError::not_found("no such endpoint (see openapi.json)") })
         .layer(axum::middleware::map_response(json_errors))
         .with_state(app)
@@ -1083,11 +1142,25 @@ async fn follow(
     headers: HeaderMap,
     Path(id): Path<u64>,
 ) -> ApiResult<Response> {
-    app.authorize_execution(&peer, &headers, &Action::ReadExecution, id)
+    let (_, principal) = app
+        .authorize_execution_as(&peer, &headers, &Action::ReadExecution, id)
         .await?;
+    let Some(slot) = app.callers.open_follow(principal.name()) else {
+        return Err(ApiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "principal {:?} has {} follow streams open already (callers.follows_per_principal)",
+                principal.name(),
+                app.callers.follow_limit()
+            ),
+        ));
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let id = ExecutionId(id);
     tokio::spawn(async move {
+        // Counted against the principal for as long as the stream lives.
+        let _slot = slot;
+        let mut stopping = app.stopping.clone();
         let mut events = app.events.subscribe();
         let mut offsets = [0u64; 2];
         loop {
@@ -1138,7 +1211,14 @@ async fn follow(
                     }
                 }
             };
-            tokio::select! { () = next => {}, () = tokio::time::sleep(Duration::from_secs(1)) => {} }
+            // Nothing to send: wait for news, but end at once when the client has gone (its
+            // body is dropped) or the daemon stops.
+            tokio::select! {
+                () = next => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = tx.closed() => return,
+                _ = stopping.wait_for(|s| *s) => return,
+            }
         }
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
@@ -1178,6 +1258,29 @@ async fn cancel(
         Json(serde_json::json!({ "id": id, "state": rec.state })),
     )
         .into_response())
+}
+
+/// The daemon's own state, for operators (the `audit` right): its version, when it
+/// started, and what its callers hold.
+async fn daemon_state(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+) -> ApiResult<Json<serde_json::Value>> {
+    app.authorize(&peer, &headers, &Action::ReadDaemon, None, None)
+        .await?;
+    let counts = app.callers.counts();
+    Ok(Json(serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "started_at_ms": app.started_ms,
+        "vms": app.vms.len(),
+        "follows_open": counts.follows_open,
+        "follows": counts.follows,
+        "follows_per_principal": app.callers.follow_limit(),
+        "pushes_in_flight": counts.pushes_in_flight,
+        "pushes_limit": app.callers.push_limit(),
+        "denied_peers": counts.denied_peers,
+    })))
 }
 
 #[derive(Deserialize)]

@@ -1580,7 +1580,11 @@ pub fn audit_table(entries: &[AuditEntry]) -> String {
                 e.caller.clone(),
                 e.action.clone(),
                 or_dash(e.target.as_deref()),
-                if e.allowed { "allowed" } else { "denied" }.to_owned(),
+                match (e.allowed, e.count) {
+                    (true, _) => "allowed".to_owned(),
+                    (false, 0 | 1) => "denied".to_owned(),
+                    (false, n) => format!("denied x{n}"),
+                },
                 or_dash(e.reason.as_deref()),
             ]
         })

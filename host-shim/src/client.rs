@@ -748,6 +748,13 @@ pub struct AuditEntry {
     /// Why.
     #[serde(default)]
     pub reason: Option<String>,
+    /// How many calls it stands for (denied calls past a peer's budget are counted together).
+    #[serde(default = "one")]
+    pub count: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 #[derive(Deserialize)]

@@ -62,6 +62,8 @@ pub struct HostConfig {
     pub budget: BudgetConfig,
     /// The `[records]` table: output merging, quotas and retention.
     pub records: RecordsConfig,
+    /// The `[callers]` table: what callers of the API may make the daemon spend.
+    pub callers: CallersConfig,
 }
 
 /// The `[daemon]` table: where the daemon listens and keeps its records, and its timings.
@@ -837,6 +839,8 @@ struct RawFile {
     #[serde(default)]
     records: limits::RawRecords,
     #[serde(default)]
+    callers: limits::RawCallers,
+    #[serde(default)]
     vm: Vec<RawVm>,
     #[serde(default)]
     principal: Vec<RawPrincipal>,
@@ -955,6 +959,7 @@ impl RawFile {
         let daemon = self.daemon.check()?;
         let budget = self.budget.check()?;
         let records = self.records.check()?;
+        let callers = self.callers.check()?;
 
         let mut vms = Vec::with_capacity(self.vm.len());
         let mut vm_lines: HashMap<String, usize> = HashMap::new();
@@ -1011,6 +1016,7 @@ impl RawFile {
             principals,
             budget,
             records,
+            callers,
         })
     }
 }
@@ -1383,7 +1389,7 @@ mod tests {
             (
                 "\n[deamon]\n".to_owned(),
                 "host.toml:2:2: unknown field `deamon`, expected one of `daemon`, `budget`, \
-                 `records`, `vm`, `principal`",
+                 `records`, `callers`, `vm`, `principal`",
             ),
             (
                 "[daemon]\n  sockt = \"/x\"\n".to_owned(),

@@ -14,10 +14,11 @@ use anyhow::{Context, Result, bail};
 use tokio::sync::broadcast;
 
 use crate::api::{self, App, Peer};
+use crate::callers::Callers;
 use crate::config::{ChannelConfig, HostConfig, UnixUser, VmConfig};
 use crate::memory::GuestRegion;
 use crate::policy::Policy;
-use crate::records::{Records, StoreLimits, Writer};
+use crate::records::{Op, Records, StoreLimits, Writer};
 use crate::vm::{self, ChannelKind, VmSettings};
 
 /// The default configuration file.
@@ -151,6 +152,24 @@ fn channel(vm: &VmConfig, state_dir: &Path) -> Result<ChannelKind> {
     })
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Writes the counts of denied calls whose interval has ended (all of them with `all`).
+async fn write_counted_denials(app: &App, all: bool) {
+    let entries = app.callers.flush(now_ms(), all);
+    if entries.is_empty() {
+        return;
+    }
+    let ops = entries.into_iter().map(Op::Audit).collect();
+    if let Err(e) = app.writer.run(ops).await {
+        eprintln!("portless: counted denied calls not written to the audit log: {e}");
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn serve(config: HostConfig) -> Result<()> {
     let d = config.daemon.clone();
@@ -187,15 +206,32 @@ pub async fn serve(config: HostConfig) -> Result<()> {
         vms.insert(vm.name.clone(), handle);
         threads.push(thread);
     }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let app = Arc::new(App {
         policy: Policy::new(&config.principals),
+        callers: Callers::new(config.callers),
         config,
         records,
         writer: writer.clone(),
         vms,
         events,
         tickets: std::sync::atomic::AtomicU64::new(1),
+        stopping: stop_rx.clone(),
+        started_ms: now_ms(),
     });
+    // Denied calls counted past their peer's budget are written as the intervals end.
+    let flusher = {
+        let app = app.clone();
+        let every = (app.config.callers.denied_interval / 4)
+            .clamp(Duration::from_millis(250), Duration::from_secs(5));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                write_counted_denials(&app, false).await;
+            }
+        })
+    };
 
     if let Some(dir) = d.socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -231,7 +267,6 @@ pub async fn serve(config: HostConfig) -> Result<()> {
         };
         tokio::select! { _ = tokio::signal::ctrl_c() => {}, () = t => {} }
     };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let unix_server = {
         let mut rx = stop_rx.clone();
         let svc = api::router(app.clone()).into_make_service_with_connect_info::<Peer>();
@@ -278,6 +313,8 @@ pub async fn serve(config: HostConfig) -> Result<()> {
     if still_ours {
         let _ = std::fs::remove_file(&d.socket);
     }
+    flusher.abort();
+    write_counted_denials(&app, true).await;
     // The drivers stop once every handle is gone; executions in the guests carry on and are
     // found again by the next daemon.
     drop(app);

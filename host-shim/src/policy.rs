@@ -88,6 +88,8 @@ pub enum Action<'a> {
     Metrics,
     /// Read the audit log (not VM-scoped).
     ReadAudit,
+    /// Read the daemon's own state: open streams, pushes, counted denials (not VM-scoped).
+    ReadDaemon,
 }
 
 impl fmt::Display for Action<'_> {
@@ -103,6 +105,7 @@ impl fmt::Display for Action<'_> {
             Self::Ping => f.write_str("ping"),
             Self::Metrics => f.write_str("read metrics"),
             Self::ReadAudit => f.write_str("read the audit log"),
+            Self::ReadDaemon => f.write_str("read the daemon's state"),
         }
     }
 }
@@ -225,7 +228,7 @@ impl Policy {
     /// - `ListCommands`, `Ping`, `Metrics`, `ReadExecution`, `Cancel`: the VM matched.
     /// - `Exec`: the VM matched and the command among the principal's `commands`.
     /// - `Push`: `push = true` and the VM matched.
-    /// - `ReadAudit`: `audit = true`.
+    /// - `ReadAudit`, `ReadDaemon`: `audit = true`.
     ///
     /// A VM-scoped action asked without a VM is denied.
     pub fn authorize(
@@ -259,11 +262,11 @@ impl Policy {
                 }
                 principal.require_vm(action, vm).map(drop)
             }
-            Action::ReadAudit => {
+            Action::ReadAudit | Action::ReadDaemon => {
                 if principal.config.audit {
                     Ok(())
                 } else {
-                    Err(principal.denied(format_args!("may not read the audit log")))
+                    Err(principal.denied(format_args!("may not {action}")))
                 }
             }
         }

@@ -320,6 +320,8 @@ impl Portless {
 
     fn start_agent(&mut self, vm: &str, config: &str) {
         let agent = Command::new(common::agent_binary())
+            .arg("--cgroup")
+            .arg("off")
             .arg("--shm-file")
             .arg(self.dir.join(format!("{vm}.region")))
             .arg("--config")

@@ -145,6 +145,8 @@ impl Daemon {
         self.agents.push((
             vm.to_owned(),
             Command::new(common::agent_binary())
+                .arg("--cgroup")
+                .arg("off")
                 .arg("--shm-file")
                 .arg(self.dir.join(format!("{vm}.region")))
                 .arg("--config")

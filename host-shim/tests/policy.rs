@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use host_shim::config::{
-    BudgetConfig, ChannelConfig, CommandSelector, DaemonConfig, HostConfig, PrincipalConfig,
-    RecordsConfig, VmConfig, VmSelector,
+    BudgetConfig, CallersConfig, ChannelConfig, CommandSelector, DaemonConfig, HostConfig,
+    PrincipalConfig, RecordsConfig, VmConfig, VmSelector,
 };
 use host_shim::policy::{Action, Caller, Denied, Policy, hash_token};
 
@@ -196,6 +196,7 @@ fn example_file_is_as_documented() {
         ],
         budget: BudgetConfig::default(),
         records: RecordsConfig::default(),
+        callers: CallersConfig::default(),
     };
     assert_eq!(config, expected);
     assert!(config.principals[1].token_sha256.is_some());

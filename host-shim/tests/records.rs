@@ -769,6 +769,7 @@ fn audit_entries_are_kept_and_filtered() {
         target: Some("vm1".into()),
         allowed,
         reason: (!allowed).then(|| "not allowed on vm1".to_owned()),
+        count: 1,
     };
     let entries = [
         entry(10, Some("alice"), "exec", true),
@@ -907,6 +908,7 @@ fn two_threads_share_the_records() {
                             target: Some(vm.into()),
                             allowed: true,
                             reason: None,
+                            count: 1,
                         })
                         .expect("audit");
                     mine.push(id);

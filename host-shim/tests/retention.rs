@@ -56,6 +56,7 @@ fn audit(records: &Records, at: u64, target: &str) {
             target: Some(target.into()),
             allowed: true,
             reason: None,
+            count: 1,
         })
         .expect("audit");
 }
@@ -401,6 +402,7 @@ fn the_writer_commits_groups_and_keeps_one_jobs_failure_to_itself() {
                             target: None,
                             allowed: true,
                             reason: None,
+                            count: 1,
                         })])
                         .expect("committed");
                     assert!(matches!(r.as_slice(), [Ok(Done::Ok)]));
@@ -478,6 +480,7 @@ fn the_writer_commits_groups_and_keeps_one_jobs_failure_to_itself() {
                 target: None,
                 allowed: true,
                 reason: None,
+                count: 1,
             })])
             .is_err()
     );

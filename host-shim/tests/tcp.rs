@@ -28,6 +28,11 @@ fn free_port() -> u16 {
 
 impl Daemon {
     fn start(name: &str) -> Self {
+        Self::start_with(name, "")
+    }
+
+    /// With `extra` (more tables) appended to `host.toml`.
+    fn start_with(name: &str, extra: &str) -> Self {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -55,6 +60,7 @@ name = "remote"
 token_sha256 = "{hash}"
 vms = ["vm1"]
 audit = true
+{extra}
 "#,
             dir = dir.display(),
             hash = host_shim::policy::hash_token(TOKEN),
@@ -210,4 +216,52 @@ fn bearer_tokens_on_tcp() {
     // The audit log itself needs a principal with `audit = true`.
     let (status, body) = d.get("/v1/audit", Some("wrong"));
     assert_eq!(status, 403, "{body}");
+}
+
+#[test]
+fn a_flood_of_tokenless_requests_adds_a_bounded_number_of_audit_entries() {
+    let d = Daemon::start_with(
+        "tcp-flood",
+        "[callers]\ndenied_per_peer = 5\ndenied_interval_s = 1\n",
+    );
+    for k in 0..500 {
+        let path = if k % 2 == 0 {
+            "/v1/vms"
+        } else {
+            "/v1/vms/vm1/ping"
+        };
+        let method = if k % 2 == 0 { "GET" } else { "POST" };
+        let (status, _) = d.raw(method, path, &[], b"");
+        assert_eq!(status, 403);
+    }
+    // The first five are entries of their own; the rest are counted, and their count is
+    // written as one entry once the interval has ended.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let entries = loop {
+        let entries: Vec<Value> = {
+            let (status, body) = d.get("/v1/audit?allowed=false&order=oldest", Some(TOKEN));
+            assert_eq!(status, 200, "{body}");
+            body["entries"].as_array().expect("entries").clone()
+        };
+        if entries.len() > 5 || std::time::Instant::now() > deadline {
+            break entries;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(entries.len(), 6, "{entries:#?}");
+    assert!(entries[..5].iter().all(|e| e["count"] == 1), "{entries:#?}");
+    let summary = &entries[5];
+    assert_eq!(summary["count"], 495, "{summary}");
+    assert_eq!(summary["action"], "(various)", "{summary}");
+    assert!(
+        summary["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("495 denied calls from tcp 127.0.0.1")),
+        "{summary}"
+    );
+    let total: u64 = entries
+        .iter()
+        .map(|e| e["count"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(total, 500, "every call is accounted for");
 }

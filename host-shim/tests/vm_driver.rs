@@ -108,6 +108,8 @@ impl Setup {
         let log = std::fs::File::create(self.dir.join("agent.log")).expect("log");
         self.agent = Some(
             Command::new(common::agent_binary())
+                .arg("--cgroup")
+                .arg("off")
                 .arg("--shm-file")
                 .arg(self.dir.join("region"))
                 .arg("--config")

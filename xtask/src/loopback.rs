@@ -119,6 +119,8 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
         children.push(
             &format!("portless-agent vm{n}"),
             Command::new(bin.join("portless-agent"))
+                .arg("--cgroup")
+                .arg("off")
                 .arg("--shm-file")
                 .arg(dir.join(format!("vm{n}.region")))
                 .arg("--config")

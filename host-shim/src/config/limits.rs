@@ -1,5 +1,6 @@
-//! The `[budget]` and `[records]` tables of `host.toml`: what one guest may make the host
-//! spend, and what the records keep. Every limit has its default here, once, as a constant;
+//! The `[budget]`, `[records]` and `[callers]` tables of `host.toml`: what one guest may make
+//! the host spend, what the records keep, and what one caller of the API may make the daemon
+//! spend. Every limit has its default here, once, as a constant;
 //! `examples/host.toml` shows them all.
 
 use std::fmt;
@@ -55,6 +56,89 @@ pub const DEFAULT_AUDIT_KEEP_DAYS: u32 = 90;
 pub const DEFAULT_MIN_FREE: u64 = 256 << 20;
 /// Default `[records] prune_interval_s`.
 pub const DEFAULT_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Default `[callers] follows_per_principal`: follow streams one principal has open at once.
+pub const DEFAULT_FOLLOWS_PER_PRINCIPAL: u32 = 16;
+/// Default `[callers] pushes_in_flight`: pushes the daemon takes in at once (each is spooled
+/// to the state directory while it streams into its guest).
+pub const DEFAULT_PUSHES_IN_FLIGHT: u32 = 4;
+/// Default `[callers] denied_per_peer`: denied calls of one peer audited one by one per
+/// interval; the rest are counted in one entry.
+pub const DEFAULT_DENIED_PER_PEER: u32 = 20;
+/// Default `[callers] denied_interval_s`.
+pub const DEFAULT_DENIED_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The `[callers]` table: what callers of the API may make the daemon spend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallersConfig {
+    /// Follow streams one principal may have open at once; one more is refused (429).
+    pub follows_per_principal: u32,
+    /// Pushes taken in at once, all callers together; one more is refused (503).
+    pub pushes_in_flight: u32,
+    /// Denied calls of one peer (a TCP address, a unix uid) audited one by one per interval;
+    /// past it they are refused all the same, and audited as one entry with their count when
+    /// the interval ends.
+    pub denied_per_peer: u32,
+    /// That interval.
+    pub denied_interval: Duration,
+}
+
+impl Default for CallersConfig {
+    fn default() -> Self {
+        Self {
+            follows_per_principal: DEFAULT_FOLLOWS_PER_PRINCIPAL,
+            pushes_in_flight: DEFAULT_PUSHES_IN_FLIGHT,
+            denied_per_peer: DEFAULT_DENIED_PER_PEER,
+            denied_interval: DEFAULT_DENIED_INTERVAL,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCallers {
+    follows_per_principal: Option<Spanned<u32>>,
+    pushes_in_flight: Option<Spanned<u32>>,
+    denied_per_peer: Option<Spanned<u32>>,
+    denied_interval_s: Option<Spanned<u64>>,
+}
+
+impl RawCallers {
+    pub(super) fn check(self) -> Result<CallersConfig, Failure> {
+        const T: &str = "callers";
+        let d = CallersConfig::default();
+        Ok(CallersConfig {
+            follows_per_principal: at_least(
+                T,
+                "follows_per_principal",
+                self.follows_per_principal,
+                1,
+                d.follows_per_principal,
+            )?,
+            pushes_in_flight: at_least(
+                T,
+                "pushes_in_flight",
+                self.pushes_in_flight,
+                1,
+                d.pushes_in_flight,
+            )?,
+            denied_per_peer: at_least(
+                T,
+                "denied_per_peer",
+                self.denied_per_peer,
+                1,
+                d.denied_per_peer,
+            )?,
+            denied_interval: Duration::from_secs(at_least(
+                T,
+                "denied_interval_s",
+                self.denied_interval_s,
+                1,
+                d.denied_interval.as_secs(),
+            )?),
+        })
+    }
+}
 
 /// The `[budget]` table: what one guest may make the host spend. Exceeding a *cut-off*
 /// budget resets the guest's channel (its executions end `agent_lost` naming the budget)
@@ -460,6 +544,9 @@ mod tests {
         assert_eq!(b.answer_timeout, DEFAULT_ANSWER_TIMEOUT);
         assert_eq!(b.backoff, DEFAULT_BACKOFF);
         assert_eq!(b.backoff_max, DEFAULT_BACKOFF_MAX);
+        let c = RawCallers::default().check().expect("defaults");
+        assert_eq!(c, CallersConfig::default());
+        assert_eq!(c.denied_interval, DEFAULT_DENIED_INTERVAL);
         let r = RawRecords::default().check().expect("defaults");
         assert_eq!(r, RecordsConfig::default());
         assert_eq!(r.output_merge_wait, DEFAULT_MERGE_WAIT);

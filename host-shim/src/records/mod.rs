@@ -67,7 +67,7 @@ pub const DB_FILE_NAME: &str = "portless.db";
 pub const DEFAULT_OUTPUT_CAP: u64 = 16 * 1024 * 1024;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// How long a call waits for a lock held by another connection before it fails.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -155,6 +155,9 @@ CREATE TABLE vm_usage (
 INSERT INTO vm_usage (vm, stored_bytes, chunks)
     SELECT vm, SUM(stdout_stored + stderr_stored), SUM(stdout_chunks + stderr_chunks)
     FROM executions GROUP BY vm;
+"#,
+    r#"
+ALTER TABLE audit ADD COLUMN count INTEGER NOT NULL DEFAULT 1;
 "#,
 ];
 
@@ -557,6 +560,15 @@ pub struct AuditEntry {
     pub allowed: bool,
     /// Why it was denied (or a note on why it was allowed).
     pub reason: Option<String>,
+    /// How many calls the entry stands for: 1, or more for the denied calls of one peer
+    /// counted together once its budget of single entries was spent (the entry then
+    /// describes the last of them, and its time is the end of the interval).
+    #[serde(default = "one")]
+    pub count: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 /// A stored audit entry: its sequence number, then the entry's fields (flattened in JSON).
@@ -1066,7 +1078,7 @@ impl Records {
     /// `filter.order` says; a limit keeps the first entries of that order.
     pub fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, RecordsError> {
         let mut sql = String::from(
-            "SELECT id, at_ms, principal, caller, action, target, allowed, reason \
+            "SELECT id, at_ms, principal, caller, action, target, allowed, reason, count \
              FROM audit WHERE 1",
         );
         let mut args: Vec<Value> = Vec::new();
@@ -1104,6 +1116,7 @@ impl Records {
                     target: r.get(5)?,
                     allowed: r.get(6)?,
                     reason: r.get(7)?,
+                    count: r.get(8)?,
                 },
             })
         })?;
@@ -1349,8 +1362,8 @@ fn append_output(
 /// One audit row.
 fn audit(conn: &Connection, entry: &AuditEntry) -> Result<(), RecordsError> {
     conn.prepare_cached(
-        "INSERT INTO audit (at_ms, principal, caller, action, target, allowed, reason) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO audit (at_ms, principal, caller, action, target, allowed, reason, count) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
         entry.at_ms,
@@ -1360,6 +1373,7 @@ fn audit(conn: &Connection, entry: &AuditEntry) -> Result<(), RecordsError> {
         entry.target,
         entry.allowed,
         entry.reason,
+        entry.count,
     ])?;
     Ok(())
 }

@@ -188,6 +188,8 @@ impl Stack {
     pub fn start_agent(&mut self, vm: &str) {
         let log = std::fs::File::create(self.dir.join(format!("{vm}-agent.log"))).expect("log");
         let child = Command::new(super::agent_binary())
+            .arg("--cgroup")
+            .arg("off")
             .arg("--shm-file")
             .arg(self.region(vm))
             .arg("--config")
