@@ -548,7 +548,7 @@ pub fn run(data: &[u8]) {
                 let (reply, _) = tokio::sync::oneshot::channel();
                 let _ = driver.handle().request(Request::Push {
                     name: "p".into(),
-                    data: vec![7; size],
+                    program: host_shim::vm::Program::from_bytes(&vec![7; size]).expect("program"),
                     run,
                     timeout_ms: None,
                     ticket: tickets,

@@ -26,7 +26,7 @@ use crate::records::{
     AuditEntry, AuditFilter, AuditOrder, Done, ExecState, ExecutionId, ExecutionRecord, Finish,
     NewExecution, Op, OutputStream, Records, RecordsError, Writer,
 };
-use crate::vm::{Request, VmError, VmEvent, VmHandle};
+use crate::vm::{Program, Request, VmError, VmEvent, VmHandle};
 
 /// Everything the handlers share.
 pub struct App {
@@ -503,10 +503,7 @@ pub fn router(app: Arc<App>) -> axum::Router {
         .route("/v1/vms/{vm}/commands", get(commands))
         .route("/v1/vms/{vm}/ping", post(ping))
         .route("/v1/vms/{vm}/metrics", get(metrics))
-        .route(
-            "/v1/vms/{vm}/push",
-            post(push).layer(axum::extract::DefaultBodyLimit::max(MAX_PUSH_BYTES)),
-        )
+        .route("/v1/vms/{vm}/push", post(push))
         .route("/v1/exec", post(exec))
         .route("/v1/executions", get(list_executions))
         .route("/v1/executions/{id}", get(execution))
@@ -647,9 +644,8 @@ async fn push(
     headers: HeaderMap,
     Path(vm): Path<String>,
     Query(q): Query<PushQuery>,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<Json<serde_json::Value>> {
-    use sha2::Digest;
     let (_, handle, principal) = app
         .vm_for(
             &peer,
@@ -665,9 +661,21 @@ async fn push(
             q.name
         )));
     }
-    if q.run {
-        refuse_if_disk_full(&app).await?;
-    }
+    // The program is spooled to the state directory, so its disk must have room.
+    refuse_if_disk_full(&app).await?;
+    // Held until the agent has answered: pushes in flight are bounded.
+    let Some(_slot) = app.callers.push_slot() else {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{} pushes are being taken in already (callers.pushes_in_flight); try again",
+                app.callers.push_limit()
+            ),
+        ));
+    };
+    let program = spool(&app, &headers, body).await?;
+    let sha256 = hex::encode(program.sha256());
+    let size = program.size();
     let run = if q.run {
         let new = NewExecution {
             principal: principal.name().to_owned(),
@@ -684,8 +692,6 @@ async fn push(
     } else {
         None
     };
-    let sha256 = hex::encode(sha2::Sha256::digest(&body));
-    let size = body.len();
     let (reply, rx) = oneshot::channel();
     // Ordering: Relaxed: a counter; only its uniqueness matters.
     let ticket = app
@@ -693,8 +699,7 @@ async fn push(
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let sent = handle.request(Request::Push {
         name: q.name.clone(),
-        // The body moves into the driver (no copy when it is not shared).
-        data: Vec::from(body),
+        program,
         run,
         timeout_ms: q.timeout_ms,
         ticket,
@@ -741,6 +746,77 @@ async fn push(
         "vm": vm, "name": q.name, "size": size, "sha256": sha256, "outcome": word,
         "execution": run.filter(|_| word == "started").map(|id| id.0), "error": error,
     })))
+}
+
+/// The directory pushed programs are spooled to, below the state directory.
+pub const SPOOL_DIR: &str = "spool";
+
+/// Writes a push's body to a new file in the spool directory, unlinked at once (the driver
+/// reads it through its descriptor; nothing is left behind however the daemon ends), with
+/// its size and SHA-256. More than [`MAX_PUSH_BYTES`] is refused (413) as soon as it is
+/// known: from `Content-Length`, else while reading.
+async fn spool(app: &App, headers: &HeaderMap, body: Body) -> ApiResult<Program> {
+    use futures_util::StreamExt;
+    use sha2::Digest;
+    use tokio::io::AsyncWriteExt;
+    let too_large = || {
+        ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("a pushed program is at most {MAX_PUSH_BYTES} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_PUSH_BYTES as u64) {
+        return Err(too_large());
+    }
+    // Ordering: Relaxed: a counter; only its uniqueness matters.
+    let n = app
+        .tickets
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = app
+        .config
+        .daemon
+        .state_dir
+        .join(SPOOL_DIR)
+        .join(format!("push-{n}"));
+    let file = tokio::task::spawn_blocking(move || {
+        let file = crate::sys::create_private(&path)?;
+        std::fs::remove_file(&path)?;
+        Ok::<_, std::io::Error>(file)
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(|e| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the program cannot be spooled: {e}"),
+        )
+    })?;
+    let mut out = tokio::fs::File::from_std(file);
+    let mut hasher = sha2::Sha256::new();
+    let mut size = 0u64;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::bad(format!("the program's upload broke off: {e}")))?;
+        size += chunk.len() as u64;
+        if size > MAX_PUSH_BYTES as u64 {
+            return Err(too_large());
+        }
+        hasher.update(&chunk);
+        out.write_all(&chunk).await.map_err(|e| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the program cannot be spooled: {e}"),
+            )
+        })?;
+    }
+    out.flush().await.map_err(ApiError::internal)?;
+    let file = out.into_std().await;
+    Ok(Program::new(file, size, hasher.finalize().into()))
 }
 
 #[derive(Deserialize)]

@@ -117,6 +117,23 @@ fn lock_state_dir(dir: &Path) -> Result<std::fs::File> {
     Ok(file)
 }
 
+/// Makes the state directory's spool directory (private), empty: a program spooled there
+/// is unlinked as soon as it is created, so a file found there was left by a daemon that
+/// died in between.
+fn prepare_spool(state_dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = state_dir.join(api::SPOOL_DIR);
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let _ = std::fs::remove_file(entry?.path());
+    }
+    Ok(())
+}
+
 /// The lock file in the state directory.
 pub const LOCK_FILE_NAME: &str = "portless.lock";
 
@@ -174,6 +191,7 @@ async fn write_counted_denials(app: &App, all: bool) {
 pub async fn serve(config: HostConfig) -> Result<()> {
     let d = config.daemon.clone();
     let _lock = lock_state_dir(&d.state_dir)?;
+    prepare_spool(&d.state_dir)?;
     let r = config.records;
     let limits = StoreLimits {
         output_cap: d.output_cap as u64,

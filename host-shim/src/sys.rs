@@ -20,6 +20,18 @@ pub fn open_private(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// Creates a new file at `path` for reading and writing, private (mode 0600); an existing
+/// file or link there is an error (`O_EXCL`), so nothing else is ever written through.
+pub fn create_private(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// Free bytes for unprivileged users on the file system of `dir`, if it can be asked.
 pub fn free_bytes(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;

@@ -268,7 +268,7 @@ fn cancel_and_push() {
     let (reply, rx) = oneshot::channel();
     s.vm.request(Request::Push {
         name: "fix.sh".into(),
-        data: b"#!/bin/sh\necho fixed\n".to_vec(),
+        program: host_shim::vm::Program::from_bytes(b"#!/bin/sh\necho fixed\n").expect("program"),
         run: Some(run),
         timeout_ms: None,
         ticket: 1,

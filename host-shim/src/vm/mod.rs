@@ -263,7 +263,7 @@ pub enum Request {
         /// File name in the guest.
         name: String,
         /// The program.
-        data: Vec<u8>,
+        program: Program,
         /// Run it once stored, recorded as this execution.
         run: Option<ExecutionId>,
         /// Timeout for the run.
@@ -279,6 +279,57 @@ pub enum Request {
         /// The push's ticket.
         ticket: u64,
     },
+}
+
+/// A pushed program, in a file of its own (the API spools the request's body to the state
+/// directory and unlinks it at once): the driver reads it a chunk at a time as the ring has
+/// room, so the daemon never holds a whole program in memory.
+#[derive(Debug)]
+pub struct Program {
+    file: std::fs::File,
+    size: u64,
+    sha256: [u8; 32],
+}
+
+impl Program {
+    /// A program in `file` (read from offset 0), `size` bytes with this SHA-256.
+    pub fn new(file: std::fs::File, size: u64, sha256: [u8; 32]) -> Self {
+        Self { file, size, sha256 }
+    }
+
+    /// A program held in an anonymous memory file (tests, the fuzzer).
+    pub fn from_bytes(data: &[u8]) -> std::io::Result<Self> {
+        use sha2::Digest;
+        use std::io::Write;
+        let mut file = crate::ivshmem::memfd(0)?;
+        file.write_all(data)?;
+        Ok(Self::new(
+            file,
+            data.len() as u64,
+            sha2::Sha256::digest(data).into(),
+        ))
+    }
+
+    /// Its size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Its SHA-256.
+    pub fn sha256(&self) -> [u8; 32] {
+        self.sha256
+    }
+
+    /// Reads the bytes at `offset` into `buf` (all of it, or up to the end); how many.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let want = usize::try_from(self.size.saturating_sub(offset))
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let part = buf.get_mut(..want).unwrap_or_default();
+        self.file.read_exact_at(part, offset)?;
+        Ok(want)
+    }
 }
 
 /// Settings of a VM's driver.

@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use super::batch::Then;
 use super::budget::Limit;
 use super::driver::{Driver, Listing, Running};
-use super::{Request, VmError};
+use super::{Program, Request, VmError};
 use crate::records::{ExecState, ExecutionId};
 
 /// Largest piece of a pushed program per frame.
@@ -68,7 +68,7 @@ impl PendingKind {
 pub(super) struct PushJob {
     pub(super) ticket: u64,
     pub(super) name: String,
-    pub(super) data: Vec<u8>,
+    pub(super) program: Program,
     pub(super) run: Option<ExecutionId>,
     pub(super) timeout_ms: Option<u32>,
     pub(super) reply: Option<oneshot::Sender<Result<PushOutcome, VmError>>>,
@@ -81,7 +81,12 @@ pub(super) struct PushStream {
     pub(super) push_id: u64,
     pub(super) job: PushJob,
     /// Bytes of the program sent so far.
-    pub(super) sent: usize,
+    pub(super) sent: u64,
+    /// The next chunk, read from the program's file and not sent yet (the ring had no
+    /// room): its length.
+    pub(super) staged: usize,
+    /// The chunk buffer.
+    pub(super) buf: Box<[u8; PUSH_CHUNK]>,
 }
 
 /// Who a message toward the guest is for: an API request (refused when the outbox is
@@ -479,7 +484,7 @@ impl Driver {
             }
             Request::Push {
                 name,
-                data,
+                program,
                 run,
                 timeout_ms,
                 ticket,
@@ -488,7 +493,7 @@ impl Driver {
                 self.pushes.push_back(PushJob {
                     ticket,
                     name,
-                    data,
+                    program,
                     run,
                     timeout_ms,
                     reply: Some(reply),
@@ -586,14 +591,12 @@ impl Driver {
             let Some(job) = self.pushes.pop_front() else {
                 return false;
             };
-            use sha2::Digest;
             let push_id = self.request_id();
-            let sha256: [u8; 32] = sha2::Sha256::digest(&job.data).into();
             let begun = self.send_for_api(&HostToAgent::PushBegin {
                 push_id,
                 name: &job.name,
-                size: job.data.len() as u64,
-                sha256,
+                size: job.program.size(),
+                sha256: job.program.sha256(),
             });
             if let Err(e) = begun {
                 self.fail_push(job, e.clone(), &e.to_string());
@@ -603,6 +606,8 @@ impl Driver {
                 push_id,
                 job,
                 sent: 0,
+                staged: 0,
+                buf: Box::new([0; PUSH_CHUNK]),
             });
             if !self.outbox.is_empty() {
                 // The begin waits for room: the chunks follow it, never pass it.
@@ -617,16 +622,32 @@ impl Driver {
         let Some(s) = self.streaming.as_mut() else {
             return worked;
         };
-        while s.sent < s.job.data.len() {
-            let end = (s.sent + PUSH_CHUNK).min(s.job.data.len());
+        while s.sent < s.job.program.size() {
+            if s.staged == 0 {
+                match s.job.program.read_at(s.sent, &mut s.buf[..]) {
+                    Ok(n) if n > 0 => s.staged = n,
+                    result => {
+                        // The spool file failed us: the push cannot be completed.
+                        let why = match result {
+                            Err(e) => format!("the spooled program could not be read: {e}"),
+                            Ok(_) => "the spooled program ended early".to_owned(),
+                        };
+                        if let Some(s) = self.streaming.take() {
+                            self.fail_push(s.job, VmError::Invalid(why.clone()), &why);
+                        }
+                        return true;
+                    }
+                }
+            }
             let chunk = HostToAgent::PushChunk {
                 push_id: s.push_id,
-                offset: s.sent as u64,
-                data: &s.job.data[s.sent..end],
+                offset: s.sent,
+                data: s.buf.get(..s.staged).unwrap_or_default(),
             };
             match ep.send(mem, &chunk) {
                 Ok(()) => {
-                    s.sent = end;
+                    s.sent += s.staged as u64;
+                    s.staged = 0;
                     worked = true;
                 }
                 Err(_) => return worked,
