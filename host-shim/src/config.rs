@@ -77,6 +77,12 @@ pub struct DaemonConfig {
     pub socket_mode: u32,
     /// Address of the optional TCP listener (bearer tokens only there).
     pub tcp: Option<SocketAddr>,
+    /// The TCP listener's TLS certificate chain and key (PEM files); `None`: plain HTTP,
+    /// which only a loopback address or `insecure_plaintext` allows.
+    pub tls: Option<TlsFiles>,
+    /// Plain HTTP on a TCP address that is not loopback, tokens in clear text: only when
+    /// this says so.
+    pub insecure_plaintext: bool,
     /// Bytes of output kept per stream per execution; more is counted and flagged truncated.
     pub output_cap: usize,
     /// How long an exec waits for its VM to become ready before it ends `undeliverable`.
@@ -87,6 +93,15 @@ pub struct DaemonConfig {
     pub command_refresh: Duration,
 }
 
+/// The TCP listener's certificate and key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM file with the certificate chain, the server's first.
+    pub cert: PathBuf,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
 impl Default for DaemonConfig {
     fn default() -> Self {
         Self {
@@ -94,6 +109,8 @@ impl Default for DaemonConfig {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             socket_mode: DEFAULT_SOCKET_MODE,
             tcp: None,
+            tls: None,
+            insecure_plaintext: false,
             output_cap: DEFAULT_OUTPUT_CAP,
             delivery_timeout: DEFAULT_DELIVERY_TIMEOUT,
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
@@ -853,6 +870,9 @@ struct RawDaemon {
     state_dir: Option<Spanned<PathBuf>>,
     socket_mode: Option<Spanned<String>>,
     tcp: Option<Spanned<String>>,
+    tls_cert: Option<Spanned<PathBuf>>,
+    tls_key: Option<Spanned<PathBuf>>,
+    insecure_plaintext: Option<Spanned<bool>>,
     output_cap: Option<Spanned<u64>>,
     delivery_timeout_ms: Option<Spanned<u64>>,
     heartbeat_timeout_ms: Option<Spanned<u64>>,
@@ -1069,6 +1089,7 @@ impl RawDaemon {
             }
             None => defaults.socket_mode,
         };
+        let tcp_span = self.tcp.as_ref().map(Spanned::span);
         let tcp = match self.tcp {
             Some(addr) => match addr.get_ref().parse::<SocketAddr>() {
                 Ok(a) => Some(a),
@@ -1082,6 +1103,37 @@ impl RawDaemon {
             },
             None => None,
         };
+        let tls = match (self.tls_cert, self.tls_key) {
+            (None, None) => None,
+            (Some(cert), None) => {
+                return Err(daemon_error(cert.span(), "tls_cert", "needs tls_key too"));
+            }
+            (None, Some(key)) => {
+                return Err(daemon_error(key.span(), "tls_key", "needs tls_cert too"));
+            }
+            (Some(cert), Some(key)) => {
+                if tcp.is_none() {
+                    let reason = "applies to the TCP listener: set tcp too";
+                    return Err(daemon_error(cert.span(), "tls_cert", reason));
+                }
+                let cert = path_setting(Some(cert), "tls_cert", "")?;
+                let key = path_setting(Some(key), "tls_key", "")?;
+                Some(TlsFiles { cert, key })
+            }
+        };
+        let insecure_plaintext = self.insecure_plaintext.map(Spanned::into_inner);
+        if let Some(addr) = tcp
+            && tls.is_none()
+            && !addr.ip().is_loopback()
+            && insecure_plaintext != Some(true)
+        {
+            let reason = format!(
+                "{addr} is not a loopback address: bearer tokens would cross the network in \
+                 clear text. Serve it with TLS (tls_cert and tls_key), or set \
+                 insecure_plaintext = true to accept that"
+            );
+            return Err(daemon_error(tcp_span.unwrap_or(0..0), "tcp", reason));
+        }
         let output_cap = match self.output_cap {
             Some(cap) => match usize::try_from(*cap.get_ref()) {
                 Ok(c) if c > 0 => c,
@@ -1102,6 +1154,8 @@ impl RawDaemon {
             state_dir: path_setting(self.state_dir, "state_dir", DEFAULT_STATE_DIR)?,
             socket_mode,
             tcp,
+            tls,
+            insecure_plaintext: insecure_plaintext.unwrap_or(false),
             output_cap,
             delivery_timeout: millis(
                 nonzero(self.delivery_timeout_ms, "delivery_timeout_ms")?,
@@ -1363,19 +1417,49 @@ mod tests {
         let config = parse(
             "[daemon]\nsocket = \"/tmp/p.sock\"\nstate_dir = \"state\"\nsocket_mode = \"600\"\n\
              tcp = \"[::1]:80\"\noutput_cap = 10\ndelivery_timeout_ms = 1500\n\
-             heartbeat_timeout_ms = 20\ncommand_refresh_s = 7\n",
+             heartbeat_timeout_ms = 20\ncommand_refresh_s = 7\ntls_cert = \"c.pem\"\n\
+             tls_key = \"k.pem\"\n",
         );
         let expected = DaemonConfig {
             socket: PathBuf::from("/tmp/p.sock"),
             state_dir: PathBuf::from("state"),
             socket_mode: 0o600,
             tcp: Some(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 80))),
+            tls: Some(TlsFiles {
+                cert: PathBuf::from("c.pem"),
+                key: PathBuf::from("k.pem"),
+            }),
+            insecure_plaintext: false,
             output_cap: 10,
             delivery_timeout: Duration::from_millis(1500),
             heartbeat_timeout: Duration::from_millis(20),
             command_refresh: Duration::from_secs(7),
         };
         assert_eq!(config.daemon, expected);
+    }
+
+    #[test]
+    fn a_tcp_listener_off_loopback_needs_tls_or_says_it_goes_without() {
+        let err = error("[daemon]\ntcp = \"0.0.0.0:7433\"\n");
+        assert!(
+            err.starts_with("host.toml:2:7: [daemon] tcp: 0.0.0.0:7433 is not a loopback address"),
+            "{err}"
+        );
+        assert!(err.contains("insecure_plaintext = true"), "{err}");
+        let plain = parse("[daemon]\ntcp = \"0.0.0.0:7433\"\ninsecure_plaintext = true\n");
+        assert!(plain.daemon.insecure_plaintext && plain.daemon.tls.is_none());
+        let tls = parse("[daemon]\ntcp = \"10.1.2.3:7433\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\n");
+        assert!(tls.daemon.tls.is_some());
+        assert!(
+            parse("[daemon]\ntcp = \"127.0.0.1:7433\"\n")
+                .daemon
+                .tls
+                .is_none()
+        );
+        let err = error("[daemon]\ntcp = \"127.0.0.1:1\"\ntls_cert = \"/c\"\n");
+        assert!(err.contains("tls_cert: needs tls_key too"), "{err}");
+        let err = error("[daemon]\ntls_cert = \"/c\"\ntls_key = \"/k\"\n");
+        assert!(err.contains("applies to the TCP listener"), "{err}");
     }
 
     #[test]
@@ -1394,7 +1478,7 @@ mod tests {
             (
                 "[daemon]\n  sockt = \"/x\"\n".to_owned(),
                 "host.toml:2:3: unknown field `sockt`, expected one of `socket`, `state_dir`, \
-                 `socket_mode`, `tcp`, `output_cap`, `delivery_timeout_ms`, \
+                 `socket_mode`, `tcp`, `tls_cert`, `tls_key`, `insecure_plaintext`, `output_cap`, `delivery_timeout_ms`, \
                  `heartbeat_timeout_ms`, `command_refresh_s`",
             ),
             (

@@ -298,19 +298,39 @@ pub async fn serve(config: HostConfig) -> Result<()> {
     };
     let tcp_server = match d.tcp {
         Some(addr) => {
+            // The certificate is read before the port is taken: a bad file stops the start.
+            let tls = d.tls.as_ref().map(crate::tls::server_config).transpose()?;
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding {addr}"))?;
-            eprintln!("portless: also serving on {addr} (bearer tokens)");
+            let router = api::router(app.clone());
             let mut rx = stop_rx.clone();
-            let svc = api::router(app.clone()).into_make_service_with_connect_info::<Peer>();
-            Some(tokio::spawn(async move {
-                axum::serve(listener, svc)
-                    .with_graceful_shutdown(async move {
-                        let _ = rx.wait_for(|s| *s).await;
+            Some(match tls {
+                Some(config) => {
+                    eprintln!("portless: also serving on {addr} (TLS, bearer tokens)");
+                    tokio::spawn(async move {
+                        crate::tls::serve(listener, config, router, rx).await;
+                        Ok(())
                     })
-                    .await
-            }))
+                }
+                None => {
+                    if !addr.ip().is_loopback() {
+                        eprintln!(
+                            "portless: WARNING: serving {addr} in plain HTTP \
+                             (insecure_plaintext): bearer tokens cross the network in clear text"
+                        );
+                    }
+                    eprintln!("portless: also serving on {addr} (plain HTTP, bearer tokens)");
+                    let svc = router.into_make_service_with_connect_info::<Peer>();
+                    tokio::spawn(async move {
+                        axum::serve(listener, svc)
+                            .with_graceful_shutdown(async move {
+                                let _ = rx.wait_for(|s| *s).await;
+                            })
+                            .await
+                    })
+                }
+            })
         }
         None => None,
     };

@@ -7,6 +7,8 @@
 //! - [`records`]: executions, their output and the audit log, in SQLite; the writer that
 //!   commits them in groups; retention.
 //! - [`sys`]: the daemon's private files, and free disk space.
+//! - [`tls`]: TLS on the TCP listener.
+//! - [`callers`]: what callers of the API may make the daemon spend.
 //! - [`vm`]: one VM's driver: its channel, its agent's life, the requests in flight.
 //! - [`api`]: the HTTP/JSON API: callers, policy, audit, handlers.
 //! - [`daemon`]: `portless serve`.
@@ -25,4 +27,5 @@ pub mod memory;
 pub mod policy;
 pub mod records;
 pub mod sys;
+pub mod tls;
 pub mod vm;

@@ -135,6 +135,8 @@ fn example_file_is_as_documented() {
             state_dir: PathBuf::from("/var/lib/portless"),
             socket_mode: 0o660,
             tcp: Some(([127, 0, 0, 1], 7433).into()),
+            tls: None,
+            insecure_plaintext: false,
             output_cap: 16 * 1024 * 1024,
             delivery_timeout: Duration::from_secs(30),
             heartbeat_timeout: Duration::from_secs(5),

@@ -265,3 +265,135 @@ fn a_flood_of_tokenless_requests_adds_a_bounded_number_of_audit_entries() {
         .sum();
     assert_eq!(total, 500, "every call is accounted for");
 }
+
+/// A CA and a server certificate for 127.0.0.1 it signed, as PEM files in `dir`; the CA
+/// certificate's DER, for clients to trust.
+fn certificates(dir: &std::path::Path) -> Vec<u8> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "Portless test CA");
+    let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().expect("server key");
+    let server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .expect("server params");
+    let cert = server.signed_by(&key, &issuer).expect("server certificate");
+    std::fs::write(dir.join("cert.pem"), cert.pem()).expect("cert.pem");
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).expect("key.pem");
+    ca_cert.der().to_vec()
+}
+
+/// One request over TLS to `addr`, trusting `ca` (DER) only: the answer's status and body,
+/// or the TLS error.
+fn tls_get(addr: SocketAddr, ca: &[u8], path: &str, token: &str) -> Result<(u16, String), String> {
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use std::sync::Arc;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(ca.to_vec()))
+        .map_err(|e| e.to_string())?;
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = ServerName::try_from("127.0.0.1").map_err(|e| e.to_string())?;
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
+    let mut sock = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .map_err(|e| e.to_string())?;
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    write!(
+        tls,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+         Connection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    match tls.read_to_end(&mut answer) {
+        Ok(_) => {}
+        // A close without close_notify after a whole answer is still the answer.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !answer.is_empty() => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no HTTP answer: {text:?}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Ok((status, body))
+}
+
+#[test]
+fn tls_clients_that_trust_the_ca_are_served_and_plaintext_clients_are_refused() {
+    let dir = fresh_dir("tcp-tls");
+    let ca = certificates(&dir);
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    let text = format!(
+        "[daemon]\nsocket = \"{d}/portless.sock\"\nstate_dir = \"{d}/state\"\ntcp = \"{addr}\"\n\
+         tls_cert = \"{d}/cert.pem\"\ntls_key = \"{d}/key.pem\"\n\n\
+         [[vm]]\nname = \"vm1\"\nchannel = \"plain\"\npath = \"{d}/vm1.region\"\n\n\
+         [[principal]]\nname = \"remote\"\ntoken_sha256 = \"{hash}\"\nvms = [\"vm1\"]\n",
+        d = dir.display(),
+        hash = host_shim::policy::hash_token(TOKEN),
+    );
+    let config = host_shim::config::HostConfig::parse(&text, "host.toml").expect("host.toml");
+    let _daemon = common::InProcessDaemon::start(config, move || TcpStream::connect(addr).is_ok());
+
+    // A client that trusts the CA: served, identified by its token.
+    let (status, body) = tls_get(addr, &ca, "/v1/vms", TOKEN).expect("TLS answer");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"vm1\""), "{body}");
+    let (status, _) = tls_get(addr, &ca, "/v1/vms", "wrong").expect("TLS answer");
+    assert_eq!(status, 403);
+
+    // A client that trusts another CA does not get through the handshake.
+    let other = certificates(&fresh_dir("tcp-tls-other"));
+    let err = tls_get(addr, &other, "/v1/vms", TOKEN).expect_err("served an untrusted chain");
+    assert!(
+        err.contains("UnknownIssuer") || err.contains("certificate"),
+        "{err}"
+    );
+
+    // Plain HTTP gets no HTTP answer: the listener speaks TLS only.
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET /v1/vms HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Connection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "answered in plain text: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("vm1"),
+        "leaked data in plain text"
+    );
+}
+
+/// A fresh directory for this test run.
+fn fresh_dir(name: &str) -> PathBuf {
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    dir
+}
