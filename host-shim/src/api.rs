@@ -387,9 +387,14 @@ impl App {
     }
 
     async fn execution(&self, id: u64) -> ApiResult<ExecutionRecord> {
+        let missing = || ApiError::not_found(format!("no execution {id}"));
+        // Ids are SQLite row ids: none is above i64::MAX.
+        if i64::try_from(id).is_err() {
+            return Err(missing());
+        }
         read(self, move |r| r.execution(ExecutionId(id)))
             .await?
-            .ok_or_else(|| ApiError::not_found(format!("no execution {id}")))
+            .ok_or_else(missing)
     }
 
     /// Authorizes reading or cancelling execution `id` (checked against its VM).
@@ -825,9 +830,44 @@ struct ExecBody {
     command: String,
     #[serde(default)]
     args: Vec<String>,
+    #[serde(default, deserialize_with = "whole_number")]
     timeout_ms: Option<u32>,
+    #[serde(default, deserialize_with = "whole_number")]
     max_concurrency: Option<usize>,
+    #[serde(default, deserialize_with = "whole_number")]
     max_errors: Option<usize>,
+}
+
+/// An optional integer that JSON may also write with a zero fraction (`5.0`, which JSON
+/// Schema counts as an integer too); anything else out of the type's range is an error.
+fn whole_number<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    use serde::de::Error;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let whole = n.as_u64().or_else(|| {
+        n.as_f64()
+            // `u64::MAX as f64` is 2^64, itself out of range.
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| f as u64)
+    });
+    let value = whole.ok_or_else(|| D::Error::custom(format!("{n} is not a whole number")))?;
+    T::try_from(value)
+        .map(Some)
+        .map_err(|_| D::Error::custom(format!("{n} is out of range")))
+}
+
+/// Whether `name` can be an allow-list command's name: 1 to 64 of `A-Z a-z 0-9 . _ -`
+/// (the agent's rule), so that nothing else is sent to a guest.
+fn is_command_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 #[derive(Serialize, Clone)]
@@ -852,18 +892,32 @@ async fn exec(
     // that does not resolve is audited as a denied exec.
     app.identified(&peer, &headers, &action, &body.target)
         .await?;
+    if !is_command_name(&body.command) {
+        let reason = format!(
+            "command {:?}: a command name is 1 to 64 of A-Z a-z 0-9 . _ -",
+            body.command
+        );
+        app.audit_denied(&peer, &headers, &action, &body.target, &reason)
+            .await?;
+        return Err(ApiError::bad(reason));
+    }
+    // A target that does not parse is a bad request (400); one that parses but names no
+    // configured VM, or selects none, finds nothing (404).
     let resolved = Target::parse(&body.target)
-        .map_err(|e| format!("target: {e}"))
+        .map_err(|e| ApiError::bad(format!("target: {e}")))
         .and_then(|t| {
-            let selected = app.config.select_vms(&t).map_err(|e| e.to_string())?;
+            let selected = app
+                .config
+                .select_vms(&t)
+                .map_err(|e| ApiError::not_found(e.to_string()))?;
             Ok((t, selected))
         });
     let (target, selected) = match resolved {
         Ok(r) => r,
-        Err(reason) => {
-            app.audit_denied(&peer, &headers, &action, &body.target, &reason)
+        Err(err) => {
+            app.audit_denied(&peer, &headers, &action, &body.target, &err.1)
                 .await?;
-            return Err(ApiError::bad(reason));
+            return Err(err);
         }
     };
     // `*` means every VM this caller may use; a VM named outright must be allowed.

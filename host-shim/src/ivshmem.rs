@@ -374,8 +374,14 @@ mod tests {
     }
 
     /// Connects to `socket` from a thread running as `uid` (a raw `setresuid`, which changes
-    /// that thread alone) and returns the first bytes the server sent, or the error.
-    fn connect_as(uid: u32, socket: &Path) -> thread::JoinHandle<io::Result<Vec<u8>>> {
+    /// that thread alone) and returns the first bytes the server sent, or the error. The
+    /// connection stays open (the server would take a close for a client that left) until
+    /// `hold` is dropped.
+    fn connect_as(
+        uid: u32,
+        socket: &Path,
+        hold: std::sync::mpsc::Receiver<()>,
+    ) -> thread::JoinHandle<io::Result<Vec<u8>>> {
         let socket = socket.to_path_buf();
         thread::spawn(move || {
             if uid != euid() {
@@ -389,6 +395,7 @@ mod tests {
             stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
             let mut got = [0u8; 8];
             let n = stream.read(&mut got)?;
+            let _ = hold.recv();
             Ok(got[..n].to_vec())
         })
     }
@@ -411,15 +418,18 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600, "{mode:o}");
 
         // Another user cannot even connect to a 0600 socket...
-        let denied = connect_as(65534, &socket).join().expect("thread");
+        let (_hold, held) = std::sync::mpsc::channel();
+        let denied = connect_as(65534, &socket, held).join().expect("thread");
         assert_eq!(
             denied.expect_err("connected").kind(),
             io::ErrorKind::PermissionDenied
         );
         // ...and with a careless mode it connects but is refused, without the memory.
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
-        let client = connect_as(65534, &socket);
+        let (hold, held) = std::sync::mpsc::channel::<()>();
+        let client = connect_as(65534, &socket, held);
         let err = server.accept().expect_err("served another user");
+        drop(hold);
         assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
         assert!(err.to_string().contains("uid 65534"), "{err}");
         assert_eq!(
@@ -433,8 +443,10 @@ mod tests {
         let owner =
             std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&socket).expect("socket"));
         assert_eq!(owner, 65534);
-        let client = connect_as(65534, &socket);
+        let (hold, held) = std::sync::mpsc::channel::<()>();
+        let client = connect_as(65534, &socket, held);
         assert_eq!(server.accept().expect("served"), 1);
+        drop(hold);
         assert_eq!(
             client.join().expect("thread").expect("read"),
             0i64.to_le_bytes()

@@ -377,7 +377,7 @@ fn denials_bad_requests_and_the_audit_log() {
         "/v1/exec",
         Some(json!({"target": "nope", "command": "echo", "args": ["x"]})),
     );
-    assert_eq!(status, 400, "{body}");
+    assert_eq!(status, 404, "{body}");
     assert!(
         body["error"].as_str().unwrap_or("").contains("nope"),
         "{body}"

@@ -212,7 +212,7 @@ fn exec_identifies_the_caller_before_it_resolves_the_target() {
         "/v1/exec",
         Some(json!({"target": "nosuch", "command": "echo", "args": ["x"]})),
     );
-    assert_eq!(status, 400, "{body}");
+    assert_eq!(status, 404, "{body}");
     assert!(
         body["error"]
             .as_str()

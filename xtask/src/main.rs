@@ -8,6 +8,7 @@ mod fuzz;
 mod image;
 mod loopback;
 mod run;
+mod schemathesis;
 mod test;
 
 use std::path::PathBuf;
@@ -18,8 +19,9 @@ const HELP: &str = "\
 cargo xtask <command> [options]
 
 commands:
-  test [--quick]         everything CI checks: fmt, clippy -D warnings, all tests, the no_std
-                         build for thumbv7em-none-eabihf, the VM tests, `run`, `bench --quick`,
+  test [--quick]         everything CI checks: fmt, clippy -D warnings, all tests,
+                         `schemathesis`, the no_std build for thumbv7em-none-eabihf, the VM
+                         tests, `run`, `bench --quick`,
                          the loom model, miri (when a nightly toolchain with miri is
                          installed) and a short fuzz run (--quick skips run, bench, loom,
                          miri and fuzzing)
@@ -36,6 +38,8 @@ commands:
   image [--bench]        build the VM test image (kernel and initramfs) into target/vm;
                          --bench builds the benchmark's image, which adds the QEMU guest
                          agent (qemu-ga) and its virtio-serial port, into target/vm-bench
+  schemathesis           the daemon against its OpenAPI document (schemathesis from PyPI, in
+                         target/schemathesis), with a valid token: every check, no 500s
   footprint              build the static portless-agent, print its size and resident
                          memory idle and streaming, check the targets
   help                   this text
@@ -51,6 +55,7 @@ fn main() -> Result<()> {
         "test" => test::run(&sh, &test::Options::parse(&rest)?),
         "fuzz" => fuzz::run(&sh, parse_seconds(&rest, 30)?),
         "footprint" => footprint::run(&sh),
+        "schemathesis" => schemathesis::run(&sh),
         "image" => match rest.as_slice() {
             [] => image::build(&sh).map(|_| ()),
             [flag] if flag == "--bench" => image::build_bench(&sh).map(|_| ()),

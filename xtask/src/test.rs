@@ -55,6 +55,8 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
     step("cargo test");
     cmd!(sh, "cargo test --workspace --locked").run()?;
 
+    crate::schemathesis::run(sh)?;
+
     // The fuzz harness is a workspace of its own: lint and test it here, so that an API change
     // breaks the build at once rather than at the fuzzing step.
     step("fuzz harness: clippy and tests");
