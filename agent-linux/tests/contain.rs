@@ -144,6 +144,30 @@ fn run_and_cancel(h: &mut Harness, command: &str, mark: &str) -> (Outcome, Optio
     (run.outcome(), run.leftovers)
 }
 
+/// `leave` (a leader that exits at once) ends saying it killed the one `sleep` it left, and
+/// `wait` (a leader that waits) ends timed out and, once more, cancelled; no `sleep` of theirs
+/// is alive afterwards.
+fn nothing_outlives(h: &mut Harness, leave: &str, wait: &str, marks: &[String; 3]) {
+    assert_eq!(run(h, leave, &marks[0]), (Outcome::Exited(0), Some(1)));
+    assert_eq!(
+        alive(&marks[0]),
+        [] as [u32; 0],
+        "{leave}: its sleep outlived it"
+    );
+    assert_eq!(run(h, wait, &marks[1]).0, Outcome::TimedOut);
+    assert_eq!(
+        alive(&marks[1]),
+        [] as [u32; 0],
+        "{wait}: timed out, its sleep lived on"
+    );
+    assert_eq!(run_and_cancel(h, wait, &marks[2]).0, Outcome::Cancelled);
+    assert_eq!(
+        alive(&marks[2]),
+        [] as [u32; 0],
+        "{wait}: cancelled, its sleep lived on"
+    );
+}
+
 #[test]
 fn process_groups_a_background_child_is_killed_when_its_execution_ends() {
     let marks = [mark(1), mark(2), mark(3)];
@@ -157,28 +181,8 @@ fn process_groups_a_background_child_is_killed_when_its_execution_ends() {
     );
 
     // The leader exits at once: what it left in the background is killed, and the end
-    // says so.
-    assert_eq!(
-        run(&mut h, "leave", &marks[0]),
-        (Outcome::Exited(0), Some(1))
-    );
-    assert_eq!(
-        alive(&marks[0]),
-        [] as [u32; 0],
-        "the background sleep outlived it"
-    );
-
-    // Timed out, and cancelled: the whole group goes.
-    assert_eq!(
-        run(&mut h, "leave-and-wait", &marks[1]).0,
-        Outcome::TimedOut
-    );
-    assert_eq!(alive(&marks[1]), [] as [u32; 0]);
-    assert_eq!(
-        run_and_cancel(&mut h, "leave-and-wait", &marks[2]).0,
-        Outcome::Cancelled
-    );
-    assert_eq!(alive(&marks[2]), [] as [u32; 0]);
+    // says so; timed out, and cancelled, the whole group goes.
+    nothing_outlives(&mut h, "leave", "leave-and-wait", &marks);
 
     // Limits need cgroups: without them such a command does not start.
     let id = h.exec("limited", &[], None).expect("accepted");
@@ -251,27 +255,13 @@ fn cgroups_hold_what_left_the_process_group_and_are_removed_after() {
     );
 
     // A child in a session of its own (setsid), holding the output pipe: after the drain
-    // grace it is killed all the same.
-    assert_eq!(
-        run(&mut h, "escape", &marks[0]),
-        (Outcome::Exited(0), Some(1))
+    // grace it is killed all the same; timed out and cancelled, it goes too.
+    nothing_outlives(
+        &mut h,
+        "escape",
+        "escape-and-wait",
+        &[marks[0].clone(), marks[1].clone(), marks[2].clone()],
     );
-    assert_eq!(
-        alive(&marks[0]),
-        [] as [u32; 0],
-        "the setsid sleep outlived it"
-    );
-    // Timed out and cancelled, the escaped child goes too.
-    assert_eq!(
-        run(&mut h, "escape-and-wait", &marks[1]).0,
-        Outcome::TimedOut
-    );
-    assert_eq!(alive(&marks[1]), [] as [u32; 0]);
-    assert_eq!(
-        run_and_cancel(&mut h, "escape-and-wait", &marks[2]).0,
-        Outcome::Cancelled
-    );
-    assert_eq!(alive(&marks[2]), [] as [u32; 0]);
     // Nothing left behind: no leftovers, no cgroup.
     assert_eq!(
         run(&mut h, "leave", &marks[3]),

@@ -46,6 +46,18 @@ impl Options {
     }
 }
 
+/// Starts `portless serve` from `bin` with `dir/host.toml`, logging to `dir/portless.log`.
+pub(crate) fn start_daemon(bin: &Path, dir: &Path) -> Result<std::process::Child> {
+    Command::new(bin.join("portless"))
+        .arg("serve")
+        .arg("--config")
+        .arg(dir.join("host.toml"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("portless.log"))?)
+        .spawn()
+        .context("starting portless serve")
+}
+
 fn host_toml(dir: &Path, vms: usize, uid: &str) -> String {
     let mut s = format!(
         "# Written by `cargo xtask loopback`.\n[daemon]\nsocket = \"{0}/portless.sock\"\nstate_dir = \"{0}/state\"\n",
@@ -97,17 +109,7 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
     let log = |name: &str| -> Result<std::fs::File> {
         Ok(std::fs::File::create(dir.join(format!("{name}.log")))?)
     };
-    children.push(
-        "portless serve",
-        Command::new(bin.join("portless"))
-            .arg("serve")
-            .arg("--config")
-            .arg(dir.join("host.toml"))
-            .stdout(Stdio::null())
-            .stderr(log("portless")?)
-            .spawn()
-            .context("starting portless serve")?,
-    );
+    children.push("portless serve", start_daemon(&bin, dir)?);
     let socket = dir.join("portless.sock");
     if !vm_harness::wait_for_socket(&socket, Duration::from_secs(15)) {
         bail!(

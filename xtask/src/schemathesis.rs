@@ -182,17 +182,7 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
     let bin = root.join("target/debug");
     let mut children = Processes::default();
     let log = |name: &str| std::fs::File::create(dir.join(format!("{name}.log")));
-    children.push(
-        "portless serve",
-        Command::new(bin.join("portless"))
-            .arg("serve")
-            .arg("--config")
-            .arg(dir.join("host.toml"))
-            .stdout(Stdio::null())
-            .stderr(log("portless")?)
-            .spawn()
-            .context("starting portless serve")?,
-    );
+    children.push("portless serve", crate::loopback::start_daemon(&bin, &dir)?);
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
         if Instant::now() > deadline {
