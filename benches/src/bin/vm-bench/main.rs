@@ -43,7 +43,8 @@ vm-bench [options]   (normally run by `cargo xtask bench`)
   --accel A         auto (KVM if it boots, else TCG), kvm or tcg (auto)
   --region-dir DIR  where the polling guest's memory-backend file goes (/dev/shm)
   --quick           fewer samples (a check that all of it works)
-  --only PARTS      run only these parts: interrupts, polling, fan-out (comma-separated);
+  --only PARTS      run only these parts: interrupts, polling, containment, fan-out
+                    (comma-separated);
                     the documents are not updated then
   --docs            also update BENCHMARKS.md, README.md and docs/bench-latency.svg
 ";
@@ -61,7 +62,7 @@ const BLOCK: usize = 50;
 /// The gap before each "after idle" round trip: both agents are asleep by then.
 const IDLE_GAP: Duration = Duration::from_millis(20);
 /// The parts of a run, in order.
-const PARTS: &[&str] = &["interrupts", "polling", "fan-out"];
+const PARTS: &[&str] = &["interrupts", "polling", "containment", "fan-out"];
 /// VMs of the fan-out.
 const FAN_OUT_VMS: usize = 4;
 
@@ -214,6 +215,10 @@ fn run() -> Result<()> {
         single_vm(&opts, &counts, &accel, wakeup, &work, &mut results)?;
     }
     disk_footprint(&opts.image, &mut results)?;
+    if opts.parts.iter().any(|p| p == "containment") {
+        println!("\n== what containment costs: a cgroup per execution against the process group");
+        containment(&opts, &counts, &accel, &work, &mut results)?;
+    }
     if opts.parts.iter().any(|p| p == "fan-out") {
         println!("\n== {FAN_OUT_VMS} VMs behind `portless serve`");
         fan_out(&opts, &counts, &accel, &work, &mut results)?;
@@ -342,6 +347,81 @@ fn measure_cpu<T>(vm: &Vm, f: impl FnOnce() -> Result<T>) -> Result<(T, Cpu)> {
             qemu: vm.cpu().saturating_sub(q),
         },
     ))
+}
+
+/// `/bin/true` to final status in two polling VMs of the same image, one whose agent runs each
+/// execution in a cgroup of its own (the default) and one with `--cgroup off` (the process
+/// group only), in alternating blocks.
+fn containment(
+    opts: &Options,
+    counts: &Counts,
+    accel: &str,
+    work: &Path,
+    results: &mut Results,
+) -> Result<()> {
+    let dir = work.join("containment");
+    std::fs::create_dir_all(&dir)?;
+    let mut hosts = Vec::new();
+    let mut vms = Vec::new();
+    for (name, args) in [
+        ("cgroups", &[][..]),
+        ("process-groups", &["agent_args=--wakeup,poll,--cgroup,off"][..]),
+    ] {
+        let region = region_file(opts, name);
+        let host = Host::create(Wakeup::Polling, &dir.join(format!("{name}.sock")), &region)?;
+        let ivshmem = Ivshmem::Plain {
+            file: region,
+            size: REGION,
+        };
+        vms.push(Vm::boot_with(&opts.image, &dir, name, accel, ivshmem, args)?);
+        hosts.push(host);
+    }
+    for (host, vm) in hosts.iter_mut().zip(&mut vms) {
+        if let Err(e) = host.hello(boot_limit(accel)) {
+            vm.check_alive()?;
+            bail!("{}: {e:#}; console:\n{}", vm.name, vm.console_tail());
+        }
+        for _ in 0..20 {
+            host.run_ok("true", &[])?;
+        }
+    }
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    let block = (counts.execs / 4).max(1);
+    while with.len() < counts.execs {
+        for (host, samples) in hosts.iter_mut().zip([&mut with, &mut without]) {
+            for _ in 0..block {
+                let t = Instant::now();
+                host.run_ok("true", &[])?;
+                samples.push(us(t.elapsed()));
+            }
+        }
+    }
+    results.figures.push(
+        Figure::latency(
+            "bin_true_cgroup_per_execution",
+            "/bin/true to final status, a cgroup per execution (polling)",
+            &with,
+            Some(&without),
+            None,
+        )?
+        .against("the process group only (--cgroup off)")
+        .with_note(
+            "two polling VMs of the same image at once, in alternating blocks; the cgroup's \
+             cost is its mkdir, the child joining it, the checks that it is empty, and its rmdir",
+        ),
+    );
+    results.samples.insert("portless_true_cgroups".into(), with);
+    results
+        .samples
+        .insert("portless_true_process_groups".into(), without);
+    for vm in &mut vms {
+        vm.check_alive()?;
+    }
+    drop(vms);
+    for name in ["cgroups", "process-groups"] {
+        let _ = std::fs::remove_file(region_file(opts, name));
+    }
+    Ok(())
 }
 
 /// Boots one VM and measures both agents in it.

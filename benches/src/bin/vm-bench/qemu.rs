@@ -56,13 +56,30 @@ impl Vm {
         accel: &str,
         ivshmem: Ivshmem,
     ) -> Result<Self> {
+        Self::boot_with(image, dir, name, accel, ivshmem, &[])
+    }
+
+    /// [`boot`](Self::boot) with more kernel arguments (an `agent_args=...` there, being
+    /// last, is the one the image's init uses).
+    pub(crate) fn boot_with(
+        image: &Path,
+        dir: &Path,
+        name: &str,
+        accel: &str,
+        ivshmem: Ivshmem,
+        kernel_args: &[&str],
+    ) -> Result<Self> {
         let qga = dir.join(format!("{name}.qga"));
         let console = dir.join(format!("{name}.console"));
         let _ = std::fs::remove_file(&qga);
         let started = Instant::now();
-        let child = Guest::new(image, ivshmem)
-            .accel(accel)
-            .kernel_arg("agent_log=kmsg")
+        let guest = kernel_args.iter().fold(
+            Guest::new(image, ivshmem)
+                .accel(accel)
+                .kernel_arg("agent_log=kmsg"),
+            |g, a| g.kernel_arg(a),
+        );
+        let child = guest
             .qga(&qga)
             .spawn(&console, Some(&dir.join(format!("{name}.qemu-err"))))
             .context("starting qemu-system-x86_64")?;

@@ -71,6 +71,10 @@ pub(crate) struct Figure {
     pub(crate) met: Option<bool>,
     /// Anything a reader needs to read the figure right.
     pub(crate) note: Option<String>,
+    /// When the second value is not qemu-ga's but Portless's own in another setting: what
+    /// that setting is (the figure then goes in a table of its own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) against: Option<String>,
 }
 
 impl Figure {
@@ -142,7 +146,14 @@ impl Figure {
             target,
             met: ratio.zip(target).map(|(r, t)| r <= t),
             note: None,
+            against: None,
         }
+    }
+
+    /// Makes the second value Portless's own in another setting, `against`.
+    pub(crate) fn against(mut self, against: impl Into<String>) -> Self {
+        self.against = Some(against.into());
+        self
     }
 
     /// Adds a note.
@@ -201,7 +212,7 @@ impl Summary {
         );
         s.push_str("| Figure | Portless | qemu-ga | Portless / qemu-ga | Target | |\n");
         s.push_str("|---|---:|---:|---:|---:|---|\n");
-        for f in &self.figures {
+        for f in self.figures.iter().filter(|f| f.against.is_none()) {
             let verdict = match f.met {
                 Some(true) => "met",
                 Some(false) => "**missed**",
@@ -220,6 +231,26 @@ impl Summary {
                     .map_or_else(String::new, |t| format!("≤ {}", show_ratio(t))),
                 verdict
             );
+        }
+        let own: Vec<&Figure> = self.figures.iter().filter(|f| f.against.is_some()).collect();
+        if !own.is_empty() {
+            s.push_str(
+                "\nPortless against itself in another setting, side by side in the same run:\n\n\
+                 | Figure | Portless | the other setting | Ratio |\n|---|---:|---:|---:|\n",
+            );
+            for f in own {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {}: {} | {} |",
+                    f.label,
+                    show(&f.portless, &f.unit),
+                    f.against.as_deref().unwrap_or(""),
+                    f.qemu_ga
+                        .as_ref()
+                        .map_or_else(String::new, |q| show(q, &f.unit)),
+                    f.ratio.map_or_else(String::new, show_ratio),
+                );
+            }
         }
         let targets: Vec<&Figure> = self.figures.iter().filter(|f| f.met.is_some()).collect();
         if !targets.is_empty() {
@@ -438,6 +469,9 @@ mod tests {
                     .expect("figure"),
                 Figure::amount("rss", "RSS", "KiB", 2000.0, Some(4000.0), Some(1.0 / 3.0)),
                 Figure::amount("cpu", "CPU", "ms", 1.0, Some(2.0), None),
+                Figure::latency("own", "True, contained", &[1200.0], Some(&[1000.0]), None)
+                    .expect("figure")
+                    .against("uncontained"),
             ],
         };
         assert_eq!(
@@ -452,6 +486,13 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("![Latency distributions](plot.svg)"), "{md}");
+        // A figure against Portless itself is in its own table, not under qemu-ga.
+        let main_table = md.split("Portless against itself").next().unwrap_or("");
+        assert!(!main_table.contains("True, contained"), "{md}");
+        assert!(
+            md.contains("| True, contained | 1.20 ms<br><sub>1.20 ms – 1.20 ms</sub> | uncontained: 1.00 ms<br><sub>1.00 ms – 1.00 ms</sub> | 1.20 |"),
+            "{md}"
+        );
     }
 
     #[test]
