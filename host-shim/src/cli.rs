@@ -1064,8 +1064,11 @@ pub fn verdict(record: &ExecutionRecord) -> Verdict {
             };
         }
         ExecState::Failed => match (record.exit_code, record.signal) {
-            (Some(code), _) => (remote_exit_code(code), format!("exited with code {code}")),
-            (None, Some(signal)) => (signal_exit_code(signal), killed_by(signal)),
+            (Some(code), _) => (
+                remote_exit_code(code),
+                with_detail(&format!("exited with code {code}")),
+            ),
+            (None, Some(signal)) => (signal_exit_code(signal), with_detail(&killed_by(signal))),
             (None, None) => (EXIT_ERROR, with_detail("failed")),
         },
         ExecState::TimedOut => (EXIT_TIMED_OUT, with_detail("timed out")),

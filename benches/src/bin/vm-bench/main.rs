@@ -365,7 +365,10 @@ fn containment(
     let mut vms = Vec::new();
     for (name, args) in [
         ("cgroups", &[][..]),
-        ("process-groups", &["agent_args=--wakeup,poll,--cgroup,off"][..]),
+        (
+            "process-groups",
+            &["agent_args=--wakeup,poll,--cgroup,off"][..],
+        ),
     ] {
         let region = region_file(opts, name);
         let host = Host::create(Wakeup::Polling, &dir.join(format!("{name}.sock")), &region)?;
@@ -373,7 +376,14 @@ fn containment(
             file: region,
             size: REGION,
         };
-        vms.push(Vm::boot_with(&opts.image, &dir, name, accel, ivshmem, args)?);
+        vms.push(Vm::boot_with(
+            &opts.image,
+            &dir,
+            name,
+            accel,
+            ivshmem,
+            args,
+        )?);
         hosts.push(host);
     }
     for (host, vm) in hosts.iter_mut().zip(&mut vms) {

@@ -232,7 +232,11 @@ impl Summary {
                 verdict
             );
         }
-        let own: Vec<&Figure> = self.figures.iter().filter(|f| f.against.is_some()).collect();
+        let own: Vec<&Figure> = self
+            .figures
+            .iter()
+            .filter(|f| f.against.is_some())
+            .collect();
         if !own.is_empty() {
             s.push_str(
                 "\nPortless against itself in another setting, side by side in the same run:\n\n\
