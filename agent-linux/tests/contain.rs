@@ -61,6 +61,11 @@ min = 1
 max = 100000000
 
 [[command]]
+name = "where"
+program = "/bin/cat"
+args = ["/proc/self/cgroup"]
+
+[[command]]
 name = "limited"
 program = "/bin/cat"
 args = ["/proc/self/cgroup"]
@@ -306,4 +311,50 @@ fn cgroups_hold_what_left_the_process_group_and_are_removed_after() {
     assert_eq!(alive(&marks[0]), [] as [u32; 0]);
     drop(h);
     std::fs::remove_dir(&dir).expect("the test's cgroup is empty");
+}
+
+#[test]
+fn an_agent_in_a_cgroup_of_its_own_moves_into_a_leaf_and_makes_its_executions_beside_it() {
+    // As under systemd with Delegate=yes: the service's cgroup is the agent's to manage.
+    let Some(service) = test_cgroup("service") else {
+        return;
+    };
+    let config = format!("{CONFIG}{COMMANDS}");
+    let mut h = Harness::start_as_service_in("contain-service", &config, &service);
+    start(&mut h);
+    let log = h.log();
+    assert!(
+        log.contains(&format!("a cgroup per execution in {}", service.display())),
+        "{log}"
+    );
+    let pid = h.agent.as_ref().expect("running").id();
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("agent's cgroup");
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or("");
+    assert!(own.ends_with("/agent"), "the agent is in {own}");
+    // An execution's cgroup is a sibling of the agent's leaf.
+    let id = h.exec("where", &[], None).expect("accepted");
+    let ended = h.collect(id, Duration::from_secs(10));
+    let out = String::from_utf8_lossy(&ended.stdout).into_owned();
+    let path = out
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("cgroup");
+    let (parent, leaf) = path.rsplit_once('/').expect("a path");
+    assert_eq!(
+        Some(parent),
+        own.rsplit_once('/').map(|(dir, _)| dir),
+        "{out}"
+    );
+    assert!(leaf.starts_with("exec-"), "{out}");
+    let mark = mark(21);
+    let _sweep = Sweep(vec![mark.clone()]);
+    assert_eq!(run(&mut h, "escape", &mark), (Outcome::Exited(0), Some(1)));
+    assert_eq!(alive(&mark), [] as [u32; 0]);
+    drop(h);
+    let leaf = service.join("agent");
+    let _ = std::fs::remove_dir(&leaf);
+    std::fs::remove_dir(&service).expect("the service's cgroup is empty");
 }

@@ -314,6 +314,14 @@ impl Harness {
         h
     }
 
+    /// Like [`Harness::start`], with the agent started inside the cgroup v2 directory
+    /// `cgroup` (as a service manager starts it in its own) and `--cgroup auto`.
+    pub fn start_as_service_in(name: &str, config: &str, cgroup: &Path) -> Self {
+        let script = format!("echo $$ > {}/cgroup.procs && exec \"$@\"", cgroup.display());
+        let wrapper = ["sh", "-c", &script, "sh"].map(String::from).to_vec();
+        Self::start_through(scratch_dir(name), config, wrapper, "auto")
+    }
+
     /// Like [`Harness::start`], with the agent's executions in cgroups below `cgroup`.
     pub fn start_in_cgroup(name: &str, config: &str, cgroup: &Path) -> Self {
         Self::start_through(
