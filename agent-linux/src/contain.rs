@@ -1,7 +1,8 @@
 //! Containment of executions.
 //!
 //! Where the guest has cgroup v2, every execution runs in a cgroup of its own,
-//! `<base>/exec-N`, which its first process joins before it `execve`s. Whatever the command
+//! `<base>/exec-N`, which its first process starts in (`clone3` with `CLONE_INTO_CGROUP`, or,
+//! on a kernel before 5.7, by joining it before it `execve`s). Whatever the command
 //! starts stays in it, whether it leaves its process group (`setsid`) or not. So the
 //! execution is signalled as a whole, killed as a whole with `cgroup.kill`, over once the
 //! cgroup is empty, and limited by the allow-list's `memory_max`, `pids_max` and
@@ -51,6 +52,24 @@ const CONTROLLERS: [(&str, u8); 3] = [("memory", MEMORY), ("pids", PIDS), ("cpu"
 
 /// Longest a removal waits for a killed cgroup to empty.
 const EMPTY_WAIT: Duration = Duration::from_secs(1);
+
+/// A new execution's cgroup, open: its directory (for `clone3`'s `CLONE_INTO_CGROUP`) and its
+/// `cgroup.procs` (for a kernel without it).
+pub(crate) struct CgroupFiles {
+    dir: OwnedFd,
+    procs: OwnedFd,
+}
+
+impl CgroupFiles {
+    /// The descriptors, for `sys::spawn`.
+    pub(crate) fn raw(&self) -> sys::Cgroup {
+        use std::os::fd::AsRawFd;
+        sys::Cgroup {
+            dir: self.dir.as_raw_fd(),
+            procs: self.procs.as_raw_fd(),
+        }
+    }
+}
 
 /// Executions' cgroups: where they go and what the kernel offers there.
 pub(crate) struct Cgroups {
@@ -139,9 +158,9 @@ impl Cgroups {
         self.path.set(&[&self.base, "/exec-", digits, leaf])
     }
 
-    /// Creates the cgroup of a new execution with `limits`; returns its number and
-    /// `cgroup.procs`, open for writing, for the child to join it by.
-    pub(crate) fn create(&mut self, limits: &Limits) -> Result<(u64, OwnedFd), Errno> {
+    /// Creates the cgroup of a new execution with `limits`; returns its number and its
+    /// directory and `cgroup.procs`, open, for the child to start in.
+    pub(crate) fn create(&mut self, limits: &Limits) -> Result<(u64, CgroupFiles), Errno> {
         let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(libc::EIO);
         let wanted = [
             (limits.memory_max.is_some(), MEMORY),
@@ -168,7 +187,11 @@ impl Cgroups {
             }
         }
         let result = self.apply(n, limits).and_then(|()| {
-            sys::open(self.file(n, "/cgroup.procs")?, libc::O_WRONLY, 0).map_err(errno)
+            let dir = sys::open(self.file(n, "")?, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+                .map_err(errno)?;
+            let procs =
+                sys::open(self.file(n, "/cgroup.procs")?, libc::O_WRONLY, 0).map_err(errno)?;
+            Ok(CgroupFiles { dir, procs })
         });
         match result {
             Ok(fd) => Ok((n, fd)),

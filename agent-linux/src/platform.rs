@@ -280,9 +280,9 @@ impl Platform for LinuxPlatform {
         let child = sys::spawn(
             &self.image,
             &creds,
-            cgroup.as_ref().map(|(_, procs)| procs.as_raw_fd()),
+            cgroup.as_ref().map(|(_, files)| files.raw()),
         );
-        let cgroup = cgroup.map(|(n, _procs)| n);
+        let cgroup = cgroup.map(|(n, _files)| n);
         match child {
             Ok(child) => Ok(Process {
                 pid: child.pid,

@@ -252,6 +252,14 @@ impl ExecImage {
     }
 }
 
+/// The cgroup a child starts in: its directory, and its `cgroup.procs` open for writing
+/// (for kernels without `CLONE_INTO_CGROUP`).
+#[derive(Clone, Copy)]
+pub(crate) struct Cgroup {
+    pub(crate) dir: RawFd,
+    pub(crate) procs: RawFd,
+}
+
 /// A started child: its pid (also its process group) and the read ends of its output.
 pub(crate) struct Child {
     pub(crate) pid: libc::pid_t,
@@ -279,8 +287,7 @@ struct ChildArgs {
     status: RawFd,
 }
 
-/// Starts `image` in a new process group (and in the cgroup whose `cgroup.procs` is open
-/// as `cgroup_procs`, if given), with the credentials given (uid, gid and
+/// Starts `image` in a new process group (and in `cgroup`, if given), with the credentials given (uid, gid and
 /// supplementary groups; those not given stay the agent's), with stdin on /dev/null
 /// and stdout/stderr on fresh non-blocking pipes. Returns the exec failure's errno if the
 /// program could not be started.
@@ -293,7 +300,7 @@ struct ChildArgs {
 pub(crate) fn spawn(
     image: &ExecImage,
     creds: &Credentials,
-    cgroup_procs: Option<RawFd>,
+    cgroup: Option<Cgroup>,
 ) -> Result<Child, i32> {
     let io = |e: io::Error| e.raw_os_error().unwrap_or(libc::EIO);
     let (out_r, out_w) = pipe(true).map_err(io)?;
@@ -315,7 +322,7 @@ pub(crate) fn spawn(
         gid: creds.gid,
         groups: creds.groups().as_ptr(),
         ngroups: creds.groups().len(),
-        cgroup_procs,
+        cgroup_procs: None,
         stdio: [null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
         status: status_w.as_raw_fd(),
     };
@@ -323,19 +330,23 @@ pub(crate) fn spawn(
     // The stack grows down from its end, aligned to 16 bytes as the ABI wants.
     let end = stack.as_mut_ptr().wrapping_add(CHILD_STACK);
     let top = end.wrapping_sub(end as usize % 16);
-    // SAFETY: `child_main` runs on `stack`, which outlives the child's use of it: with
-    // CLONE_VFORK this thread does not return from `clone` until the child has called
-    // `execve` (which replaces its memory) or `_exit`. `args` and `image` are live for the
-    // same reason. The child only makes async-signal-safe calls and raw system calls that
-    // affect itself alone (see `child_exec`), so the memory it shares stays untouched but
-    // for `errno`, which this thread does not read before its next call.
-    let pid = unsafe {
-        libc::clone(
-            child_main,
-            top.cast(),
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            std::ptr::from_ref(&args).cast_mut().cast(),
-        )
+    let pid = match cgroup {
+        Some(Cgroup { dir, procs }) => match clone_into_cgroup(dir, &args) {
+            Ok(pid) => pid,
+            // An older kernel: the child joins through `cgroup.procs` instead.
+            Err(libc::ENOSYS | libc::EINVAL | libc::E2BIG | libc::EOPNOTSUPP) => {
+                let args = ChildArgs {
+                    cgroup_procs: Some(procs),
+                    ..args
+                };
+                // SAFETY: as below.
+                unsafe { clone_sharing_memory(&args, top) }
+            }
+            Err(e) => return Err(e),
+        },
+        // SAFETY: see `clone_sharing_memory`: `top` is the end of `stack`, which outlives
+        // the child's use of it, and `args` points into this frame.
+        None => unsafe { clone_sharing_memory(&args, top) },
     };
     if pid < 0 {
         return Err(errno());
@@ -363,6 +374,85 @@ pub(crate) fn spawn(
         stdout: out_r,
         stderr: err_r,
     })
+}
+
+/// The `clone_args` of `clone3(2)` (version 2, with `cgroup`).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// `clone3`'s flag for starting the child in the cgroup `CloneArgs::cgroup` names (Linux 5.7).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Starts the child of `spawn` with `clone3(CLONE_VFORK | CLONE_INTO_CGROUP)`: it is in the
+/// cgroup whose directory is open as `dir` from its first instruction, with nothing to
+/// migrate (joining through `cgroup.procs` instead takes the cgroup lock for writing, which
+/// waits for an RCU grace period: milliseconds in an emulated guest). It gets a copy of this
+/// process's memory, as with `fork`, but this thread is suspended until it `execve`s or
+/// exits. Returns the child's pid, or the errno of `clone3` (ENOSYS, EINVAL or E2BIG on a
+/// kernel without it).
+fn clone_into_cgroup(dir: RawFd, args: &ChildArgs) -> Result<libc::pid_t, i32> {
+    let clone = CloneArgs {
+        flags: libc::CLONE_VFORK as u64 | CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: u64::try_from(dir).map_err(|_| libc::EBADF)?,
+        ..CloneArgs::default()
+    };
+    // SAFETY: `clone` is a valid `clone_args` of the size passed. Without CLONE_VM the child
+    // has a copy of this process's memory (and of this stack, so it returns here with 0); it
+    // only runs `child_exec`, which makes async-signal-safe and raw system calls on values
+    // in its own copy, and ends in `execve` or `_exit`: this thread, suspended by CLONE_VFORK
+    // meanwhile, shares nothing with it that it could change.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            std::ptr::from_ref(&clone),
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match pid {
+        // SAFETY: this is the child, with its own copy of `args` and the image it points to.
+        0 => unsafe { child_exec(args) },
+        p if p < 0 => Err(errno()),
+        p => libc::pid_t::try_from(p).map_err(|_| libc::EINVAL),
+    }
+}
+
+/// Starts the child of `spawn` the way `posix_spawn` does, sharing this process's memory
+/// (`clone(CLONE_VM | CLONE_VFORK)`) on the stack that ends at `top`. Returns what `clone`
+/// returns.
+///
+/// # Safety
+///
+/// `top` must be the 16-byte aligned end of a stack of [`CHILD_STACK`] bytes that outlives
+/// the call, and `args` must hold pointers valid until the child execs.
+unsafe fn clone_sharing_memory(args: &ChildArgs, top: *mut u8) -> libc::pid_t {
+    // SAFETY: `child_main` runs on the stack that ends at `top`, which outlives the child's
+    // use of it: with CLONE_VFORK this thread does not return from `clone` until the child has called
+    // `execve` (which replaces its memory) or `_exit`. `args` and `image` are live for the
+    // same reason. The child only makes async-signal-safe calls and raw system calls that
+    // affect itself alone (see `child_exec`), so the memory it shares stays untouched but
+    // for `errno`, which this thread does not read before its next call.
+    unsafe {
+        libc::clone(
+            child_main,
+            top.cast(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            std::ptr::from_ref(args).cast_mut().cast(),
+        )
+    }
 }
 
 /// The child's entry point on its own stack; never returns.
