@@ -50,14 +50,24 @@ const PIDS: u8 = 2;
 const CPU: u8 = 4;
 const CONTROLLERS: [(&str, u8); 3] = [("memory", MEMORY), ("pids", PIDS), ("cpu", CPU)];
 
+/// Most empty cgroups kept for the next executions (as many as can run at once): making and
+/// removing a cgroup with its controllers' files costs milliseconds in an emulated guest.
+const POOL: usize = agent_core::config::MAX_RUNNING;
+
 /// Longest a removal waits for a killed cgroup to empty.
 const EMPTY_WAIT: Duration = Duration::from_secs(1);
 
-/// A new execution's cgroup, open: its directory (for `clone3`'s `CLONE_INTO_CGROUP`) and its
+/// An execution's cgroup, open: its directory (for `clone3`'s `CLONE_INTO_CGROUP`) and its
 /// `cgroup.procs` (for a kernel without it).
 pub(crate) struct CgroupFiles {
     dir: OwnedFd,
     procs: OwnedFd,
+    /// The limits written to it, as controller bits.
+    limited: u8,
+    /// Its processes were killed through `cgroup.kill`: it is not used again (a process
+    /// started into a cgroup killed before, with `CLONE_INTO_CGROUP`, was seen killed at once
+    /// on Linux 6.18).
+    pub(crate) killed: bool,
 }
 
 impl CgroupFiles {
@@ -79,6 +89,8 @@ pub(crate) struct Cgroups {
     /// The kernel has `cgroup.kill` (Linux 5.14).
     has_kill: bool,
     next: u64,
+    /// Empty cgroups of ended executions, ready for the next ones.
+    idle: Vec<(u64, CgroupFiles)>,
     path: sys::PathBuf,
     digits: [u8; 20],
 }
@@ -108,6 +120,7 @@ impl Cgroups {
             has_kill: Path::new(&base).join("cgroup.kill").exists(),
             base,
             next: 1,
+            idle: Vec::with_capacity(POOL),
             path: sys::PathBuf::new(),
             digits: [0; 20],
         };
@@ -158,21 +171,28 @@ impl Cgroups {
         self.path.set(&[&self.base, "/exec-", digits, leaf])
     }
 
-    /// Creates the cgroup of a new execution with `limits`; returns its number and its
-    /// directory and `cgroup.procs`, open, for the child to start in.
+    /// The cgroup of a new execution, with `limits`: an idle one of an ended execution, or a
+    /// new one. Returns its number and its files, open, for the child to start in.
     pub(crate) fn create(&mut self, limits: &Limits) -> Result<(u64, CgroupFiles), Errno> {
-        let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(libc::EIO);
-        let wanted = [
-            (limits.memory_max.is_some(), MEMORY),
-            (limits.pids_max.is_some(), PIDS),
-            (limits.cpu_max_percent.is_some(), CPU),
-        ];
-        if wanted
-            .iter()
-            .any(|(set, bit)| *set && self.controllers & bit == 0)
-        {
+        let wanted = limit_bits(limits);
+        if wanted & !self.controllers != 0 {
             return Err(libc::EOPNOTSUPP);
         }
+        if let Some((n, mut files)) = self.idle.pop() {
+            match self.apply(n, limits, files.limited) {
+                Ok(()) => {
+                    files.limited = wanted;
+                    return Ok((n, files));
+                }
+                Err(_) => self.discard(n),
+            }
+        }
+        self.make(limits)
+    }
+
+    /// A new cgroup with `limits`.
+    fn make(&mut self, limits: &Limits) -> Result<(u64, CgroupFiles), Errno> {
+        let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(libc::EIO);
         let mut n = self.next;
         let mut tries = 0;
         loop {
@@ -186,40 +206,78 @@ impl Cgroups {
                 Err(e) => return Err(errno(e)),
             }
         }
-        let result = self.apply(n, limits).and_then(|()| {
+        let result = self.apply(n, limits, 0).and_then(|()| {
             let dir = sys::open(self.file(n, "")?, libc::O_RDONLY | libc::O_DIRECTORY, 0)
                 .map_err(errno)?;
             let procs =
                 sys::open(self.file(n, "/cgroup.procs")?, libc::O_WRONLY, 0).map_err(errno)?;
-            Ok(CgroupFiles { dir, procs })
+            Ok(CgroupFiles {
+                dir,
+                procs,
+                limited: limit_bits(limits),
+                killed: false,
+            })
         });
         match result {
-            Ok(fd) => Ok((n, fd)),
+            Ok(files) => Ok((n, files)),
             Err(e) => {
-                if let Ok(dir) = self.file(n, "") {
-                    let _ = sys::rmdir(dir);
-                }
+                self.discard(n);
                 Err(e)
             }
         }
     }
 
-    fn apply(&mut self, n: u64, limits: &Limits) -> Result<(), Errno> {
+    /// An ended execution's cgroup: kept for the next one if it is empty and the pool has
+    /// room, else emptied and removed.
+    pub(crate) fn recycle(&mut self, n: u64, files: CgroupFiles, scratch: &mut [u8]) {
+        if !files.killed && self.idle.len() < POOL && self.is_empty(n, scratch) {
+            self.idle.push((n, files));
+        } else {
+            drop(files);
+            self.remove(n, scratch);
+        }
+    }
+
+    /// Removes cgroup `n`, which has never held a process.
+    fn discard(&mut self, n: u64) {
+        if let Ok(dir) = self.file(n, "") {
+            let _ = sys::rmdir(dir);
+        }
+    }
+
+    /// Writes `limits` to cgroup `n`, and lifts those of `before` (controller bits) that
+    /// `limits` does not set.
+    fn apply(&mut self, n: u64, limits: &Limits, before: u8) -> Result<(), Errno> {
         let mut digits = [0u8; 20];
-        if let Some(bytes) = limits.memory_max {
-            let value = sys::format_u64(bytes, &mut digits);
-            self.write(n, "/memory.max", &[value])?;
-            // No swap either: the limit is on what the execution may use at all.
-            let _ = self.write(n, "/memory.swap.max", &["0"]);
+        match limits.memory_max {
+            Some(bytes) => {
+                let value = sys::format_u64(bytes, &mut digits);
+                self.write(n, "/memory.max", &[value])?;
+                // No swap either: the limit is on what the execution may use at all.
+                let _ = self.write(n, "/memory.swap.max", &["0"]);
+            }
+            None if before & MEMORY != 0 => {
+                self.write(n, "/memory.max", &["max"])?;
+                let _ = self.write(n, "/memory.swap.max", &["max"]);
+            }
+            None => {}
         }
-        if let Some(pids) = limits.pids_max {
-            let value = sys::format_u64(u64::from(pids), &mut digits);
-            self.write(n, "/pids.max", &[value])?;
+        match limits.pids_max {
+            Some(pids) => {
+                let value = sys::format_u64(u64::from(pids), &mut digits);
+                self.write(n, "/pids.max", &[value])?;
+            }
+            None if before & PIDS != 0 => self.write(n, "/pids.max", &["max"])?,
+            None => {}
         }
-        if let Some(percent) = limits.cpu_max_percent {
-            // "$QUOTA $PERIOD" in microseconds: the percentage of one CPU per 100 ms.
-            let quota = sys::format_u64(u64::from(percent).saturating_mul(1000), &mut digits);
-            self.write(n, "/cpu.max", &[quota, " 100000"])?;
+        match limits.cpu_max_percent {
+            Some(percent) => {
+                // "$QUOTA $PERIOD" in microseconds: the percentage of one CPU per 100 ms.
+                let quota = sys::format_u64(u64::from(percent).saturating_mul(1000), &mut digits);
+                self.write(n, "/cpu.max", &[quota, " 100000"])?;
+            }
+            None if before & CPU != 0 => self.write(n, "/cpu.max", &["max 100000"])?,
+            None => {}
         }
         Ok(())
     }
@@ -307,6 +365,28 @@ impl Cgroups {
             let _ = sys::rmdir(dir);
         }
     }
+}
+
+impl Drop for Cgroups {
+    /// The idle cgroups go with the agent (a killed agent's are removed by the next one).
+    fn drop(&mut self) {
+        while let Some((n, files)) = self.idle.pop() {
+            drop(files);
+            self.discard(n);
+        }
+    }
+}
+
+/// The controllers `limits` needs, as bits.
+fn limit_bits(limits: &Limits) -> u8 {
+    [
+        (limits.memory_max.is_some(), MEMORY),
+        (limits.pids_max.is_some(), PIDS),
+        (limits.cpu_max_percent.is_some(), CPU),
+    ]
+    .iter()
+    .filter(|(set, _)| *set)
+    .fold(0, |bits, (_, bit)| bits | bit)
 }
 
 fn cstring(path: &str) -> Result<CString, String> {

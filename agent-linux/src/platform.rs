@@ -11,7 +11,7 @@ use agent_core::platform::{
 };
 use ring_protocol::message::Stream;
 
-use crate::contain::Cgroups;
+use crate::contain::{CgroupFiles, Cgroups};
 use crate::log::Log;
 use crate::sys;
 
@@ -21,8 +21,8 @@ pub(crate) struct Process {
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
     reaped: bool,
-    /// Its cgroup's number, when executions are contained in cgroups.
-    cgroup: Option<u64>,
+    /// Its cgroup's number and files, when executions are contained in cgroups.
+    cgroup: Option<(u64, CgroupFiles)>,
 }
 
 impl Process {
@@ -36,7 +36,11 @@ impl Process {
 }
 
 /// The live processes in the process group `pgid` (a scan of /proc; zombies do not count).
+/// A group with no process at all, the usual case, costs one system call.
 fn group_size(pgid: libc::pid_t) -> u32 {
+    if !sys::group_exists(pgid) {
+        return 0;
+    }
     let mut count = 0u32;
     sys::for_each_pid(|pid| {
         if sys::live_process_group(pid) == Some(pgid) {
@@ -282,7 +286,6 @@ impl Platform for LinuxPlatform {
             &creds,
             cgroup.as_ref().map(|(_, files)| files.raw()),
         );
-        let cgroup = cgroup.map(|(n, _files)| n);
         match child {
             Ok(child) => Ok(Process {
                 pid: child.pid,
@@ -292,8 +295,8 @@ impl Platform for LinuxPlatform {
                 cgroup,
             }),
             Err(e) => {
-                if let (Some(c), Some(n)) = (self.cgroups.as_mut(), cgroup) {
-                    c.remove(n, &mut self.scratch[..]);
+                if let (Some(c), Some((n, files))) = (self.cgroups.as_mut(), cgroup) {
+                    c.recycle(n, files, &mut self.scratch[..]);
                 }
                 Err(e)
             }
@@ -337,14 +340,15 @@ impl Platform for LinuxPlatform {
         };
         // The group outlives the leader when children linger: signal it even once reaped.
         sys::kill_group(p.pid, sig);
-        if let (Some(c), Some(n)) = (self.cgroups.as_mut(), p.cgroup) {
-            c.signal(n, sig, &mut self.scratch[..]);
+        if let (Some(c), Some((n, files))) = (self.cgroups.as_mut(), p.cgroup.as_mut()) {
+            c.signal(*n, sig, &mut self.scratch[..]);
+            files.killed |= sig == libc::SIGKILL;
         }
     }
 
     fn kill_leftovers(&mut self, p: &mut Process) -> u32 {
-        let left = match (self.cgroups.as_mut(), p.cgroup) {
-            (Some(c), Some(n)) => c.count(n, &mut self.scratch[..]),
+        let left = match (self.cgroups.as_mut(), p.cgroup.as_ref()) {
+            (Some(c), Some((n, _))) => c.count(*n, &mut self.scratch[..]),
             _ => group_size(p.pid),
         };
         if left > 0 {
@@ -354,8 +358,8 @@ impl Platform for LinuxPlatform {
     }
 
     fn leftovers_gone(&mut self, p: &mut Process) -> bool {
-        let gone = match (self.cgroups.as_mut(), p.cgroup) {
-            (Some(c), Some(n)) => c.is_empty(n, &mut self.scratch[..]),
+        let gone = match (self.cgroups.as_mut(), p.cgroup.as_ref()) {
+            (Some(c), Some((n, _))) => c.is_empty(*n, &mut self.scratch[..]),
             _ => group_size(p.pid) == 0,
         };
         if !gone {
@@ -373,8 +377,8 @@ impl Platform for LinuxPlatform {
                 std::thread::yield_now();
             }
         }
-        if let (Some(c), Some(n)) = (self.cgroups.as_mut(), p.cgroup) {
-            c.remove(n, &mut self.scratch[..]);
+        if let (Some(c), Some((n, files))) = (self.cgroups.as_mut(), p.cgroup.take()) {
+            c.recycle(n, files, &mut self.scratch[..]);
         }
     }
 

@@ -580,6 +580,12 @@ pub(crate) fn try_wait(pid: libc::pid_t) -> Option<WaitStatus> {
     }
 }
 
+/// Whether the process group `pgid` has any process in it (zombies included).
+pub(crate) fn group_exists(pgid: libc::pid_t) -> bool {
+    // SAFETY: `kill` takes plain values; signal 0 only checks that the group exists.
+    unsafe { libc::kill(-pgid, 0) == 0 || errno() != libc::ESRCH }
+}
+
 /// Sends `sig` to the process group `pgid`.
 pub(crate) fn kill_group(pgid: libc::pid_t, sig: c_int) {
     // SAFETY: `kill` takes plain values; a negative pid addresses the group.

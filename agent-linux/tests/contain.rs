@@ -234,14 +234,33 @@ fn test_cgroup(name: &str) -> Option<PathBuf> {
     }
 }
 
-/// The `exec-*` cgroups left in `dir`.
-fn exec_cgroups(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
+/// The `exec-*` cgroups in `dir`, and how many of them hold a process.
+fn exec_cgroups(dir: &Path) -> (usize, usize) {
+    let names: Vec<_> = std::fs::read_dir(dir)
         .expect("cgroup dir")
         .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("exec-"))
-        .collect()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("exec-"))
+        .collect();
+    let populated = names
+        .iter()
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("cgroup.events"))
+                .is_ok_and(|t| t.lines().any(|l| l == "populated 1"))
+        })
+        .count();
+    (names.len(), populated)
+}
+
+/// The cgroup the `where` command runs in.
+fn cgroup_of(h: &mut Harness) -> String {
+    let id = h.exec("where", &[], None).expect("accepted");
+    let ended = h.collect(id, Duration::from_secs(10));
+    assert_eq!(ended.outcome(), Outcome::Exited(0));
+    let out = String::from_utf8_lossy(&ended.stdout).into_owned();
+    out.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 line")
+        .to_owned()
 }
 
 #[test]
@@ -267,12 +286,16 @@ fn cgroups_hold_what_left_the_process_group_and_are_removed_after() {
         "escape-and-wait",
         &[marks[0].clone(), marks[1].clone(), marks[2].clone()],
     );
-    // Nothing left behind: no leftovers, no cgroup.
+    // Nothing left behind: an execution whose leftovers were killed leaves no cgroup...
     assert_eq!(
         run(&mut h, "leave", &marks[3]),
         (Outcome::Exited(0), Some(1))
     );
-    assert_eq!(exec_cgroups(&dir), [] as [String; 0]);
+    assert_eq!(exec_cgroups(&dir), (0, 0));
+    // ...and one that ended clean leaves its cgroup, empty, to the next execution.
+    let first = cgroup_of(&mut h);
+    assert_eq!(exec_cgroups(&dir), (1, 0));
+    assert_eq!(cgroup_of(&mut h), first, "the idle cgroup is used again");
 
     // Limits where the cgroup has the controller; otherwise refused.
     let controllers =
@@ -304,11 +327,16 @@ fn cgroups_hold_what_left_the_process_group_and_are_removed_after() {
     let _ = id;
     h.signal(libc::SIGKILL);
     let _ = h.agent.take().expect("running").wait();
-    assert_eq!(exec_cgroups(&dir).len(), 1);
+    assert_eq!(exec_cgroups(&dir).1, 1, "the running execution's cgroup");
     h.spawn_agent();
     h.hello();
-    assert_eq!(exec_cgroups(&dir), [] as [String; 0]);
+    assert_eq!(exec_cgroups(&dir), (0, 0));
     assert_eq!(alive(&marks[0]), [] as [u32; 0]);
+    // An agent that stops removes the cgroups it kept.
+    cgroup_of(&mut h);
+    assert_eq!(exec_cgroups(&dir), (1, 0));
+    assert!(h.stop_agent().success());
+    assert_eq!(exec_cgroups(&dir), (0, 0));
     drop(h);
     std::fs::remove_dir(&dir).expect("the test's cgroup is empty");
 }
@@ -335,13 +363,8 @@ fn an_agent_in_a_cgroup_of_its_own_moves_into_a_leaf_and_makes_its_executions_be
         .unwrap_or("");
     assert!(own.ends_with("/agent"), "the agent is in {own}");
     // An execution's cgroup is a sibling of the agent's leaf.
-    let id = h.exec("where", &[], None).expect("accepted");
-    let ended = h.collect(id, Duration::from_secs(10));
-    let out = String::from_utf8_lossy(&ended.stdout).into_owned();
-    let path = out
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .expect("cgroup");
+    let path = cgroup_of(&mut h);
+    let out = path.clone();
     let (parent, leaf) = path.rsplit_once('/').expect("a path");
     assert_eq!(
         Some(parent),

@@ -204,6 +204,22 @@ fn a_real_guest_contains_executions_in_cgroups_and_runs_users_with_their_groups(
         "memory.max 67108864\npids.max 16\ncpu.max 50000 100000\n"
     );
 
+    // The next execution is given the same cgroup, idle since, without those limits.
+    let id = push_and_start(
+        &mut h,
+        9,
+        "#!/bin/sh\ncg=/sys/fs/cgroup$(sed -n 's/^0:://p' /proc/self/cgroup)\n\
+         cat $cg/memory.max $cg/pids.max $cg/cpu.max\n",
+        20_000,
+    );
+    let run = h.collect(id, Duration::from_secs(30));
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout),
+        "max\nmax\nmax 100000\n",
+        "stderr: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
     // A child in a session of its own, left running and holding the output pipe: killed
     // at the end, which says so.
     let id = push_and_start(
@@ -244,13 +260,14 @@ fn a_real_guest_contains_executions_in_cgroups_and_runs_users_with_their_groups(
     let id = push_and_start(
         &mut h,
         4,
-        "#!/bin/sh\necho \"left: $(ps | grep -c '[s]leep 77[789]')\"\nls /sys/fs/cgroup/portless-agent | grep -c '^exec-'\n",
+        "#!/bin/sh\necho \"left: $(ps | grep -c '[s]leep 77[789]')\"\n\
+         grep -l 'populated 1' /sys/fs/cgroup/portless-agent/exec-*/cgroup.events | wc -l\n",
         20_000,
     );
     let run = h.collect(id, Duration::from_secs(30));
     assert_eq!(
         String::from_utf8_lossy(&run.stdout),
         "left: 0\n1\n",
-        "only the checking script's own cgroup is there"
+        "only the checking script's cgroup holds processes"
     );
 }
