@@ -435,6 +435,24 @@ fn zombies_of(pid: u32) -> Vec<String> {
 fn the_steady_state_allocates_nothing_and_leaves_no_zombie() {
     let dir = common::scratch_dir("steady-config");
     let mut h = Harness::start("steady", &push_config(&dir));
+    steady_state(&mut h);
+}
+
+#[test]
+fn the_steady_state_allocates_nothing_with_a_cgroup_per_execution_either() {
+    let Some(cgroup) = common::test_cgroup("steady") else {
+        return;
+    };
+    let dir = common::scratch_dir("steady-cgroup-config");
+    let mut h = Harness::start_in_cgroup("steady-cgroup", &push_config(&dir), &cgroup);
+    steady_state(&mut h);
+    assert!(h.stop_agent().success());
+    std::fs::remove_dir(&cgroup).expect("the agent removed its cgroups");
+}
+
+/// Runs a workload of every kind of request four times: the agent's heap allocations after
+/// the first round and after the last must be the same, and it must leave no zombie.
+fn steady_state(h: &mut Harness) {
     h.hello();
     let workload = |h: &mut Harness, round: u64| {
         for k in 0..3 {
@@ -500,12 +518,12 @@ fn the_steady_state_allocates_nothing_and_leaves_no_zombie() {
             std::thread::sleep(Duration::from_millis(10));
         }
     };
-    workload(&mut h, 1);
-    let warm = allocations(&mut h);
+    workload(h, 1);
+    let warm = allocations(h);
     for round in 2..5 {
-        workload(&mut h, round);
+        workload(h, round);
     }
-    let after = allocations(&mut h);
+    let after = allocations(h);
     assert_eq!(
         after,
         warm,

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{CONFIG, Harness};
+use common::{CONFIG, Harness, test_cgroup};
 use ring_protocol::message::{HostToAgent, Outcome};
 
 /// Commands that leave a `sleep` behind in different ways; `{s}` is its seconds, the mark a
@@ -198,40 +198,6 @@ fn process_groups_a_background_child_is_killed_when_its_execution_ends() {
         "{}",
         h.log()
     );
-}
-
-/// A cgroup v2 directory of this test's own, below the test process's cgroup; `None` (the
-/// test is skipped) where the host has no cgroup v2 this process may write.
-fn test_cgroup(name: &str) -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mount = info.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        (right.split(' ').next() == Some("cgroup2")).then(|| {
-            let mut f = left.split(' ');
-            (f.nth(3).map(str::to_owned), f.next().map(str::to_owned))
-        })
-    })?;
-    let (Some(root), Some(point)) = mount else {
-        return None;
-    };
-    if root != "/" {
-        return None;
-    }
-    let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let own = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let dir = Path::new(&point)
-        .join(own.trim_start_matches('/'))
-        .join(format!("portless-test-{}-{name}", std::process::id()));
-    match std::fs::create_dir(&dir) {
-        Ok(()) => Some(dir),
-        Err(e) => {
-            eprintln!(
-                "skipped: no cgroup v2 to write here ({}: {e})",
-                dir.display()
-            );
-            None
-        }
-    }
 }
 
 /// The `exec-*` cgroups in `dir`, and how many of them hold a process.

@@ -758,3 +758,37 @@ cwd = "/"
 name = "nothere"
 program = "/nonexistent/program"
 "#;
+
+/// A cgroup v2 directory of this test's own, below the test process's cgroup; `None` (the
+/// test is skipped) where the host has no cgroup v2 this process may write.
+pub fn test_cgroup(name: &str) -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = info.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split(' ').next() == Some("cgroup2")).then(|| {
+            let mut f = left.split(' ');
+            (f.nth(3).map(str::to_owned), f.next().map(str::to_owned))
+        })
+    })?;
+    let (Some(root), Some(point)) = mount else {
+        return None;
+    };
+    if root != "/" {
+        return None;
+    }
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let own = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let dir = Path::new(&point)
+        .join(own.trim_start_matches('/'))
+        .join(format!("portless-test-{}-{name}", std::process::id()));
+    match std::fs::create_dir(&dir) {
+        Ok(()) => Some(dir),
+        Err(e) => {
+            eprintln!(
+                "skipped: no cgroup v2 to write here ({}: {e})",
+                dir.display()
+            );
+            None
+        }
+    }
+}
