@@ -11,66 +11,43 @@ use std::time::{Duration, Instant};
 use common::{CONFIG, Harness, test_cgroup};
 use ring_protocol::message::{HostToAgent, Outcome};
 
-/// Commands that leave a `sleep` behind in different ways; `{s}` is its seconds, the mark a
-/// test finds it by.
-const COMMANDS: &str = r#"
-[[command]]
-name = "leave"
-program = "/bin/sh"
-args = ["-c", "sleep \"$1\" >/dev/null 2>&1 & echo started", "sh", "{s}"]
+/// A command that runs the shell line `script` with `$1` the test's mark (the seconds of the
+/// `sleep` it leaves behind), and `timeout_ms` if given.
+fn marked(name: &str, script: &str, timeout_ms: Option<u32>) -> String {
+    let timeout = timeout_ms.map_or_else(String::new, |t| format!("timeout_ms = {t}\n"));
+    format!(
+        "\n[[command]]\nname = \"{name}\"\nprogram = \"/bin/sh\"\n\
+         args = [\"-c\", {script:?}, \"sh\", \"{{s}}\"]\n{timeout}\n\
+         [[command.param]]\nname = \"s\"\nkind = \"integer\"\nmin = 1\nmax = 100000000\n"
+    )
+}
 
-[[command.param]]
-name = "s"
-kind = "integer"
-min = 1
-max = 100000000
-
-[[command]]
-name = "leave-and-wait"
-program = "/bin/sh"
-args = ["-c", "sleep \"$1\" >/dev/null 2>&1 & exec sleep 1000", "sh", "{s}"]
-timeout_ms = 700
-
-[[command.param]]
-name = "s"
-kind = "integer"
-min = 1
-max = 100000000
-
-[[command]]
-name = "escape"
-program = "/bin/sh"
-args = ["-c", "setsid sleep \"$1\" & echo started", "sh", "{s}"]
-
-[[command.param]]
-name = "s"
-kind = "integer"
-min = 1
-max = 100000000
-
-[[command]]
-name = "escape-and-wait"
-program = "/bin/sh"
-args = ["-c", "setsid sleep \"$1\" >/dev/null 2>&1 & exec sleep 1000", "sh", "{s}"]
-timeout_ms = 700
-
-[[command.param]]
-name = "s"
-kind = "integer"
-min = 1
-max = 100000000
-
-[[command]]
-name = "where"
-program = "/bin/cat"
-args = ["/proc/self/cgroup"]
-
-[[command]]
-name = "limited"
-program = "/bin/cat"
-args = ["/proc/self/cgroup"]
-pids_max = 32
-"#;
+/// The allow-list of these tests: commands that leave a `sleep` behind in different ways
+/// (in the background, or in a session of their own; with a leader that exits at once, or
+/// one that waits and is timed out or cancelled), one that says where it runs, and one with
+/// a limit.
+fn config() -> String {
+    [
+        CONFIG.to_owned(),
+        marked("leave", r#"sleep "$1" >/dev/null 2>&1 & echo started"#, None),
+        marked(
+            "leave-and-wait",
+            r#"sleep "$1" >/dev/null 2>&1 & exec sleep 1000"#,
+            Some(700),
+        ),
+        marked("escape", r#"setsid sleep "$1" & echo started"#, None),
+        marked(
+            "escape-and-wait",
+            r#"setsid sleep "$1" >/dev/null 2>&1 & exec sleep 1000"#,
+            Some(700),
+        ),
+        "\n[[command]]\nname = \"where\"\nprogram = \"/bin/cat\"\nargs = [\"/proc/self/cgroup\"]\n\
+         \n[[command]]\nname = \"limited\"\nprogram = \"/bin/cat\"\nargs = [\"/proc/self/cgroup\"]\n\
+         pids_max = 32\n"
+            .to_owned(),
+    ]
+    .concat()
+}
 
 /// A number of seconds for `sleep` that marks it as this test's.
 fn mark(k: u32) -> String {
@@ -177,7 +154,7 @@ fn nothing_outlives(h: &mut Harness, leave: &str, wait: &str, marks: &[String; 3
 fn process_groups_a_background_child_is_killed_when_its_execution_ends() {
     let marks = [mark(1), mark(2), mark(3)];
     let _sweep = Sweep(marks.to_vec());
-    let mut h = Harness::start("contain-pgroup", &format!("{CONFIG}{COMMANDS}"));
+    let mut h = Harness::start("contain-pgroup", &config());
     start(&mut h);
     assert!(
         h.log().contains("containment: process groups"),
@@ -236,7 +213,7 @@ fn cgroups_hold_what_left_the_process_group_and_are_removed_after() {
     };
     let marks = [mark(11), mark(12), mark(13), mark(14)];
     let _sweep = Sweep(marks.to_vec());
-    let mut h = Harness::start_in_cgroup("contain-cgroup", &format!("{CONFIG}{COMMANDS}"), &dir);
+    let mut h = Harness::start_in_cgroup("contain-cgroup", &config(), &dir);
     start(&mut h);
     assert!(
         h.log().contains("containment: a cgroup per execution"),
@@ -313,7 +290,7 @@ fn an_agent_in_a_cgroup_of_its_own_moves_into_a_leaf_and_makes_its_executions_be
     let Some(service) = test_cgroup("service") else {
         return;
     };
-    let config = format!("{CONFIG}{COMMANDS}");
+    let config = config();
     let mut h = Harness::start_as_service_in("contain-service", &config, &service);
     start(&mut h);
     let log = h.log();

@@ -404,7 +404,7 @@ impl App {
         headers: &HeaderMap,
         action: &Action<'_>,
         id: u64,
-    ) -> ApiResult<ExecutionRecord> {
+    ) -> ApiResult<(ExecutionRecord, &Principal)> {
         let target = Some(format!("execution {id}"));
         let rec = match self.execution(id).await {
             Ok(r) => r,
@@ -424,26 +424,9 @@ impl App {
             )));
         };
         let owner = Some((rec.principal.as_str(), id));
-        self.authorize_for(peer, headers, action, Some(vm), owner, target)
+        let principal = self
+            .authorize_for(peer, headers, action, Some(vm), owner, target)
             .await?;
-        Ok(rec)
-    }
-
-    /// [`authorize_execution`](Self::authorize_execution), also giving the caller's
-    /// principal.
-    async fn authorize_execution_as(
-        &self,
-        peer: &Peer,
-        headers: &HeaderMap,
-        action: &Action<'_>,
-        id: u64,
-    ) -> ApiResult<(ExecutionRecord, &Principal)> {
-        let rec = self.authorize_execution(peer, headers, action, id).await?;
-        // Identified just now, so it is identified again (without a second audit entry).
-        let principal = caller(peer, headers)
-            .ok()
-            .and_then(|c| self.policy.identify(&c))
-            .ok_or_else(|| ApiError(StatusCode::FORBIDDEN, "unidentified caller".into()))?;
         Ok((rec, principal))
     }
 }
@@ -1183,10 +1166,10 @@ async fn execution(
     headers: HeaderMap,
     Path(id): Path<u64>,
 ) -> ApiResult<Json<ExecutionRecord>> {
-    Ok(Json(
-        app.authorize_execution(&peer, &headers, &Action::ReadExecution, id)
-            .await?,
-    ))
+    let (rec, _) = app
+        .authorize_execution(&peer, &headers, &Action::ReadExecution, id)
+        .await?;
+    Ok(Json(rec))
 }
 
 #[derive(Deserialize)]
@@ -1273,7 +1256,7 @@ async fn follow(
     Path(id): Path<u64>,
 ) -> ApiResult<Response> {
     let (_, principal) = app
-        .authorize_execution_as(&peer, &headers, &Action::ReadExecution, id)
+        .authorize_execution(&peer, &headers, &Action::ReadExecution, id)
         .await?;
     let Some(slot) = app.callers.open_follow(principal.name()) else {
         return Err(ApiError(
@@ -1367,7 +1350,7 @@ async fn cancel(
     headers: HeaderMap,
     Path(id): Path<u64>,
 ) -> ApiResult<Response> {
-    let rec = app
+    let (rec, _) = app
         .authorize_execution(&peer, &headers, &Action::Cancel, id)
         .await?;
     if rec.state.is_final() {
