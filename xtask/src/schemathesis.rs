@@ -211,6 +211,9 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
     let url = format!("http://127.0.0.1:{port}");
     let auth = format!("Authorization: Bearer {TOKEN}");
     let examples = MAX_EXAMPLES.to_string();
+    // In the run's own directory: schemathesis keeps a cache of failures where it runs, which
+    // would make the next run depend on this one.
+    let _cwd = sh.push_dir(&dir);
     let out = cmd!(
         sh,
         "{schemathesis} run {document} --url {url} -H {auth} --checks all --workers 2
