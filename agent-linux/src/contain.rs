@@ -68,6 +68,9 @@ pub(crate) struct CgroupFiles {
     /// started into a cgroup killed before, with `CLONE_INTO_CGROUP`, was seen killed at once
     /// on Linux 6.18).
     pub(crate) killed: bool,
+    /// Found empty after its leader was reaped: nothing can enter it again, so it needs no
+    /// second look before it is kept for the next execution.
+    pub(crate) seen_empty: bool,
 }
 
 impl CgroupFiles {
@@ -182,6 +185,7 @@ impl Cgroups {
             match self.apply(n, limits, files.limited) {
                 Ok(()) => {
                     files.limited = wanted;
+                    files.seen_empty = false;
                     return Ok((n, files));
                 }
                 Err(_) => self.discard(n),
@@ -216,6 +220,7 @@ impl Cgroups {
                 procs,
                 limited: limit_bits(limits),
                 killed: false,
+                seen_empty: false,
             })
         });
         match result {
@@ -230,7 +235,10 @@ impl Cgroups {
     /// An ended execution's cgroup: kept for the next one if it is empty and the pool has
     /// room, else emptied and removed.
     pub(crate) fn recycle(&mut self, n: u64, files: CgroupFiles, scratch: &mut [u8]) {
-        if !files.killed && self.idle.len() < POOL && self.is_empty(n, scratch) {
+        if !files.killed
+            && self.idle.len() < POOL
+            && (files.seen_empty || self.is_empty(n, scratch))
+        {
             self.idle.push((n, files));
         } else {
             drop(files);

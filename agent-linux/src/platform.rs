@@ -347,8 +347,12 @@ impl Platform for LinuxPlatform {
     }
 
     fn kill_leftovers(&mut self, p: &mut Process) -> u32 {
-        let left = match (self.cgroups.as_mut(), p.cgroup.as_ref()) {
-            (Some(c), Some((n, _))) => c.count(*n, &mut self.scratch[..]),
+        let left = match (self.cgroups.as_mut(), p.cgroup.as_mut()) {
+            (Some(c), Some((n, files))) => {
+                let left = c.count(*n, &mut self.scratch[..]);
+                files.seen_empty = left == 0;
+                left
+            }
             _ => group_size(p.pid),
         };
         if left > 0 {
