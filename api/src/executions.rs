@@ -1,0 +1,349 @@
+//! Executions: running a command, an execution's record, its output, its end.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The longest time one `wait` request asks the daemon to hold (its own maximum is 300 s);
+/// [`Client::wait_final`](crate::Client::wait_final) asks again until the execution has
+/// ended.
+pub const WAIT_POLL_MS: u32 = 60_000;
+
+/// An execution's id: a number the daemon gives it when it is recorded, never reused.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct ExecutionId(pub u64);
+
+impl fmt::Display for ExecutionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl From<u64> for ExecutionId {
+    fn from(id: u64) -> Self {
+        Self(id)
+    }
+}
+
+impl std::str::FromStr for ExecutionId {
+    type Err = std::num::ParseIntError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(Self)
+    }
+}
+
+/// Where an execution is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecState {
+    /// Recorded; not yet accepted by the agent.
+    Pending,
+    /// Accepted and started by the agent.
+    Running,
+    /// Exited with code 0.
+    Succeeded,
+    /// Exited with another code, or killed by a signal Portless did not send.
+    Failed,
+    /// Killed after its timeout.
+    TimedOut,
+    /// Killed at a caller's request.
+    Cancelled,
+    /// The agent restarted or vanished while it ran.
+    AgentLost,
+    /// The VM did not become ready within the delivery timeout.
+    Undeliverable,
+    /// The agent (or the daemon's policy) refused it.
+    Rejected,
+    /// The agent could not start the program.
+    FailedToStart,
+    /// A state this client does not know; treated as final.
+    #[serde(other)]
+    Unknown,
+}
+
+impl ExecState {
+    /// Every state the daemon knows, in declaration order (not [`ExecState::Unknown`]).
+    pub const ALL: [ExecState; 10] = [
+        ExecState::Pending,
+        ExecState::Running,
+        ExecState::Succeeded,
+        ExecState::Failed,
+        ExecState::TimedOut,
+        ExecState::Cancelled,
+        ExecState::AgentLost,
+        ExecState::Undeliverable,
+        ExecState::Rejected,
+        ExecState::FailedToStart,
+    ];
+
+    /// The known state with this name (`timed_out`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// Whether the execution has ended: anything but pending and running.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::Pending | Self::Running)
+    }
+
+    /// The API's name of the state.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::TimedOut => "timed_out",
+            Self::Cancelled => "cancelled",
+            Self::AgentLost => "agent_lost",
+            Self::Undeliverable => "undeliverable",
+            Self::Rejected => "rejected",
+            Self::FailedToStart => "failed_to_start",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for ExecState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One of an execution's two output streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+impl Stream {
+    /// The API's name of the stream.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stdout => "stdout",
+            Self::Stderr => "stderr",
+        }
+    }
+}
+
+impl fmt::Display for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How much of one output stream the daemon holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamTotals {
+    /// Bytes kept, from offset 0.
+    #[serde(default)]
+    pub stored_len: u64,
+    /// Bytes the program produced (as far as received).
+    #[serde(default)]
+    pub total_len: u64,
+    /// Whether bytes were dropped for the daemon's cap.
+    #[serde(default)]
+    pub truncated: bool,
+}
+
+/// Everything the daemon records about one execution, except its output bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutionRecord {
+    /// Its id.
+    pub id: ExecutionId,
+    /// Who asked for it.
+    #[serde(default)]
+    pub principal: String,
+    /// The VM it runs on.
+    pub vm: String,
+    /// The command name.
+    pub command: String,
+    /// The argument values.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Where it is in its life.
+    pub state: ExecState,
+    /// When it was asked for (ms since the epoch).
+    #[serde(default)]
+    pub requested_at_ms: u64,
+    /// When the agent accepted it.
+    #[serde(default)]
+    pub started_at_ms: Option<u64>,
+    /// When it ended.
+    #[serde(default)]
+    pub finished_at_ms: Option<u64>,
+    /// How long it ran, as measured by the agent.
+    #[serde(default)]
+    pub duration_ms: Option<u64>,
+    /// The exit code, when the program exited.
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// The signal that killed it, when one did.
+    #[serde(default)]
+    pub signal: Option<i32>,
+    /// A one-line explanation of how it ended.
+    #[serde(default)]
+    pub detail: Option<String>,
+    /// The agent generation of its agent execution id, once accepted.
+    #[serde(default)]
+    pub agent_generation: Option<u32>,
+    /// The counter of its agent execution id, once accepted.
+    #[serde(default)]
+    pub agent_counter: Option<u32>,
+    /// The cap on bytes kept per stream.
+    #[serde(default)]
+    pub output_cap: u64,
+    /// Standard output.
+    #[serde(default)]
+    pub stdout: StreamTotals,
+    /// Standard error.
+    #[serde(default)]
+    pub stderr: StreamTotals,
+}
+
+impl StreamTotals {
+    /// The totals of a stream of which `stored_len` of `total_len` bytes are kept.
+    pub fn new(stored_len: u64, total_len: u64) -> Self {
+        Self {
+            stored_len,
+            total_len,
+            truncated: stored_len < total_len,
+        }
+    }
+}
+
+impl ExecutionRecord {
+    /// The totals of one stream.
+    pub fn totals(&self, stream: Stream) -> StreamTotals {
+        match stream {
+            Stream::Stdout => self.stdout,
+            Stream::Stderr => self.stderr,
+        }
+    }
+}
+
+/// `POST /v1/exec`: what to run where. Absent optional fields and `null` mean the same;
+/// integers may be written with a zero fraction (`5.0`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// `vm1`, `a,b`, `role=web` or `*`.
+    pub target: String,
+    /// The command name.
+    pub command: String,
+    /// The argument values.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// A timeout that overrides the command's, in milliseconds.
+    #[serde(default, deserialize_with = "whole_number")]
+    pub timeout_ms: Option<u32>,
+    /// At most this many running at once across the target's VMs.
+    #[serde(default, deserialize_with = "whole_number")]
+    pub max_concurrency: Option<usize>,
+    /// Stop dispatching once more than this many have failed.
+    #[serde(default, deserialize_with = "whole_number")]
+    pub max_errors: Option<usize>,
+}
+
+/// An optional integer that JSON may also write with a zero fraction (`5.0`, which JSON
+/// Schema counts as an integer too); anything else out of the type's range is an error.
+fn whole_number<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    use serde::de::Error;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let whole = n.as_u64().or_else(|| {
+        n.as_f64()
+            // `u64::MAX as f64` is 2^64, itself out of range.
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| f as u64)
+    });
+    let value = whole.ok_or_else(|| D::Error::custom(format!("{n} is not a whole number")))?;
+    T::try_from(value)
+        .map(Some)
+        .map_err(|_| D::Error::custom(format!("{n} is out of range")))
+}
+
+/// One VM's part of an exec, as dispatched.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dispatched {
+    /// The VM.
+    pub vm: String,
+    /// The execution's id; `None` only when its record could not be created.
+    #[serde(default)]
+    pub id: Option<ExecutionId>,
+    /// Its state once the agent accepted or refused it (`pending` when it could not be
+    /// read back).
+    pub state: ExecState,
+    /// Why it was refused, when it was.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl Dispatched {
+    /// Whether the execution was refused at dispatch: it has no id, an error, or already
+    /// ended in a state in which Portless could not run it.
+    pub fn refused(&self) -> bool {
+        self.id.is_none()
+            || self.error.is_some()
+            || matches!(
+                self.state,
+                ExecState::Rejected
+                    | ExecState::Undeliverable
+                    | ExecState::AgentLost
+                    | ExecState::FailedToStart
+            )
+    }
+}
+
+/// `POST /v1/exec`'s answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecResponse {
+    /// One entry per VM dispatched to (or refused), in VM order.
+    #[serde(default)]
+    pub executions: Vec<Dispatched>,
+    /// VMs not dispatched to because `max_errors` was exceeded.
+    #[serde(default)]
+    pub skipped: Vec<String>,
+}
+
+/// `GET /v1/executions`: executions, newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutionList {
+    /// The records.
+    pub executions: Vec<ExecutionRecord>,
+}
+
+/// A range of one stream's kept output (`GET /v1/executions/{id}/output`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutputChunk {
+    /// The bytes.
+    pub data: Vec<u8>,
+    /// Bytes of the stream kept by the daemon.
+    pub stored_len: u64,
+    /// Bytes of the stream produced.
+    pub total_len: u64,
+    /// Whether bytes were dropped for the cap.
+    pub truncated: bool,
+}
+
+/// `POST /v1/executions/{id}/cancel`'s answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelResponse {
+    /// The execution.
+    pub id: ExecutionId,
+    /// Its state when the daemon answered.
+    pub state: ExecState,
+}
+
