@@ -107,4 +107,3 @@ impl AuditQuery {
         q.0
     }
 }
-

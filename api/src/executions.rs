@@ -346,4 +346,3 @@ pub struct CancelResponse {
     /// Its state when the daemon answered.
     pub state: ExecState,
 }
-

@@ -38,12 +38,12 @@ pub use client::{Client, ClientError, Endpoint, Follow, RawResponse, encode, err
 pub use daemon::DaemonState;
 pub use events::{FollowEvent, FollowLine, MAX_FOLLOW_LINE, parse_follow_line};
 pub use executions::{
-    CancelResponse, Dispatched, ExecRequest, ExecResponse, ExecState, ExecutionId,
-    ExecutionList, ExecutionRecord, OutputChunk, Stream, StreamTotals, WAIT_POLL_MS,
+    CancelResponse, Dispatched, ExecRequest, ExecResponse, ExecState, ExecutionId, ExecutionList,
+    ExecutionRecord, OutputChunk, Stream, StreamTotals, WAIT_POLL_MS,
 };
 pub use vms::{
-    AgentCounters, CommandInfo, CommandList, CutOff, Metrics, MetricsResponse, Param,
-    PingResponse, PushOutcome, PushRequest, PushResponse, VmInfo, VmList, VmState,
+    AgentCounters, CommandInfo, CommandList, CutOff, Metrics, MetricsResponse, Param, PingResponse,
+    PushOutcome, PushRequest, PushResponse, VmInfo, VmList, VmState,
 };
 
 /// The OpenAPI 3.1 document of the API (`openapi.json` at the crate root).

@@ -296,4 +296,3 @@ pub struct MetricsResponse {
     /// Its figures.
     pub metrics: Metrics,
 }
-

@@ -13,12 +13,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use tokio::sync::broadcast;
 
-use crate::api::{self, App, Peer};
-use crate::callers::Callers;
 use crate::config::{ChannelConfig, HostConfig, UnixUser, VmConfig};
-use crate::memory::GuestRegion;
-use crate::policy::Policy;
+use crate::http::callers::Callers;
+use crate::http::policy::Policy;
+use crate::http::{self, App, Peer};
 use crate::records::{Op, Records, StoreLimits, Writer};
+use crate::vm::memory::GuestRegion;
 use crate::vm::{self, ChannelKind, VmSettings};
 
 /// The default configuration file.
@@ -122,7 +122,7 @@ fn lock_state_dir(dir: &Path) -> Result<std::fs::File> {
 /// died in between.
 fn prepare_spool(state_dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    let dir = state_dir.join(api::SPOOL_DIR);
+    let dir = state_dir.join(http::SPOOL_DIR);
     match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -153,7 +153,7 @@ fn channel(vm: &VmConfig, state_dir: &Path) -> Result<ChannelKind> {
             let regions = state_dir.join("regions");
             std::fs::create_dir_all(&regions)?;
             let region = regions.join(format!("{}.region", vm.name));
-            let mut server = crate::ivshmem::Server::with_file(socket, &region, *size, 1)?;
+            let mut server = crate::vm::ivshmem::Server::with_file(socket, &region, *size, 1)?;
             if let Some(user) = qemu_user {
                 let uid = match user {
                     UnixUser::Id(uid) => *uid,
@@ -287,7 +287,7 @@ pub async fn serve(config: HostConfig) -> Result<()> {
     };
     let unix_server = {
         let mut rx = stop_rx.clone();
-        let svc = api::router(app.clone()).into_make_service_with_connect_info::<Peer>();
+        let svc = http::router(app.clone()).into_make_service_with_connect_info::<Peer>();
         tokio::spawn(async move {
             axum::serve(unix, svc)
                 .with_graceful_shutdown(async move {
@@ -299,17 +299,21 @@ pub async fn serve(config: HostConfig) -> Result<()> {
     let tcp_server = match d.tcp {
         Some(addr) => {
             // The certificate is read before the port is taken: a bad file stops the start.
-            let tls = d.tls.as_ref().map(crate::tls::server_config).transpose()?;
+            let tls = d
+                .tls
+                .as_ref()
+                .map(crate::http::tls::server_config)
+                .transpose()?;
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding {addr}"))?;
-            let router = api::router(app.clone());
+            let router = http::router(app.clone());
             let mut rx = stop_rx.clone();
             Some(match tls {
                 Some(config) => {
                     eprintln!("portless: also serving on {addr} (TLS, bearer tokens)");
                     tokio::spawn(async move {
-                        crate::tls::serve(listener, config, router, rx).await;
+                        crate::http::tls::serve(listener, config, router, rx).await;
                         Ok(())
                     })
                 }

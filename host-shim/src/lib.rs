@@ -1,31 +1,26 @@
-//! The Portless host: the pieces of the `portless` daemon that other crates' tests use too.
+//! The Portless host daemon (`portless serve`) as a library, in folders by concern:
 //!
-//! - [`ivshmem`]: the ivshmem server that QEMU's `ivshmem-doorbell` device connects to.
-//! - [`memory`]: guest memory mapped with `vm-memory`, as the channel's shared memory.
-//! - [`config`]: `host.toml`, the daemon's configuration.
-//! - [`policy`]: who may do what on which VM.
+//! - [`vm`]: the VM side. One driver thread per VM owns its channel (a region mapped with
+//!   `vm-memory`, [`vm::memory`]; the ivshmem server QEMU's `ivshmem-doorbell` connects to,
+//!   [`vm::ivshmem`]), the agent's lifecycle, the dispatch of requests, the command cache,
+//!   and the writing of what the agent reports to the records. Never touches HTTP.
 //! - [`records`]: executions, their output and the audit log, in SQLite; the writer that
-//!   commits them in groups; retention.
+//!   commits them in groups; retention. Knows nothing of VMs or HTTP.
+//! - [`http`]: the HTTP layer: routes and handlers, who is calling ([`http::identify`]),
+//!   what the policy allows ([`http::policy`]), the audit entry of every call, what callers
+//!   may make the daemon spend ([`http::callers`]), TLS on the TCP listener ([`http::tls`]).
+//!   Its JSON is `portless-api`'s types, defined once for every server and client.
+//! - [`config`]: `host.toml`, the daemon's configuration, and the budgets' defaults.
 //! - [`sys`]: the daemon's private files, and free disk space.
-//! - [`tls`]: TLS on the TCP listener.
-//! - [`callers`]: what callers of the API may make the daemon spend.
-//! - [`vm`]: one VM's driver: its channel, its agent's life, the requests in flight.
-//! - [`api`]: the HTTP/JSON API: callers, policy, audit, handlers.
-//! - [`daemon`]: `portless serve`.
-//! - [`client`]: the API's client side, over the daemon's unix socket.
-//! - [`cli`]: the `portless` command line (every verb but `serve`).
+//! - [`daemon`]: `portless serve`: the pieces above wired together.
+//!
+//! The `portless` binary is this library's `serve` and, for every other verb, a client of
+//! the API through `portless-api`.
 #![deny(unsafe_op_in_unsafe_fn)]
 
-pub mod api;
-pub mod callers;
-pub mod cli;
-pub mod client;
 pub mod config;
 pub mod daemon;
-pub mod ivshmem;
-pub mod memory;
-pub mod policy;
+pub mod http;
 pub mod records;
 pub mod sys;
-pub mod tls;
 pub mod vm;

@@ -130,7 +130,7 @@ fn the_daemons_state_needs_the_audit_right() {
     let token = "no-audit-token";
     let extra = format!(
         "\n[[principal]]\nname = \"viewer\"\ntoken_sha256 = \"{}\"\nvms = [\"*\"]\n",
-        host_shim::policy::hash_token(token)
+        host_shim::http::policy::hash_token(token)
     );
     let mut s = Stack::new("callers-state", &["vm1"], &extra);
     s.start_daemon();

@@ -1,5 +1,5 @@
 //! `openapi.json` against the code: the document parses, lists exactly the (method, path)
-//! pairs that `api::router` registers (scanned from the text of `src/api.rs`, so a route added,
+//! pairs that `http::router` registers (scanned from the text of `src/http/mod.rs`, so a route added,
 //! removed or renamed there fails here until the document follows), declares every path
 //! parameter of its templates, and resolves every `$ref`.
 
@@ -7,10 +7,10 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 
-/// The document, as shipped at the crate root.
-const DOCUMENT: &str = include_str!("../openapi.json");
+/// The document, as `portless-api` ships it.
+const DOCUMENT: &str = portless_api::OPENAPI;
 /// The source of the router.
-const API_SOURCE: &str = include_str!("../src/api.rs");
+const API_SOURCE: &str = include_str!("../src/http/mod.rs");
 
 /// The HTTP methods an OpenAPI path item can hold, which are also axum's method routers.
 const METHODS: [&str; 8] = [
@@ -37,10 +37,10 @@ fn call_args(s: &str, open: usize) -> &str {
             _ => {}
         }
     }
-    panic!("unbalanced parentheses after byte {open} of api.rs");
+    panic!("unbalanced parentheses after byte {open} of http/mod.rs");
 }
 
-/// The (method, path) pairs of every `.route("path", get(h).post(h2))` in `src/api.rs`.
+/// The (method, path) pairs of every `.route("path", get(h).post(h2))` in `src/http/mod.rs`.
 fn routes_in_source() -> BTreeSet<(String, String)> {
     let mut routes = BTreeSet::new();
     for (at, _) in API_SOURCE.match_indices(".route(") {

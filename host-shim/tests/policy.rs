@@ -9,7 +9,7 @@ use host_shim::config::{
     BudgetConfig, CallersConfig, ChannelConfig, CommandSelector, DaemonConfig, HostConfig,
     PrincipalConfig, RecordsConfig, VmConfig, VmSelector,
 };
-use host_shim::policy::{Action, Caller, Denied, Policy, hash_token};
+use host_shim::http::policy::{Action, Caller, Denied, Policy, hash_token};
 
 const CI_TOKEN: &str = "s3cret-ci-token";
 

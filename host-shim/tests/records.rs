@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use host_shim::records::{
     AuditEntry, AuditFilter, AuditOrder, CHUNK_OVERHEAD, DB_FILE_NAME, DEFAULT_OUTPUT_CAP,
-    ExecState, ExecutionFilter, ExecutionId, Finish, NewExecution, OutputStream, Records,
-    RecordsError, SCHEMA_VERSION,
+    ExecState, ExecutionFilter, ExecutionId, Finish, NewExecution, Records, RecordsError,
+    SCHEMA_VERSION, Stream,
 };
 
 /// What a stored chunk costs beyond its bytes, as the caps count it.
@@ -56,7 +56,7 @@ fn exited(code: i32, at: u64) -> Finish {
 
 fn stdout_all(records: &Records, id: ExecutionId) -> Vec<u8> {
     let slice = records
-        .read_output(id, OutputStream::Stdout, 0, usize::MAX)
+        .read_output(id, Stream::Stdout, 0, usize::MAX)
         .expect("read");
     assert_eq!(slice.data.len() as u64, slice.stored_len);
     slice.data
@@ -236,11 +236,11 @@ fn create_accept_finish_records_the_end_once() {
         Err(RecordsError::UnknownExecution(_))
     ));
     assert!(matches!(
-        records.append_output(missing, OutputStream::Stdout, 0, b"x"),
+        records.append_output(missing, Stream::Stdout, 0, b"x"),
         Err(RecordsError::UnknownExecution(_))
     ));
     assert!(matches!(
-        records.read_output(missing, OutputStream::Stdout, 0, 1),
+        records.read_output(missing, Stream::Stdout, 0, 1),
         Err(RecordsError::UnknownExecution(_))
     ));
 }
@@ -254,10 +254,10 @@ fn output_beyond_the_cap_is_counted_but_not_kept() {
         .create_execution(&new_exec("vm1", "alice", 1))
         .expect("create");
     records
-        .append_output(id, OutputStream::Stdout, 0, b"abcd")
+        .append_output(id, Stream::Stdout, 0, b"abcd")
         .expect("append");
     records
-        .append_output(id, OutputStream::Stdout, 4, b"efgh")
+        .append_output(id, Stream::Stdout, 4, b"efgh")
         .expect("append");
     let rec = records.execution(id).expect("get").expect("exists");
     assert_eq!(
@@ -269,13 +269,13 @@ fn output_beyond_the_cap_is_counted_but_not_kept() {
         (8, 8, false)
     );
     records
-        .append_output(id, OutputStream::Stdout, 8, b"ijkl")
+        .append_output(id, Stream::Stdout, 8, b"ijkl")
         .expect("append across the cap");
     records
-        .append_output(id, OutputStream::Stdout, 12, b"mnopq")
+        .append_output(id, Stream::Stdout, 12, b"mnopq")
         .expect("append past the cap");
     records
-        .append_output(id, OutputStream::Stdout, 17, b"")
+        .append_output(id, Stream::Stdout, 17, b"")
         .expect("empty append");
     let rec = records.execution(id).expect("get").expect("exists");
     assert_eq!(
@@ -290,7 +290,7 @@ fn output_beyond_the_cap_is_counted_but_not_kept() {
     assert_eq!((rec.stderr.stored_len, rec.stderr.total_len), (0, 0));
     assert!(!rec.stderr.truncated);
     records
-        .append_output(id, OutputStream::Stderr, 0, b"0123456789")
+        .append_output(id, Stream::Stderr, 0, b"0123456789")
         .expect("within the cap");
     let rec = records.execution(id).expect("get").expect("exists");
     assert_eq!(
@@ -303,7 +303,7 @@ fn output_beyond_the_cap_is_counted_but_not_kept() {
     );
 
     let slice = records
-        .read_output(id, OutputStream::Stdout, 0, 100)
+        .read_output(id, Stream::Stdout, 0, 100)
         .expect("read");
     assert_eq!(slice.data, b"abcdefghij");
     assert_eq!(
@@ -316,13 +316,13 @@ fn output_beyond_the_cap_is_counted_but_not_kept() {
         (0, 10, 17, true)
     );
     let past = records
-        .read_output(id, OutputStream::Stdout, 12, 100)
+        .read_output(id, Stream::Stdout, 12, 100)
         .expect("read past");
     assert!(past.data.is_empty());
     assert_eq!(past.offset, 10);
     assert_eq!(
         records
-            .read_output(id, OutputStream::Stderr, 0, 100)
+            .read_output(id, Stream::Stderr, 0, 100)
             .expect("read")
             .data,
         b"0123456789"
@@ -332,7 +332,7 @@ fn output_beyond_the_cap_is_counted_but_not_kept() {
     drop(records);
     let records = Records::open(&dir, 20 + 3 * O).expect("reopen with a larger cap");
     records
-        .append_output(id, OutputStream::Stdout, 17, b"rs")
+        .append_output(id, Stream::Stdout, 17, b"rs")
         .expect("append");
     let rec = records.execution(id).expect("get").expect("exists");
     assert_eq!(rec.output_cap, 10 + 3 * O);
@@ -362,10 +362,10 @@ fn a_resend_after_a_restart_adds_only_its_new_part() {
         .expect("create");
     records.mark_accepted(id, 3, 9, 2).expect("accept");
     records
-        .append_output(id, OutputStream::Stdout, 0, b"hello ")
+        .append_output(id, Stream::Stdout, 0, b"hello ")
         .expect("append");
     records
-        .append_output(id, OutputStream::Stderr, 0, b"warn")
+        .append_output(id, Stream::Stderr, 0, b"warn")
         .expect("append");
     drop(records);
 
@@ -378,10 +378,10 @@ fn a_resend_after_a_restart_adds_only_its_new_part() {
 
     // Frames read again from the ring: one wholly old, one half old.
     records
-        .append_output(id, OutputStream::Stdout, 0, b"hello ")
+        .append_output(id, Stream::Stdout, 0, b"hello ")
         .expect("duplicate");
     records
-        .append_output(id, OutputStream::Stdout, 2, b"llo world")
+        .append_output(id, Stream::Stdout, 2, b"llo world")
         .expect("overlap");
     assert_eq!(stdout_all(&records, id), b"hello world");
     let rec = records.execution(id).expect("get").expect("exists");
@@ -389,7 +389,7 @@ fn a_resend_after_a_restart_adds_only_its_new_part() {
 
     // An overlapping resend that crosses the cap.
     records
-        .append_output(id, OutputStream::Stdout, 6, b"world!!!")
+        .append_output(id, Stream::Stdout, 6, b"world!!!")
         .expect("overlap past the cap");
     let rec = records.execution(id).expect("get").expect("exists");
     assert_eq!(
@@ -403,7 +403,7 @@ fn a_resend_after_a_restart_adds_only_its_new_part() {
     assert_eq!(stdout_all(&records, id), b"hello world!");
     // A resend wholly past the cap, partly new.
     records
-        .append_output(id, OutputStream::Stdout, 13, b"!??")
+        .append_output(id, Stream::Stdout, 13, b"!??")
         .expect("resend past the cap");
     let rec = records.execution(id).expect("get").expect("exists");
     assert_eq!((rec.stdout.stored_len, rec.stdout.total_len), (12, 16));
@@ -426,7 +426,7 @@ fn a_gap_in_the_output_is_an_error_and_stores_nothing() {
     let id = records
         .create_execution(&new_exec("vm1", "alice", 1))
         .expect("create");
-    match records.append_output(id, OutputStream::Stdout, 1, b"x") {
+    match records.append_output(id, Stream::Stdout, 1, b"x") {
         Err(RecordsError::OutputGap {
             id: gap_id,
             stream,
@@ -435,20 +435,20 @@ fn a_gap_in_the_output_is_an_error_and_stores_nothing() {
         }) => {
             assert_eq!(
                 (gap_id, stream, offset, received),
-                (id, OutputStream::Stdout, 1, 0)
+                (id, Stream::Stdout, 1, 0)
             );
         }
         other => panic!("expected a gap, got {other:?}"),
     }
     records
-        .append_output(id, OutputStream::Stdout, 0, b"abc")
+        .append_output(id, Stream::Stdout, 0, b"abc")
         .expect("append");
     let err = records
-        .append_output(id, OutputStream::Stdout, 4, b"e")
+        .append_output(id, Stream::Stdout, 4, b"e")
         .expect_err("gap");
     assert!(err.to_string().contains("offset 4"), "{err}");
     assert!(matches!(
-        records.append_output(id, OutputStream::Stdout, u64::MAX - 1, b"abcd"),
+        records.append_output(id, Stream::Stdout, u64::MAX - 1, b"abcd"),
         Err(RecordsError::OutputOverflow { .. })
     ));
     let rec = records.execution(id).expect("get").expect("exists");
@@ -467,7 +467,7 @@ fn reads_assemble_ranges_across_chunk_boundaries() {
     let mut at = 0;
     for len in [1, 3, 5, 1, 7, 2, 9, 4, 8] {
         records
-            .append_output(id, OutputStream::Stderr, at as u64, &all[at..at + len])
+            .append_output(id, Stream::Stderr, at as u64, &all[at..at + len])
             .expect("append");
         at += len;
     }
@@ -475,7 +475,7 @@ fn reads_assemble_ranges_across_chunk_boundaries() {
     for offset in 0..=all.len() + 2 {
         for max_len in 0..=all.len() + 2 {
             let slice = records
-                .read_output(id, OutputStream::Stderr, offset as u64, max_len)
+                .read_output(id, Stream::Stderr, offset as u64, max_len)
                 .expect("read");
             let start = offset.min(all.len());
             let end = (start + max_len).min(all.len());
@@ -490,7 +490,7 @@ fn reads_assemble_ranges_across_chunk_boundaries() {
         }
     }
     let stdout = records
-        .read_output(id, OutputStream::Stdout, 0, 100)
+        .read_output(id, Stream::Stdout, 0, 100)
         .expect("read");
     assert!(stdout.data.is_empty());
     assert_eq!((stdout.stored_len, stdout.total_len), (0, 0));
@@ -711,7 +711,7 @@ fn execution_records_serialise_every_field() {
         .expect("create");
     records.mark_accepted(id, 2, 3, 4).expect("accept");
     records
-        .append_output(id, OutputStream::Stdout, 0, b"123456")
+        .append_output(id, Stream::Stdout, 0, b"123456")
         .expect("append");
     records
         .finish(
@@ -851,7 +851,7 @@ fn audit_entries_are_kept_and_filtered() {
     assert_eq!(
         at(AuditFilter {
             limit: Some(2),
-            order: AuditOrder::NewestFirst,
+            order: AuditOrder::Newest,
             ..Default::default()
         }),
         [50, 40]
@@ -863,7 +863,7 @@ fn audit_entries_are_kept_and_filtered() {
             allowed: Some(false),
             since_ms: Some(0),
             limit: Some(10),
-            order: AuditOrder::NewestFirst,
+            order: AuditOrder::Newest,
         }),
         [50]
     );
@@ -895,7 +895,7 @@ fn two_threads_share_the_records() {
                     let data = pattern(id.0, 300);
                     for (n, chunk) in data.chunks(100).enumerate() {
                         records
-                            .append_output(id, OutputStream::Stdout, n as u64 * 100, chunk)
+                            .append_output(id, Stream::Stdout, n as u64 * 100, chunk)
                             .expect("append");
                     }
                     records.finish(id, &exited(0, 2)).expect("finish");
@@ -970,12 +970,12 @@ fn a_thousand_executions_come_back_byte_for_byte() {
         let out = pattern(i, 2_048 + (i as usize % 1_024));
         for (n, chunk) in out.chunks(1_000).enumerate() {
             records
-                .append_output(id, OutputStream::Stdout, n as u64 * 1_000, chunk)
+                .append_output(id, Stream::Stdout, n as u64 * 1_000, chunk)
                 .expect("append");
         }
         let err = pattern(i + N, 100 + i as usize % 50);
         records
-            .append_output(id, OutputStream::Stderr, 0, &err)
+            .append_output(id, Stream::Stderr, 0, &err)
             .expect("append");
         records
             .finish(id, &exited((i % 3) as i32, i + 1))
@@ -1002,7 +1002,7 @@ fn a_thousand_executions_come_back_byte_for_byte() {
         assert!(!rec.stdout.truncated && !rec.stderr.truncated);
         assert_eq!(stdout_all(&records, *id), out);
         let slice = records
-            .read_output(*id, OutputStream::Stderr, 0, usize::MAX)
+            .read_output(*id, Stream::Stderr, 0, usize::MAX)
             .expect("read");
         assert_eq!(slice.data, err);
     }

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use host_shim::records::{
     AuditEntry, AuditFilter, CHUNK_OVERHEAD, Done, ExecState, ExecutionFilter, ExecutionId, Finish,
-    Job, NewExecution, Op, OutputStream, Priority, Records, RecordsError, Retention, StoreLimits,
-    Writer,
+    Job, NewExecution, Op, Priority, Records, RecordsError, Retention, StoreLimits, Stream, Writer,
 };
 
 fn scratch(name: &str) -> PathBuf {
@@ -93,9 +92,9 @@ fn a_chunk_costs_no_more_than_its_overhead() {
     for (k, id) in ids.iter().enumerate() {
         for offset in 0..1000u64 {
             let stream = if k % 2 == 0 {
-                OutputStream::Stdout
+                Stream::Stdout
             } else {
-                OutputStream::Stderr
+                Stream::Stderr
             };
             records
                 .append_output(*id, stream, offset, b"x")
@@ -121,11 +120,11 @@ fn output_of_an_ended_execution_is_refused() {
         .create_execution(&new_exec("vm1", 1))
         .expect("create");
     records
-        .append_output(id, OutputStream::Stdout, 0, b"before")
+        .append_output(id, Stream::Stdout, 0, b"before")
         .expect("append");
     assert!(records.finish(id, &ended(2)).expect("finish"));
     assert!(matches!(
-        records.append_output(id, OutputStream::Stdout, 6, b"after"),
+        records.append_output(id, Stream::Stdout, 6, b"after"),
         Err(RecordsError::Ended {
             state: ExecState::Succeeded,
             ..
@@ -152,13 +151,13 @@ fn a_vm_quota_stops_keeping_output_of_that_vm_only() {
     let chunk = vec![b'a'; 1000];
     for k in 0..3u64 {
         records
-            .append_output(a, OutputStream::Stdout, k * 1000, &chunk)
+            .append_output(a, Stream::Stdout, k * 1000, &chunk)
             .expect("append");
     }
     // vm1 has 3 chunks (3,000 bytes and their overhead): a second execution gets what is
     // left of the quota and no more.
     records
-        .append_output(b, OutputStream::Stdout, 0, &[b'b'; 2000])
+        .append_output(b, Stream::Stdout, 0, &[b'b'; 2000])
         .expect("append");
     let used = records.vm_usage("vm1").expect("usage");
     assert!(used <= quota, "vm1 uses {used} of {quota}");
@@ -169,7 +168,7 @@ fn a_vm_quota_stops_keeping_output_of_that_vm_only() {
     assert_eq!(rec.stdout.total_len, 2000);
     // Another VM is not touched by vm1's quota.
     records
-        .append_output(other, OutputStream::Stdout, 0, &[b'o'; 3000])
+        .append_output(other, Stream::Stdout, 0, &[b'o'; 3000])
         .expect("append");
     let rec = records.execution(other).expect("get").expect("exists");
     assert_eq!(rec.stdout.stored_len, 3000);
@@ -194,7 +193,7 @@ fn below_the_disk_reserve_output_is_counted_not_kept() {
         .create_execution(&new_exec("vm1", 1))
         .expect("create");
     records
-        .append_output(id, OutputStream::Stdout, 0, b"lost for lack of room")
+        .append_output(id, Stream::Stdout, 0, b"lost for lack of room")
         .expect("append");
     let rec = records.execution(id).expect("get").expect("exists");
     assert_eq!((rec.stdout.stored_len, rec.stdout.total_len), (0, 21));
@@ -214,7 +213,7 @@ fn pruning_by_age_keeps_running_executions_and_the_audit_that_covers_them() {
         .create_execution(&new_exec("vm1", DAY))
         .expect("create");
     records
-        .append_output(old, OutputStream::Stdout, 0, &[b'x'; 5000])
+        .append_output(old, Stream::Stdout, 0, &[b'x'; 5000])
         .expect("append");
     records.finish(old, &ended(DAY)).expect("finish");
     let running = records
@@ -272,7 +271,7 @@ fn the_quota_makes_room_for_new_output_and_pruning_by_size_gives_the_space_back(
             .create_execution(&new_exec("vm1", k))
             .expect("create");
         records
-            .append_output(id, OutputStream::Stdout, 0, &chunk)
+            .append_output(id, Stream::Stdout, 0, &chunk)
             .expect("append");
         records.finish(id, &ended(k)).expect("finish");
         ids.push(id);
@@ -356,7 +355,7 @@ fn a_schema_1_database_is_upgraded_with_its_output_counted() {
     }
     let records = Records::open(&dir, 100).expect("upgrade");
     let slice = records
-        .read_output(ExecutionId(1), OutputStream::Stdout, 0, 100)
+        .read_output(ExecutionId(1), Stream::Stdout, 0, 100)
         .expect("read");
     assert_eq!(slice.data, b"hello\n");
     assert_eq!(
@@ -428,20 +427,20 @@ fn the_writer_commits_groups_and_keeps_one_jobs_failure_to_itself() {
             ops: vec![
                 Op::Output {
                     id,
-                    stream: OutputStream::Stdout,
+                    stream: Stream::Stdout,
                     offset: 0,
                     data: b"ok".to_vec(),
                 },
                 Op::Output {
                     id,
-                    stream: OutputStream::Stdout,
+                    stream: Stream::Stdout,
                     offset: 10,
                     data: b"gap".to_vec(),
                 },
                 Op::Finish { id, end: ended(5) },
                 Op::Output {
                     id,
-                    stream: OutputStream::Stdout,
+                    stream: Stream::Stdout,
                     offset: 2,
                     data: b"late".to_vec(),
                 },

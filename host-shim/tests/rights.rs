@@ -19,8 +19,8 @@ fn principals() -> String {
         "\n[[principal]]\nname = \"peer\"\ntoken_sha256 = \"{}\"\nvms = [\"*\"]\ncommands = [\"*\"]\n\
          \n[[principal]]\nname = \"lead\"\ntoken_sha256 = \"{}\"\nvms = [\"*\"]\ncommands = [\"*\"]\n\
          read_all = true\ncancel_all = true\n",
-        host_shim::policy::hash_token(PEER),
-        host_shim::policy::hash_token(LEAD),
+        host_shim::http::policy::hash_token(PEER),
+        host_shim::http::policy::hash_token(LEAD),
     )
 }
 

@@ -63,7 +63,7 @@ audit = true
 {extra}
 "#,
             dir = dir.display(),
-            hash = host_shim::policy::hash_token(TOKEN),
+            hash = host_shim::http::policy::hash_token(TOKEN),
         );
         let config =
             host_shim::config::HostConfig::parse(&text, "host.toml").expect("valid host.toml");
@@ -346,7 +346,7 @@ fn tls_clients_that_trust_the_ca_are_served_and_plaintext_clients_are_refused() 
          [[vm]]\nname = \"vm1\"\nchannel = \"plain\"\npath = \"{d}/vm1.region\"\n\n\
          [[principal]]\nname = \"remote\"\ntoken_sha256 = \"{hash}\"\nvms = [\"vm1\"]\n",
         d = dir.display(),
-        hash = host_shim::policy::hash_token(TOKEN),
+        hash = host_shim::http::policy::hash_token(TOKEN),
     );
     let config = host_shim::config::HostConfig::parse(&text, "host.toml").expect("host.toml");
     let _daemon = common::InProcessDaemon::start(config, move || TcpStream::connect(addr).is_ok());

@@ -9,10 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use host_shim::memory::GuestRegion;
 use host_shim::records::{
-    ExecState, ExecutionId, NewExecution, OutputStream, Records, Retention, Writer,
+    ExecState, ExecutionId, NewExecution, Records, Retention, Stream, Writer,
 };
+use host_shim::vm::memory::GuestRegion;
 use host_shim::vm::{self, ChannelKind, Request, VmError, VmEvent, VmHandle, VmSettings, VmState};
 use ring_protocol::message::{ArgProblem, Rejection};
 use tokio::sync::{broadcast, oneshot};
@@ -169,7 +169,7 @@ impl Setup {
         }
     }
 
-    fn output(&self, id: ExecutionId, stream: OutputStream) -> Vec<u8> {
+    fn output(&self, id: ExecutionId, stream: Stream) -> Vec<u8> {
         self.records
             .read_output(id, stream, 0, usize::MAX)
             .expect("read")
@@ -196,12 +196,12 @@ fn exec_output_rejections_and_queries() {
     r.expect("accepted");
     let rec = s.wait_final(id);
     assert_eq!(rec.state, ExecState::Succeeded);
-    assert_eq!(s.output(id, OutputStream::Stdout), b"hello\n");
+    assert_eq!(s.output(id, Stream::Stdout), b"hello\n");
     let (id, r) = s.exec("fail", &[]);
     r.expect("accepted");
     let rec = s.wait_final(id);
     assert_eq!((rec.state, rec.exit_code), (ExecState::Failed, Some(4)));
-    assert_eq!(s.output(id, OutputStream::Stderr), b"oops\n");
+    assert_eq!(s.output(id, Stream::Stderr), b"oops\n");
     // Refused by the guest: recorded as such.
     let (id, r) = s.exec("echo", &["NOT-lowercase"]);
     assert_eq!(
@@ -281,7 +281,7 @@ fn cancel_and_push() {
         "{outcome:?}"
     );
     assert_eq!(s.wait_final(run).state, ExecState::Succeeded);
-    assert_eq!(s.output(run, OutputStream::Stdout), b"fixed\n");
+    assert_eq!(s.output(run, Stream::Stdout), b"fixed\n");
 }
 
 #[test]

@@ -228,7 +228,7 @@ impl Run {
 /// `ivshmem-plain`), or an ivshmem server (QEMU's `ivshmem-doorbell`, with interrupts).
 pub enum Memory {
     File(SharedFile),
-    Server(host_shim::ivshmem::Server, u16),
+    Server(host_shim::vm::ivshmem::Server, u16),
 }
 
 impl std::ops::Deref for Memory {
@@ -380,7 +380,7 @@ impl Harness {
         let dir = scratch_dir(name);
         let socket = dir.join("ivshmem.sock");
         let mut server =
-            host_shim::ivshmem::Server::new(&socket, REGION, 1).expect("ivshmem server");
+            host_shim::vm::ivshmem::Server::new(&socket, REGION, 1).expect("ivshmem server");
         let host = HostEndpoint::create(server.region(), 1).expect("valid region");
         let agent = Self::boot(&dir, Ivshmem::Doorbell { socket });
         let peer = server.accept().expect("QEMU connects");
@@ -440,7 +440,7 @@ impl Harness {
             // SAFETY: one valid pollfd.
             unsafe { libc::poll(&mut pfd, 1, ms) == 1 }
         };
-        host_shim::ivshmem::take_eventfd(fd);
+        host_shim::vm::ivshmem::take_eventfd(fd);
         self.host.end_wait(&*self.shm);
         rung
     }
@@ -450,7 +450,7 @@ impl Harness {
         match &self.shm {
             Memory::Server(server, _) => server
                 .host_event(0)
-                .map_or(0, host_shim::ivshmem::take_eventfd),
+                .map_or(0, host_shim::vm::ivshmem::take_eventfd),
             Memory::File(_) => 0,
         }
     }

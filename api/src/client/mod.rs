@@ -56,7 +56,10 @@ impl fmt::Display for Endpoint {
 pub enum ClientError {
     /// The daemon could not be connected to: it is not running, or the address is wrong,
     /// or the caller may not use it.
-    #[error("cannot connect to the daemon at {endpoint}: {source}{}", connect_hint(endpoint))]
+    #[error(
+        "cannot connect to the daemon at {endpoint}: {source}{}",
+        connect_hint(endpoint)
+    )]
     Connect {
         /// Where.
         endpoint: Endpoint,
@@ -607,7 +610,10 @@ pub fn error_message(status: StatusCode, body: &[u8]) -> String {
     }
 }
 
-async fn read_body(response: Response<Incoming>, endpoint: &Endpoint) -> Result<Bytes, ClientError> {
+async fn read_body(
+    response: Response<Incoming>,
+    endpoint: &Endpoint,
+) -> Result<Bytes, ClientError> {
     let collected = response
         .into_body()
         .collect()

@@ -115,8 +115,8 @@ mod tempdir {
             static NEXT: AtomicU32 = AtomicU32::new(0);
             // Ordering: only uniqueness matters.
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let path = std::env::temp_dir()
-                .join(format!("portless-client-{}-{n}", std::process::id()));
+            let path =
+                std::env::temp_dir().join(format!("portless-client-{}-{n}", std::process::id()));
             let _ = std::fs::remove_dir_all(&path);
             std::fs::create_dir_all(&path).expect("temp dir");
             Self(path)
@@ -260,7 +260,10 @@ async fn follow_reads_events_split_across_chunks() {
     }
     answer.extend_from_slice(b"0\r\n\r\n");
     let (_dir, socket, server) = fake_daemon(vec![answer]).await;
-    let mut follow = Client::new(&socket).follow(ExecutionId(1)).await.expect("follow");
+    let mut follow = Client::new(&socket)
+        .follow(ExecutionId(1))
+        .await
+        .expect("follow");
     let mut out = Vec::new();
     let mut end = None;
     while let Some(event) = follow.next().await.expect("event") {
@@ -284,4 +287,3 @@ async fn an_absent_daemon_names_the_socket() {
     assert!(text.contains(&socket.display().to_string()), "{text}");
     assert!(text.contains("`portless serve` must be running"), "{text}");
 }
-

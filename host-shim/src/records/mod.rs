@@ -41,18 +41,20 @@
 //! counted but not kept, and the API refuses new executions, while ends, audit entries and
 //! every read keep working.
 
-use std::fmt;
 use std::fs::DirBuilder;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+pub use portless_api::{
+    AuditEntry, AuditOrder, AuditRecord, ExecState, ExecutionId, ExecutionRecord, Stream,
+    StreamTotals,
+};
 use rusqlite::types::{
     FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, Type, Value, ValueRef,
 };
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
-use serde::{Deserialize, Serialize};
 
 pub mod retention;
 pub mod writer;
@@ -225,7 +227,7 @@ pub enum RecordsError {
         /// The execution.
         id: ExecutionId,
         /// The stream.
-        stream: OutputStream,
+        stream: Stream,
         /// Where the chunk starts.
         offset: u64,
         /// Bytes of the stream received so far.
@@ -237,7 +239,7 @@ pub enum RecordsError {
         /// The execution.
         id: ExecutionId,
         /// The stream.
-        stream: OutputStream,
+        stream: Stream,
         /// Where the chunk starts.
         offset: u64,
     },
@@ -275,147 +277,45 @@ impl RecordsError {
     }
 }
 
-/// The id of an execution in the records: a positive integer, never reused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct ExecutionId(pub u64);
+/// An execution state as stored: its name (`timed_out`).
+struct StoredState(ExecState);
 
-impl fmt::Display for ExecutionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
-
-/// Where an execution is in its life. Stored and serialised in snake case (`timed_out`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ExecState {
-    /// Recorded; not yet accepted by the agent.
-    Pending,
-    /// Accepted and started by the agent.
-    Running,
-    /// Exited with code 0.
-    Succeeded,
-    /// Exited with another code, or killed by a signal not sent by Portless.
-    Failed,
-    /// Killed by the agent after its timeout.
-    TimedOut,
-    /// Killed at a caller's request.
-    Cancelled,
-    /// The agent restarted or vanished while it ran.
-    AgentLost,
-    /// The VM did not become ready within the delivery timeout.
-    Undeliverable,
-    /// The agent refused it (unknown command, bad argument, busy, ...).
-    Rejected,
-    /// The agent accepted it but could not start the program.
-    FailedToStart,
-}
-
-impl ExecState {
-    /// Every state, in declaration order.
-    pub const ALL: [ExecState; 10] = [
-        ExecState::Pending,
-        ExecState::Running,
-        ExecState::Succeeded,
-        ExecState::Failed,
-        ExecState::TimedOut,
-        ExecState::Cancelled,
-        ExecState::AgentLost,
-        ExecState::Undeliverable,
-        ExecState::Rejected,
-        ExecState::FailedToStart,
-    ];
-
-    /// Whether the execution has ended (anything but pending and running).
-    pub fn is_final(self) -> bool {
-        !matches!(self, ExecState::Pending | ExecState::Running)
-    }
-
-    /// The snake-case name, as stored and serialised.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ExecState::Pending => "pending",
-            ExecState::Running => "running",
-            ExecState::Succeeded => "succeeded",
-            ExecState::Failed => "failed",
-            ExecState::TimedOut => "timed_out",
-            ExecState::Cancelled => "cancelled",
-            ExecState::AgentLost => "agent_lost",
-            ExecState::Undeliverable => "undeliverable",
-            ExecState::Rejected => "rejected",
-            ExecState::FailedToStart => "failed_to_start",
-        }
-    }
-
-    /// The state with this snake-case name.
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|s| s.as_str() == name)
-    }
-}
-
-impl fmt::Display for ExecState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl ToSql for ExecState {
+impl ToSql for StoredState {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        Ok(ToSqlOutput::from(self.as_str()))
+        Ok(ToSqlOutput::from(self.0.as_str()))
     }
 }
 
-impl FromSql for ExecState {
+impl FromSql for StoredState {
     fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
         let name = value.as_str()?;
-        Self::from_name(name)
+        ExecState::from_name(name)
+            .map(Self)
             .ok_or_else(|| FromSqlError::Other(format!("unknown execution state {name:?}").into()))
     }
 }
 
-/// One of an execution's two output streams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OutputStream {
-    /// Standard output.
-    Stdout,
-    /// Standard error.
-    Stderr,
-}
-
-impl OutputStream {
-    /// The number stored in `output.stream`.
-    fn code(self) -> i64 {
-        match self {
-            OutputStream::Stdout => 0,
-            OutputStream::Stderr => 1,
-        }
-    }
-
-    /// The `executions` column counting this stream's stored chunks.
-    fn chunks_column(self) -> &'static str {
-        match self {
-            OutputStream::Stdout => "stdout_chunks",
-            OutputStream::Stderr => "stderr_chunks",
-        }
-    }
-
-    /// The `executions` columns of this stream: (bytes kept, bytes produced).
-    fn columns(self) -> (&'static str, &'static str) {
-        match self {
-            OutputStream::Stdout => ("stdout_stored", "stdout_total"),
-            OutputStream::Stderr => ("stderr_stored", "stderr_total"),
-        }
+/// The number stored in `output.stream`.
+fn stream_code(stream: Stream) -> i64 {
+    match stream {
+        Stream::Stdout => 0,
+        Stream::Stderr => 1,
     }
 }
 
-impl fmt::Display for OutputStream {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            OutputStream::Stdout => "stdout",
-            OutputStream::Stderr => "stderr",
-        })
+/// The `executions` column counting this stream's stored chunks.
+fn chunks_column(stream: Stream) -> &'static str {
+    match stream {
+        Stream::Stdout => "stdout_chunks",
+        Stream::Stderr => "stderr_chunks",
+    }
+}
+
+/// The `executions` columns of this stream: (bytes kept, bytes produced).
+fn stream_columns(stream: Stream) -> (&'static str, &'static str) {
+    match stream {
+        Stream::Stdout => ("stdout_stored", "stdout_total"),
+        Stream::Stderr => ("stderr_stored", "stderr_total"),
     }
 }
 
@@ -451,68 +351,6 @@ pub struct Finish {
     pub detail: Option<String>,
 }
 
-/// How much of one output stream the records hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StreamTotals {
-    /// Bytes kept, from offset 0; never more than the execution's output cap.
-    pub stored_len: u64,
-    /// Bytes the program produced (as far as received).
-    pub total_len: u64,
-    /// Whether bytes were dropped for the cap (`stored_len < total_len`).
-    pub truncated: bool,
-}
-
-impl StreamTotals {
-    fn new(stored_len: u64, total_len: u64) -> Self {
-        Self {
-            stored_len,
-            total_len,
-            truncated: stored_len < total_len,
-        }
-    }
-}
-
-/// Everything recorded about one execution, except the output bytes themselves.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExecutionRecord {
-    /// Its id.
-    pub id: ExecutionId,
-    /// Who asked for it.
-    pub principal: String,
-    /// The VM it runs on.
-    pub vm: String,
-    /// The command name.
-    pub command: String,
-    /// The argument values.
-    pub args: Vec<String>,
-    /// Where it is in its life.
-    pub state: ExecState,
-    /// When it was asked for (ms since the epoch).
-    pub requested_at_ms: u64,
-    /// When the agent accepted it (ms since the epoch).
-    pub started_at_ms: Option<u64>,
-    /// When it ended (ms since the epoch).
-    pub finished_at_ms: Option<u64>,
-    /// How long it ran, as measured by the agent.
-    pub duration_ms: Option<u64>,
-    /// The exit code, when the program exited.
-    pub exit_code: Option<i32>,
-    /// The signal that killed it, when one did.
-    pub signal: Option<i32>,
-    /// A one-line explanation of how it ended.
-    pub detail: Option<String>,
-    /// The agent generation of its agent execution id, once accepted.
-    pub agent_generation: Option<u32>,
-    /// The counter of its agent execution id, once accepted.
-    pub agent_counter: Option<u32>,
-    /// The cap on bytes kept per stream, as it was when the execution was created.
-    pub output_cap: u64,
-    /// Standard output.
-    pub stdout: StreamTotals,
-    /// Standard error.
-    pub stderr: StreamTotals,
-}
-
 /// A range of one stream's kept output, from [`Records::read_output`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutputSlice {
@@ -541,54 +379,6 @@ pub struct ExecutionFilter {
     pub before: Option<ExecutionId>,
     /// At most this many.
     pub limit: Option<usize>,
-}
-
-/// One API call to audit.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditEntry {
-    /// When (ms since the epoch).
-    pub at_ms: u64,
-    /// The principal the caller was identified as; `None` for an unidentified caller.
-    pub principal: Option<String>,
-    /// How the caller presented itself (`"uid=1000 gid=1000"`, `"token"`).
-    pub caller: String,
-    /// What it asked for (`"exec"`, `"list_commands"`, ...).
-    pub action: String,
-    /// What it asked about (a VM, an execution id), if anything.
-    pub target: Option<String>,
-    /// Whether it was allowed.
-    pub allowed: bool,
-    /// Why it was denied (or a note on why it was allowed).
-    pub reason: Option<String>,
-    /// How many calls the entry stands for: 1, or more for the denied calls of one peer
-    /// counted together once its budget of single entries was spent (the entry then
-    /// describes the last of them, and its time is the end of the interval).
-    #[serde(default = "one")]
-    pub count: u64,
-}
-
-fn one() -> u64 {
-    1
-}
-
-/// A stored audit entry: its sequence number, then the entry's fields (flattened in JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditRecord {
-    /// Its sequence number, increasing in insertion order.
-    pub id: u64,
-    /// What was audited.
-    #[serde(flatten)]
-    pub entry: AuditEntry,
-}
-
-/// The order of [`Records::audit_log`]'s answer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum AuditOrder {
-    /// Oldest first (by insertion); with a limit, the oldest entries that match.
-    #[default]
-    OldestFirst,
-    /// Newest first; with a limit, the newest entries that match.
-    NewestFirst,
 }
 
 /// Which audit entries [`Records::audit_log`] returns; unset fields match everything.
@@ -916,7 +706,7 @@ impl Records {
     pub fn append_output(
         &self,
         id: ExecutionId,
-        stream: OutputStream,
+        stream: Stream,
         offset: u64,
         data: &[u8],
     ) -> Result<(), RecordsError> {
@@ -990,11 +780,11 @@ impl Records {
     pub fn read_output(
         &self,
         id: ExecutionId,
-        stream: OutputStream,
+        stream: Stream,
         offset: u64,
         max_len: usize,
     ) -> Result<OutputSlice, RecordsError> {
-        let (stored_col, total_col) = stream.columns();
+        let (stored_col, total_col) = stream_columns(stream);
         let mut conn = self.reader()?;
         // One read transaction: the totals and the chunks are of the same moment.
         let tx = conn.transaction()?;
@@ -1019,7 +809,7 @@ impl Records {
                     WHERE execution = ?1 AND stream = ?2 AND offset <= ?3) \
                  ORDER BY offset",
             )?;
-            let mut rows = stmt.query(params![id.0, stream.code(), start, end])?;
+            let mut rows = stmt.query(params![id.0, stream_code(stream), start, end])?;
             while let Some(row) = rows.next()? {
                 let chunk_offset: u64 = row.get(0)?;
                 let chunk = row
@@ -1099,8 +889,8 @@ impl Records {
             sql += &format!(" AND at_ms >= ?{}", args.len());
         }
         sql += match filter.order {
-            AuditOrder::OldestFirst => " ORDER BY id ASC",
-            AuditOrder::NewestFirst => " ORDER BY id DESC",
+            AuditOrder::Oldest => " ORDER BY id ASC",
+            AuditOrder::Newest => " ORDER BY id DESC",
         };
         push_limit(&mut sql, &mut args, filter.limit);
         let conn = self.reader()?;
@@ -1168,7 +958,7 @@ fn create_execution(
         new.vm,
         new.command,
         args,
-        ExecState::Pending,
+        StoredState(ExecState::Pending),
         new.requested_at_ms,
         output_cap,
     ])?;
@@ -1190,7 +980,7 @@ fn mark_accepted(
         .query_row([id.0], |r| {
             Ok((
                 r.get::<_, String>(0)?,
-                r.get::<_, ExecState>(1)?,
+                r.get::<_, StoredState>(1)?.0,
                 r.get::<_, Option<u32>>(2)?,
                 r.get::<_, Option<u32>>(3)?,
             ))
@@ -1220,7 +1010,7 @@ fn mark_accepted(
     )?
     .execute(params![
         id.0,
-        ExecState::Running,
+        StoredState(ExecState::Running),
         agent_generation,
         agent_counter,
         started_at_ms
@@ -1241,7 +1031,7 @@ fn finish(conn: &Connection, id: ExecutionId, end: &Finish) -> Result<bool, Reco
         )?
         .execute(params![
             id.0,
-            end.state,
+            StoredState(end.state),
             end.exit_code,
             end.signal,
             end.finished_at_ms,
@@ -1265,7 +1055,7 @@ fn finish(conn: &Connection, id: ExecutionId, end: &Finish) -> Result<bool, Reco
 fn append_output(
     conn: &Connection,
     id: ExecutionId,
-    stream: OutputStream,
+    stream: Stream,
     offset: u64,
     data: &[u8],
     limits: &StoreLimits,
@@ -1277,8 +1067,8 @@ fn append_output(
         .and_then(|len| offset.checked_add(len))
         .filter(|&end| i64::try_from(end).is_ok())
         .ok_or(overflow)?;
-    let (stored_col, total_col) = stream.columns();
-    let chunks_col = stream.chunks_column();
+    let (stored_col, total_col) = stream_columns(stream);
+    let chunks_col = chunks_column(stream);
     let (vm, state, cap, stored, total, chunks) = conn
         .prepare_cached(&format!(
             "SELECT vm, state, output_cap, {stored_col}, {total_col}, {chunks_col} \
@@ -1287,7 +1077,7 @@ fn append_output(
         .query_row([id.0], |r| {
             Ok((
                 r.get::<_, String>(0)?,
-                r.get::<_, ExecState>(1)?,
+                r.get::<_, StoredState>(1)?.0,
                 r.get::<_, u64>(2)?,
                 r.get::<_, u64>(3)?,
                 r.get::<_, u64>(4)?,
@@ -1340,7 +1130,7 @@ fn append_output(
             conn.prepare_cached(
                 "INSERT INTO output (execution, stream, offset, data) VALUES (?1, ?2, ?3, ?4)",
             )?
-            .execute(params![id.0, stream.code(), total, &new[..keep]])?;
+            .execute(params![id.0, stream_code(stream), total, &new[..keep]])?;
             conn.prepare_cached(
                 "INSERT INTO vm_usage (vm, stored_bytes, chunks) VALUES (?1, ?2, 1) \
                  ON CONFLICT (vm) DO UPDATE SET stored_bytes = stored_bytes + ?2, \
@@ -1420,7 +1210,7 @@ fn record_from_row(r: &Row<'_>) -> rusqlite::Result<ExecutionRecord> {
         vm: r.get(2)?,
         command: r.get(3)?,
         args,
-        state: r.get(5)?,
+        state: r.get::<_, StoredState>(5)?.0,
         requested_at_ms: r.get(6)?,
         started_at_ms: r.get(7)?,
         finished_at_ms: r.get(8)?,
@@ -1467,7 +1257,7 @@ fn to_usize(value: u64) -> Option<usize> {
     usize::try_from(value).ok()
 }
 
-fn missing_output(id: ExecutionId, stream: OutputStream, at: u64) -> RecordsError {
+fn missing_output(id: ExecutionId, stream: Stream, at: u64) -> RecordsError {
     RecordsError::Corrupt(format!(
         "execution {id} {stream}: stored output missing at offset {at}"
     ))

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use super::retention::Retention;
 use super::{
-    AuditEntry, ExecutionId, Finish, NewExecution, OutputStream, Records, RecordsError,
-    append_output, audit, create_execution, finish, mark_accepted,
+    AuditEntry, ExecutionId, Finish, NewExecution, Records, RecordsError, Stream, append_output,
+    audit, create_execution, finish, mark_accepted,
 };
 
 /// Output bytes in one group commit, at most (a single job may be larger).
@@ -62,7 +62,7 @@ pub enum Op {
         /// The execution.
         id: ExecutionId,
         /// The stream.
-        stream: OutputStream,
+        stream: Stream,
         /// Where `data` starts in the stream.
         offset: u64,
         /// The bytes.

@@ -18,7 +18,7 @@ use ring_protocol::message::PushOutcome;
 use tokio::sync::oneshot;
 
 use super::VmError;
-use crate::records::{ExecutionId, Job, JobResult, Op, OutputStream, Priority, Writer};
+use crate::records::{ExecutionId, Job, JobResult, Op, Priority, Stream, Writer};
 
 /// What to do once an op is committed.
 pub(super) enum Then {
@@ -48,7 +48,7 @@ pub(super) enum Then {
 
 struct Merged {
     id: ExecutionId,
-    stream: OutputStream,
+    stream: Stream,
     offset: u64,
     data: Vec<u8>,
 }
@@ -144,7 +144,7 @@ impl Batches {
     pub(super) fn output(
         &mut self,
         id: ExecutionId,
-        stream: OutputStream,
+        stream: Stream,
         offset: u64,
         data: &[u8],
         now: Instant,
@@ -279,7 +279,7 @@ impl Batches {
                 ops,
                 done: Box::new(move |r| {
                     let _ = tx.send(r);
-                    let _ = crate::ivshmem::signal_eventfd(wake.as_raw_fd());
+                    let _ = crate::vm::ivshmem::signal_eventfd(wake.as_raw_fd());
                 }),
             },
         );

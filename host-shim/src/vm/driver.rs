@@ -19,11 +19,11 @@ use super::budget::{Backoff, Bucket, Limit, Violations};
 use super::message::OwnedMsg;
 use super::requests::{Pending, PendingKind, PushJob, PushStream};
 use super::{
-    ChannelKind, CommandDesc, CommandList, CutOff, Request, VmError, VmEvent, VmSettings, VmState,
-    VmStatus,
+    ChannelKind, CommandInfo, CommandList, CutOff, Request, VmError, VmEvent, VmInfo, VmSettings,
+    VmState,
 };
-use crate::ivshmem;
 use crate::records::{ExecState, ExecutionFilter, ExecutionId, Finish, Op, Records, Writer};
+use crate::vm::ivshmem;
 
 /// How often the host bumps its heartbeat and checks the agent's.
 pub(super) const TICK: Duration = Duration::from_millis(500);
@@ -52,7 +52,7 @@ pub(super) struct Running {
 /// A listing in progress.
 pub(super) struct Listing {
     pub(super) request_id: u64,
-    pub(super) entries: Vec<CommandDesc>,
+    pub(super) entries: Vec<CommandInfo>,
     pub(super) bytes: usize,
     pub(super) deadline: Instant,
 }
@@ -66,7 +66,7 @@ pub(super) struct Driver {
     pub(super) events: broadcast::Sender<VmEvent>,
     rx: mpsc::Receiver<Request>,
     wake: Arc<OwnedFd>,
-    status: Arc<Mutex<VmStatus>>,
+    status: Arc<Mutex<VmInfo>>,
     /// Requests waiting for a ready agent, with their delivery deadline.
     pub(super) queue: VecDeque<(Request, Instant)>,
     /// Messages encoded and waiting for room in the ring (in order), at their length.
@@ -91,7 +91,7 @@ pub(super) struct Driver {
     pub(super) hello_epoch: Option<u32>,
     pub(super) state: VmState,
     last_beat: (u32, Instant),
-    pub(super) commands: Option<(Instant, u32, Vec<CommandDesc>)>,
+    pub(super) commands: Option<(Instant, u32, Vec<CommandInfo>)>,
     pub(super) listing: Option<Listing>,
     pub(super) waiting_for_list: Vec<oneshot::Sender<Result<CommandList, VmError>>>,
     reset_started: Option<Instant>,
@@ -128,7 +128,7 @@ impl Driver {
         events: broadcast::Sender<VmEvent>,
         rx: mpsc::Receiver<Request>,
         wake: Arc<OwnedFd>,
-        status: Arc<Mutex<VmStatus>>,
+        status: Arc<Mutex<VmInfo>>,
     ) -> Self {
         let now = Instant::now();
         let b = settings.budget;
@@ -752,7 +752,7 @@ impl Driver {
         );
         self.last_cutoff = Some(CutOff {
             at_ms: crate::records::now_ms(),
-            budget: limit.key(),
+            budget: limit.key().to_owned(),
             detail: detail.clone(),
         });
         self.begin_reset(format!(
@@ -1037,11 +1037,13 @@ impl Driver {
     pub(super) fn command_list(&self) -> CommandList {
         match &self.commands {
             Some((at, revision, list)) => CommandList {
+                vm: self.settings.name.clone(),
                 age_ms: u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX),
                 config_revision: *revision,
                 commands: list.clone(),
             },
             None => CommandList {
+                vm: self.settings.name.clone(),
                 age_ms: 0,
                 config_revision: 0,
                 commands: Vec::new(),
@@ -1053,5 +1055,5 @@ impl Driver {
 /// Waits on `fds` for up to `timeout`: short waits (a polling guest) stay interruptible by
 /// the wake-up eventfd, so that an API request or the writer's answer is seen at once.
 fn poll_fds(fds: &mut [libc::pollfd], timeout: Duration) {
-    crate::ivshmem::poll(fds, timeout);
+    crate::vm::ivshmem::poll(fds, timeout);
 }

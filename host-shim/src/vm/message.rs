@@ -6,20 +6,20 @@ use ring_protocol::message::{
     Rejection, Stream,
 };
 
-use super::{CommandDesc, ParamDesc};
+use super::{CommandInfo, Param};
 
 /// A listed command in the API's form.
-pub(super) fn describe(info: &ring_protocol::message::CommandInfo<'_>) -> CommandDesc {
+pub(super) fn describe(info: &ring_protocol::message::CommandInfo<'_>) -> CommandInfo {
     let params = info
         .params
         .iter()
         .map(|p| match p.kind {
-            ParamKind::Integer { min, max } => ParamDesc::Integer {
+            ParamKind::Integer { min, max } => Param::Integer {
                 name: p.name.to_owned(),
                 min,
                 max,
             },
-            ParamKind::OneOf { choices } => ParamDesc::Choice {
+            ParamKind::OneOf { choices } => Param::Choice {
                 name: p.name.to_owned(),
                 choices: choices.split('|').map(str::to_owned).collect(),
             },
@@ -27,7 +27,7 @@ pub(super) fn describe(info: &ring_protocol::message::CommandInfo<'_>) -> Comman
                 class,
                 min_len,
                 max_len,
-            } => ParamDesc::String {
+            } => Param::String {
                 name: p.name.to_owned(),
                 charset: class.to_owned(),
                 min_len,
@@ -35,7 +35,7 @@ pub(super) fn describe(info: &ring_protocol::message::CommandInfo<'_>) -> Comman
             },
         })
         .collect();
-    CommandDesc {
+    CommandInfo {
         name: info.name.to_owned(),
         description: info.description.to_owned(),
         params,
@@ -56,7 +56,7 @@ pub(super) enum OwnedMsg {
     },
     Command {
         request_id: u64,
-        info: CommandDesc,
+        info: CommandInfo,
     },
     CommandsEnd {
         request_id: u64,
@@ -191,16 +191,17 @@ impl OwnedMsg {
 }
 
 /// Bytes a listed command takes in memory, roughly: its strings and a fixed part.
-pub(super) fn listing_cost(c: &CommandDesc) -> usize {
+pub(super) fn listing_cost(c: &CommandInfo) -> usize {
     let params: usize = c
         .params
         .iter()
         .map(|p| match p {
-            ParamDesc::Integer { name, .. } => name.len() + 32,
-            ParamDesc::Choice { name, choices } => {
+            Param::Integer { name, .. } => name.len() + 32,
+            Param::Choice { name, choices } => {
                 name.len() + choices.iter().map(|c| c.len() + 24).sum::<usize>() + 32
             }
-            ParamDesc::String { name, charset, .. } => name.len() + charset.len() + 32,
+            Param::String { name, charset, .. } => name.len() + charset.len() + 32,
+            Param::Other => 32,
         })
         .sum();
     c.name.len() + c.description.len() + params + 64

@@ -25,6 +25,8 @@
 mod batch;
 mod budget;
 mod driver;
+pub mod ivshmem;
+pub mod memory;
 mod message;
 mod replies;
 mod requests;
@@ -36,125 +38,13 @@ use std::time::Duration;
 
 use ring_protocol::SharedMemory;
 use ring_protocol::message::{Metrics, PushOutcome, Rejection};
-use serde::Serialize;
 use tokio::sync::{broadcast, oneshot};
 
 pub use crate::config::BudgetConfig;
-use crate::ivshmem::{self, Server};
-use crate::memory::GuestRegion;
 use crate::records::{ExecutionId, Writer};
-
-/// Where a VM's agent is, as the API reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VmState {
-    /// No agent has greeted yet (or the channel is being reset).
-    WaitingForAgent,
-    /// The agent answers.
-    Ready,
-    /// The agent's heartbeat stopped.
-    Unresponsive,
-    /// The guest exceeded a budget: its channel was reset and it is not served until its
-    /// back-off has passed.
-    CutOff,
-}
-
-/// A VM's state for the API.
-#[derive(Debug, Clone, Serialize)]
-pub struct VmStatus {
-    /// The VM's name.
-    pub name: String,
-    /// Where its agent is.
-    pub state: VmState,
-    /// The agent's generation (changes when it restarts).
-    pub agent_generation: Option<u32>,
-    /// The agent's software string.
-    pub agent_software: Option<String>,
-    /// The agent's allow-list revision.
-    pub config_revision: Option<u32>,
-    /// Milliseconds since the agent's heartbeat last moved.
-    pub heartbeat_age_ms: Option<u64>,
-    /// Agent restarts seen by this daemon.
-    pub agent_restarts: u32,
-    /// Executions running in the guest.
-    pub running: usize,
-    /// Times the guest was cut off for exceeding a budget.
-    pub cutoffs: u32,
-    /// The last cut-off: when (ms since the epoch), which budget, and why.
-    pub last_cutoff: Option<CutOff>,
-    /// Protocol violations counted (replies that match no request, reused ids, ...).
-    pub violations: u64,
-}
-
-/// A cut-off, for the API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct CutOff {
-    /// When (ms since the epoch).
-    pub at_ms: u64,
-    /// The budget's key in `[budget]` (`queued_bytes`, `listing_entries`, ...).
-    pub budget: &'static str,
-    /// What happened, for people.
-    pub detail: String,
-}
-
-/// One declared parameter of a command, for the API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum ParamDesc {
-    /// An integer in `min..=max`.
-    Integer {
-        /// Its name.
-        name: String,
-        /// Smallest value.
-        min: i64,
-        /// Largest value.
-        max: i64,
-    },
-    /// One of a list of words.
-    Choice {
-        /// Its name.
-        name: String,
-        /// The words.
-        choices: Vec<String>,
-    },
-    /// A string of characters from a class.
-    String {
-        /// Its name.
-        name: String,
-        /// The class, as written in the guest's config.
-        charset: String,
-        /// Shortest length.
-        min_len: u16,
-        /// Longest length.
-        max_len: u16,
-    },
-}
-
-/// A command the guest allows, for the API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct CommandDesc {
-    /// Its name.
-    pub name: String,
-    /// One line for people.
-    pub description: String,
-    /// Parameters, in argument order.
-    pub params: Vec<ParamDesc>,
-    /// Timeout in milliseconds, 0 for none.
-    pub timeout_ms: u32,
-    /// Output kept per stream by the agent.
-    pub max_output: u64,
-}
-
-/// A VM's allow-list as last listed.
-#[derive(Debug, Clone, Serialize)]
-pub struct CommandList {
-    /// Milliseconds since it was listed.
-    pub age_ms: u64,
-    /// The agent's allow-list revision it was listed from.
-    pub config_revision: u32,
-    /// The commands.
-    pub commands: Vec<CommandDesc>,
-}
+use crate::vm::memory::GuestRegion;
+use ivshmem::Server;
+pub use portless_api::{CommandInfo, CommandList, CutOff, Param, VmInfo, VmState};
 
 /// Why a request to a VM failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -301,7 +191,7 @@ impl Program {
     pub fn from_bytes(data: &[u8]) -> std::io::Result<Self> {
         use sha2::Digest;
         use std::io::Write;
-        let mut file = crate::ivshmem::memfd(0)?;
+        let mut file = crate::vm::ivshmem::memfd(0)?;
         file.write_all(data)?;
         Ok(Self::new(
             file,
@@ -400,7 +290,7 @@ impl ChannelKind {
 pub struct VmHandle {
     tx: mpsc::Sender<Request>,
     wake: Arc<OwnedFd>,
-    status: Arc<Mutex<VmStatus>>,
+    status: Arc<Mutex<VmInfo>>,
 }
 
 impl VmHandle {
@@ -411,8 +301,8 @@ impl VmHandle {
         Ok(())
     }
 
-    /// The VM's state now.
-    pub fn status(&self) -> VmStatus {
+    /// The VM's state now (without its labels and channel, which the configuration has).
+    pub fn status(&self) -> VmInfo {
         self.status
             .lock()
             .map(|s| s.clone())
@@ -424,8 +314,10 @@ impl VmHandle {
     /// A handle for VM `name` and the driver's end of its request channel.
     fn new(name: &str) -> std::io::Result<(Self, mpsc::Receiver<Request>)> {
         let (tx, rx) = mpsc::channel();
-        let status = VmStatus {
+        let status = VmInfo {
             name: name.to_owned(),
+            labels: std::collections::BTreeMap::new(),
+            channel: String::new(),
             state: VmState::WaitingForAgent,
             agent_generation: None,
             agent_software: None,
@@ -477,4 +369,26 @@ pub fn spawn(
 /// The raw descriptor of the driver's wake-up eventfd (for tests).
 pub fn wake_fd(handle: &VmHandle) -> RawFd {
     handle.wake.as_raw_fd()
+}
+
+/// A guest's figures as the API reports them.
+pub fn metrics_for_api(m: &Metrics) -> portless_api::Metrics {
+    let c = &m.agent;
+    portless_api::Metrics {
+        uptime_ms: m.uptime_ms,
+        load_milli: m.load_milli.iter().map(|&l| u64::from(l)).collect(),
+        mem_total_kib: m.mem_total_kib,
+        mem_available_kib: m.mem_available_kib,
+        processes: m.processes.into(),
+        agent_rss_kib: m.agent_rss_kib,
+        agent: portless_api::AgentCounters {
+            frames_in: c.frames_in,
+            frames_out: c.frames_out,
+            output_bytes: c.output_bytes,
+            executions: c.executions,
+            rejections: c.rejections,
+            running: c.running.into(),
+            resets: c.resets.into(),
+        },
+    }
 }

@@ -17,7 +17,7 @@ use super::driver::Driver;
 use super::message::{OwnedMsg, listing_cost};
 use super::requests::{LIST_PAGE, Pending, PendingKind};
 use super::{VmError, rejection_text};
-use crate::records::{ExecState, ExecutionId, Op, OutputStream};
+use crate::records::{ExecState, ExecutionId, Op};
 
 impl Driver {
     pub(super) fn handle(&mut self, msg: OwnedMsg, now: Instant) {
@@ -118,8 +118,8 @@ impl Driver {
                 self.output_bytes.spend(data.len() as u64);
                 if let Some(run) = self.running.get(&execution) {
                     let s = match stream {
-                        Stream::Stdout => OutputStream::Stdout,
-                        Stream::Stderr => OutputStream::Stderr,
+                        Stream::Stdout => portless_api::Stream::Stdout,
+                        Stream::Stderr => portless_api::Stream::Stderr,
                     };
                     let id = run.id;
                     self.batches.output(id, s, offset, &data, now);

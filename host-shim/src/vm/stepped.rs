@@ -9,8 +9,8 @@ use tokio::sync::broadcast;
 
 use super::driver::Driver;
 use super::{ChannelKind, VmEvent, VmHandle, VmSettings};
-use crate::memory::GuestRegion;
 use crate::records::Writer;
+use crate::vm::memory::GuestRegion;
 
 /// What a driver holds for its guest now, to compare with its budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -44,7 +44,7 @@ impl SteppedDriver {
         size: usize,
         writer: Writer,
     ) -> std::io::Result<(Self, GuestRegion)> {
-        let file = crate::ivshmem::memfd(size)?;
+        let file = crate::vm::ivshmem::memfd(size)?;
         let guest = GuestRegion::from_file(file.try_clone()?, size)?;
         let host = GuestRegion::from_file(file, size)?;
         let (handle, rx) = VmHandle::new(&settings.name)?;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use host_shim::memory::GuestRegion;
+use host_shim::vm::memory::GuestRegion;
 use ring_protocol::message::{
     AgentToHost, Capabilities, CommandInfo, ExecState, ExecutionId, Finished, Hello, HostToAgent,
     MIN_PROTOCOL_VERSION, Outcome, PROTOCOL_VERSION, Rejection, Stream,

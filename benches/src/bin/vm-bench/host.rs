@@ -11,8 +11,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use host_shim::ivshmem::{self, Server};
-use host_shim::memory::GuestRegion;
+use host_shim::vm::ivshmem::{self, Server};
+use host_shim::vm::memory::GuestRegion;
 use ring_protocol::message::{
     AgentToHost, ExecRequest, ExecutionId, Finished, HostToAgent, Outcome, Stream,
 };

@@ -870,7 +870,8 @@ fn fan_out(
     work: &Path,
     results: &mut Results,
 ) -> Result<()> {
-    use host_shim::client::{Client, ExecRequest, ExecState, VmState};
+    use portless_api::blocking::Client;
+    use portless_api::{ExecRequest, ExecState, VmState};
 
     let dir = work.join("fan-out");
     std::fs::create_dir_all(&dir)?;
@@ -918,15 +919,12 @@ fn fan_out(
             Ivshmem::Doorbell { socket },
         )?);
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let client = Client::new(&socket);
+    let client = Client::new(&socket)?;
     let limit = boot_limit(accel) * 2;
     let start = Instant::now();
     loop {
-        let ready = rt
-            .block_on(client.vms())
+        let ready = client
+            .vms()
             .map(|v| v.iter().filter(|v| v.state == VmState::Ready).count())
             .unwrap_or(0);
         if ready == FAN_OUT_VMS {
@@ -951,13 +949,13 @@ fn fan_out(
     // Round trips through the daemon's API, beside qemu-ga's in the same VM.
     let (mut p, mut q) = (Vec::new(), Vec::new());
     for _ in 0..20 {
-        rt.block_on(client.ping("vm1"))?;
+        client.ping("vm1")?;
         qgas[0].ping()?;
     }
     while p.len() < counts.pings / 2 {
         for _ in 0..BLOCK {
             let t = Instant::now();
-            rt.block_on(client.ping("vm1"))?;
+            client.ping("vm1")?;
             p.push(us(t.elapsed()));
         }
         for _ in 0..BLOCK {
@@ -982,29 +980,24 @@ fn fan_out(
     let (mut p, mut q) = (Vec::new(), Vec::new());
     for _ in 0..counts.fan_out {
         let t = Instant::now();
-        rt.block_on(async {
-            let answer = client
-                .exec(&ExecRequest {
-                    target: "*".into(),
-                    command: "true".into(),
-                    args: Vec::new(),
-                    timeout_ms: None,
-                    max_concurrency: None,
-                    max_errors: None,
-                })
-                .await?;
-            if answer.executions.len() != FAN_OUT_VMS {
-                bail!("fan-out reached {} VMs", answer.executions.len());
-            }
-            for e in &answer.executions {
-                let id = e.id.with_context(|| format!("{}: {:?}", e.vm, e.error))?;
-                let record = client.wait_final(id).await?;
-                if record.state != ExecState::Succeeded {
-                    bail!("{}: true ended {}", e.vm, record.state);
-                }
-            }
-            Ok(())
+        let answer = client.exec(&ExecRequest {
+            target: "*".into(),
+            command: "true".into(),
+            args: Vec::new(),
+            timeout_ms: None,
+            max_concurrency: None,
+            max_errors: None,
         })?;
+        if answer.executions.len() != FAN_OUT_VMS {
+            bail!("fan-out reached {} VMs", answer.executions.len());
+        }
+        for e in &answer.executions {
+            let id = e.id.with_context(|| format!("{}: {:?}", e.vm, e.error))?;
+            let record = client.wait_final(id)?;
+            if record.state != ExecState::Succeeded {
+                bail!("{}: true ended {}", e.vm, record.state);
+            }
+        }
         p.push(us(t.elapsed()));
         let t = Instant::now();
         thread::scope(|s| -> Result<()> {

@@ -1,5 +1,5 @@
 //! The `portless` command line, for every verb but `serve`: argument parsing (clap), the
-//! verbs over [`crate::client`], tables for people and `--json` for scripts, and the exit
+//! verbs over `portless_api`'s client, tables for people and `--json` for scripts, and the exit
 //! codes scripts rely on.
 //!
 //! # Exit codes
@@ -17,8 +17,8 @@
 //!   from the daemon, a file that cannot be read), with `portless: <message>` on stderr.
 //! - 2: bad usage (clap's code).
 //!
-//! Pure pieces (tables, exit-code rules, line prefixing) are public so that
-//! `tests/cli_parse.rs` can pin them without a daemon.
+//! Pure pieces (tables, exit-code rules, line prefixing) are pinned without a daemon by
+//! the tests in `cli/tests.rs`.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -36,12 +36,12 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::client::{
-    AuditEntry, AuditOrder, AuditQuery, Client, ClientError, CommandList, Dispatched, ExecRequest,
-    ExecResponse, ExecState, ExecutionRecord, FollowEvent, MetricsResponse, Param, PushOutcome,
-    PushRequest, Stream, VmInfo,
+use host_shim::config::{DEFAULT_SOCKET, Target};
+use portless_api::{
+    AuditOrder, AuditQuery, AuditRecord, Client, ClientError, CommandList, Dispatched, ExecRequest,
+    ExecResponse, ExecState, ExecutionId, ExecutionRecord, FollowEvent, MetricsResponse, Param,
+    PushOutcome, PushRequest, Stream, VmInfo,
 };
-use crate::config::{DEFAULT_SOCKET, Target};
 
 /// The environment variable that names the daemon's socket when `--socket` is not given.
 pub const SOCKET_ENV: &str = "PORTLESS_SOCKET";
@@ -109,12 +109,12 @@ pub enum Verb {
     /// Show an execution's record.
     Status {
         /// The execution.
-        id: u64,
+        id: ExecutionId,
     },
     /// Print an execution's output as recorded.
     Output {
         /// The execution.
-        id: u64,
+        id: ExecutionId,
         /// Which stream.
         #[arg(long, value_enum, default_value_t = StreamArg::Stdout)]
         stream: StreamArg,
@@ -122,7 +122,7 @@ pub enum Verb {
     /// Cancel a running execution.
     Cancel {
         /// The execution.
-        id: u64,
+        id: ExecutionId,
     },
     /// Copy a program into a VM, and run it with --run.
     Push(PushArgs),
@@ -577,7 +577,7 @@ fn results_len(answer: &ExecResponse) -> usize {
 }
 
 /// Waits until the execution ends, riding out a restart of the daemon.
-async fn wait_with_retry(client: &Client, id: u64) -> Result<ExecutionRecord, ClientError> {
+async fn wait_with_retry(client: &Client, id: ExecutionId) -> Result<ExecutionRecord, ClientError> {
     let mut failures = 0;
     loop {
         match client.wait_final(id).await {
@@ -600,7 +600,7 @@ enum FollowMsg {
     },
     Done {
         index: usize,
-        id: u64,
+        id: ExecutionId,
         outcome: Box<Result<ExecutionRecord, ClientError>>,
     },
 }
@@ -712,7 +712,7 @@ async fn follow_all(
 async fn follow_with_retry(
     client: &Client,
     index: usize,
-    id: u64,
+    id: ExecutionId,
     tx: &mpsc::UnboundedSender<FollowMsg>,
 ) {
     let mut next = [0u64; 2];
@@ -820,7 +820,7 @@ impl LinePrefixer {
     }
 }
 
-async fn status(client: &Client, id: u64, json: bool, io: &mut Io<'_>) -> VerbResult {
+async fn status(client: &Client, id: ExecutionId, json: bool, io: &mut Io<'_>) -> VerbResult {
     let record = client.execution(id).await?;
     if json {
         print_json(io, &record)?;
@@ -832,7 +832,7 @@ async fn status(client: &Client, id: u64, json: bool, io: &mut Io<'_>) -> VerbRe
 
 async fn output(
     client: &Client,
-    id: u64,
+    id: ExecutionId,
     stream: Stream,
     json: bool,
     io: &mut Io<'_>,
@@ -876,7 +876,7 @@ async fn output(
     Ok(0)
 }
 
-async fn cancel(client: &Client, id: u64, json: bool, io: &mut Io<'_>) -> VerbResult {
+async fn cancel(client: &Client, id: ExecutionId, json: bool, io: &mut Io<'_>) -> VerbResult {
     let answer = client.cancel(id).await?;
     if json {
         print_json(io, &answer)?;
@@ -1151,7 +1151,7 @@ pub struct VmResult {
     /// The VM.
     pub vm: String,
     /// The execution, when there is one.
-    pub id: Option<u64>,
+    pub id: Option<ExecutionId>,
     /// Its final state, `skipped`, or `unknown` when it could not be waited for.
     pub state: String,
     /// The exit code it maps to.
@@ -1184,7 +1184,7 @@ impl VmResult {
 
     /// The result of an execution refused at dispatch.
     pub fn refused(dispatched: &Dispatched) -> Self {
-        let state = dispatched.state.unwrap_or(ExecState::Rejected);
+        let state = dispatched.state;
         let reason = explain(state_words(state), dispatched.error.as_deref());
         Self::not_run(&dispatched.vm, dispatched.id, state.as_str(), reason)
     }
@@ -1199,7 +1199,7 @@ impl VmResult {
     }
 
     /// An execution whose end could not be learnt.
-    pub fn lost(vm: &str, id: u64, error: &ClientError) -> Self {
+    pub fn lost(vm: &str, id: ExecutionId, error: &ClientError) -> Self {
         Self {
             vm: vm.to_owned(),
             id: Some(id),
@@ -1212,7 +1212,7 @@ impl VmResult {
         }
     }
 
-    fn not_run(vm: &str, id: Option<u64>, state: &str, reason: String) -> Self {
+    fn not_run(vm: &str, id: Option<ExecutionId>, state: &str, reason: String) -> Self {
         Self {
             vm: vm.to_owned(),
             id,
@@ -1434,7 +1434,7 @@ pub fn dispatch_table(answer: &ExecResponse) -> String {
             vec![
                 d.vm.clone(),
                 or_dash(d.id),
-                or_dash(d.state),
+                d.state.to_string(),
                 or_dash(d.error.as_deref()),
             ]
         })
@@ -1479,7 +1479,7 @@ fn render_details(pairs: &[(&str, String)]) -> String {
     out
 }
 
-fn stream_summary(totals: crate::client::StreamTotals) -> String {
+fn stream_summary(totals: portless_api::StreamTotals) -> String {
     if totals.truncated {
         format!(
             "{} bytes, {} kept (truncated)",
@@ -1572,13 +1572,14 @@ pub fn metrics_details(answer: &MetricsResponse) -> String {
 }
 
 /// The `audit` table.
-pub fn audit_table(entries: &[AuditEntry]) -> String {
+pub fn audit_table(entries: &[AuditRecord]) -> String {
     let rows: Vec<Vec<String>> = entries
         .iter()
-        .map(|e| {
+        .map(|record| {
+            let e = &record.entry;
             vec![
                 format_utc_ms(e.at_ms),
-                e.id.to_string(),
+                record.id.to_string(),
                 or_dash(e.principal.as_deref()),
                 e.caller.clone(),
                 e.action.clone(),
@@ -1680,3 +1681,6 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     let y = yoe + era * 400 + u64::from(m <= 2);
     (y, m, d)
 }
+
+#[cfg(test)]
+mod tests;

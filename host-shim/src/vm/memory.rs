@@ -57,7 +57,7 @@ impl GuestRegion {
     /// Maps a new anonymous region of `size` bytes (a memfd), zeroed: a channel without a
     /// VM, for tests and fuzzing.
     pub fn anonymous(size: usize) -> io::Result<Self> {
-        Self::from_file(crate::ivshmem::memfd(size)?, size)
+        Self::from_file(crate::vm::ivshmem::memfd(size)?, size)
     }
 
     /// Opens and maps a memory-backend file; its size must be a valid region size.

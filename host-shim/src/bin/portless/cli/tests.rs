@@ -5,13 +5,13 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use clap::error::ErrorKind;
-use host_shim::cli::{
-    self, Cli, EXIT_ERROR, EXIT_NOT_RUN, EXIT_TIMED_OUT, ExecPlan, Io, LinePrefixer, StreamArg,
-    Verb, VmResult,
+use super::{
+    self as cli, Cli, EXIT_ERROR, EXIT_NOT_RUN, EXIT_TIMED_OUT, ExecPlan, Io, LinePrefixer,
+    StreamArg, Verb, VmResult,
 };
-use host_shim::client::{
-    Client, CommandList, Dispatched, ExecResponse, ExecState, ExecutionRecord, VmInfo,
+use clap::error::ErrorKind;
+use portless_api::{
+    Client, CommandList, Dispatched, ExecResponse, ExecState, ExecutionId, ExecutionRecord, VmInfo,
 };
 
 fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
@@ -147,25 +147,27 @@ fn every_verb_parses() {
     assert!(matches!(parsed(&["commands", "vm1"]).verb, Verb::Commands { vm } if vm == "vm1"));
     assert!(matches!(
         parsed(&["status", "12"]).verb,
-        Verb::Status { id: 12 }
+        Verb::Status {
+            id: ExecutionId(12)
+        }
     ));
     assert!(matches!(
         parsed(&["output", "12"]).verb,
         Verb::Output {
-            id: 12,
+            id: ExecutionId(12),
             stream: StreamArg::Stdout
         }
     ));
     assert!(matches!(
         parsed(&["output", "12", "--stream", "stderr"]).verb,
         Verb::Output {
-            id: 12,
+            id: ExecutionId(12),
             stream: StreamArg::Stderr
         }
     ));
     assert!(matches!(
         parsed(&["cancel", "3"]).verb,
-        Verb::Cancel { id: 3 }
+        Verb::Cancel { id: ExecutionId(3) }
     ));
     assert!(matches!(
         parsed(&["ping", "vm1"]).verb,
@@ -345,7 +347,7 @@ fn refused_and_skipped_vms_count_as_not_run() {
     let refused = VmResult::refused(&Dispatched {
         vm: "db1".into(),
         id: None,
-        state: Some(ExecState::Rejected),
+        state: ExecState::Rejected,
         error: Some("denied: ci may not run df on db1".into()),
     });
     assert_eq!(refused.exit_code, EXIT_NOT_RUN);
@@ -370,13 +372,13 @@ fn refused_and_skipped_vms_count_as_not_run() {
 
     let accepted = Dispatched {
         vm: "a".into(),
-        id: Some(1),
-        state: Some(ExecState::Pending),
+        id: Some(ExecutionId(1)),
+        state: ExecState::Pending,
         error: None,
     };
     assert!(!accepted.refused());
     let undeliverable = Dispatched {
-        state: Some(ExecState::Undeliverable),
+        state: ExecState::Undeliverable,
         ..accepted.clone()
     };
     assert!(undeliverable.refused());

@@ -4,14 +4,14 @@
 //! is rung through its own. The host is peer 0; each QEMU that connects gets the next id.
 //!
 //! This module holds the crate's `unsafe` code: creating descriptors and passing them over
-//! the socket. The memory itself is mapped with `vm-memory` (see [`crate::memory`]).
+//! the socket. The memory itself is mapped with `vm-memory` (see [`crate::vm::memory`]).
 
 use std::io::{self, Read as _};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
-use crate::memory::GuestRegion;
+use crate::vm::memory::GuestRegion;
 
 /// The host's own peer id.
 pub const HOST_PEER: u16 = 0;
