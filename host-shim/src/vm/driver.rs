@@ -1,28 +1,27 @@
-//! The driver of one VM: its loop, the agent's lifecycle (hello, heartbeat, restarts),
-//! channel resets, cut-offs for exceeded budgets and the back-off after them, and the
-//! reconciliation with the records after a daemon restart.
+//! The driver of one VM: its state, and its loop: the channel's I/O (frames in, the outbox
+//! out, the guest's doorbell rung), API requests taken in, and sleep on the doorbell's
+//! eventfd or a backing-off timer. What the loop calls lives by concern: the agent's
+//! lifecycle in `lifecycle.rs`, the dispatch of requests in `dispatch.rs`, replies in `replies.rs`, and
+//! record writing in `writing.rs`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use ring_protocol::message::{
-    Capabilities, ExecutionId as AgentExecId, Hello, HostToAgent, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
-};
+use ring_protocol::message::{ExecutionId as AgentExecId, HostToAgent};
 use ring_protocol::{ChannelError, HostEndpoint, RecvError, SharedMemory, frame_buf};
 use tokio::sync::{broadcast, oneshot};
 
-use super::batch::{Batches, RowsBudget, Then};
-use super::budget::{Backoff, Bucket, Limit, Violations};
+use super::batch::Batches;
+use super::budget::{Backoff, Bucket, Violations};
+use super::dispatch::{Pending, PushJob, PushStream};
 use super::message::OwnedMsg;
-use super::requests::{Pending, PendingKind, PushJob, PushStream};
 use super::{
     ChannelKind, CommandInfo, CommandList, CutOff, Request, VmError, VmEvent, VmInfo, VmSettings,
     VmState,
 };
-use crate::records::{ExecState, ExecutionFilter, ExecutionId, Finish, Op, Records, Writer};
+use crate::records::{ExecutionId, Records, Writer};
 use crate::vm::ivshmem;
 
 /// How often the host bumps its heartbeat and checks the agent's.
@@ -33,10 +32,10 @@ const IDLE_POLL: Duration = Duration::from_millis(10);
 const IDLE_POLL_NO_AGENT: Duration = Duration::from_millis(50);
 /// Executions that ended recently, whose late frames (read again after a daemon restart,
 /// say) are dropped without counting as violations.
-const RECENTLY_ENDED: usize = 256;
+pub(super) const RECENTLY_ENDED: usize = 256;
 /// Pushes whose result came, whose second result (a failed push committed anyway) is
 /// expected and dropped.
-const RECENT_PUSHES: usize = 16;
+pub(super) const RECENT_PUSHES: usize = 16;
 
 /// An execution running in the guest.
 pub(super) struct Running {
@@ -66,7 +65,7 @@ pub(super) struct Driver {
     pub(super) events: broadcast::Sender<VmEvent>,
     rx: mpsc::Receiver<Request>,
     wake: Arc<OwnedFd>,
-    status: Arc<Mutex<VmInfo>>,
+    pub(super) status: Arc<Mutex<VmInfo>>,
     /// Requests waiting for a ready agent, with their delivery deadline.
     pub(super) queue: VecDeque<(Request, Instant)>,
     /// Messages encoded and waiting for room in the ring (in order), at their length.
@@ -90,32 +89,32 @@ pub(super) struct Driver {
     /// The epoch in which the agent's current generation said hello.
     pub(super) hello_epoch: Option<u32>,
     pub(super) state: VmState,
-    last_beat: (u32, Instant),
+    pub(super) last_beat: (u32, Instant),
     pub(super) commands: Option<(Instant, u32, Vec<CommandInfo>)>,
     pub(super) listing: Option<Listing>,
     pub(super) waiting_for_list: Vec<oneshot::Sender<Result<CommandList, VmError>>>,
-    reset_started: Option<Instant>,
+    pub(super) reset_started: Option<Instant>,
     pub(super) config_revision: u32,
-    restarts: u32,
-    host_generation: u32,
+    pub(super) restarts: u32,
+    pub(super) host_generation: u32,
     pub(super) batches: Batches,
     frames: Bucket,
     pub(super) output_bytes: Bucket,
-    rows: Bucket,
+    pub(super) rows: Bucket,
     pub(super) violations: Violations,
-    backoff: Backoff,
-    last_cutoff: Option<CutOff>,
+    pub(super) backoff: Backoff,
+    pub(super) last_cutoff: Option<CutOff>,
     /// The restart barrier: a ping sent after the reconciled requests; once it is
     /// answered, a reconciled execution that got no answer was never delivered.
     pub(super) barrier: Option<u64>,
     /// A batch failed and its failure was logged (until one succeeds).
-    batch_failure_logged: bool,
+    pub(super) batch_failure_logged: bool,
     /// When the agent's last `Error` report was logged.
     pub(super) error_logged: Option<Instant>,
     /// Scratch space to encode a message that must wait in the outbox.
     pub(super) scratch: Box<ring_protocol::FrameBuf>,
     /// The read was paced (a bucket ran dry): when to look again.
-    paced_until: Option<Instant>,
+    pub(super) paced_until: Option<Instant>,
     /// When the next heartbeat and health check is due.
     next_tick: Instant,
 }
@@ -208,26 +207,6 @@ impl Driver {
         self.state == VmState::Ready
     }
 
-    fn publish_status(&self) {
-        if let Ok(mut s) = self.status.lock() {
-            let changed = s.state != self.state;
-            s.state = self.state;
-            s.agent_generation = self.generation;
-            s.config_revision = self.generation.map(|_| self.config_revision);
-            s.heartbeat_age_ms = self
-                .generation
-                .map(|_| u64::try_from(self.last_beat.1.elapsed().as_millis()).unwrap_or(u64::MAX));
-            s.agent_restarts = self.restarts;
-            s.running = self.running.len();
-            s.cutoffs = self.backoff.count;
-            s.last_cutoff.clone_from(&self.last_cutoff);
-            s.violations = self.violations.total;
-            if changed {
-                let _ = self.events.send(VmEvent::State(self.settings.name.clone()));
-            }
-        }
-    }
-
     /// Opens (or takes over) the region, greets the agent and reconciles the records.
     /// `false` when the region is unusable.
     pub(super) fn open(&mut self, now: Instant) -> bool {
@@ -300,7 +279,7 @@ impl Driver {
     /// found again by the next daemon, and frames not released are read again.
     pub(super) fn shut_down(&mut self) {
         for (req, _) in std::mem::take(&mut self.queue) {
-            super::requests::reject(req, VmError::ShuttingDown);
+            super::dispatch::reject(req, VmError::ShuttingDown);
         }
         self.batches.drain(Duration::from_secs(2));
     }
@@ -409,22 +388,6 @@ impl Driver {
         }
     }
 
-    pub(super) fn hello(&self, reply: bool) -> Hello<'static> {
-        Hello {
-            min_version: MIN_PROTOCOL_VERSION,
-            max_version: PROTOCOL_VERSION,
-            capabilities: if matches!(self.channel, ChannelKind::Doorbell(_)) {
-                Capabilities::ENDED.union(Capabilities::INTERRUPTS)
-            } else {
-                Capabilities::ENDED
-            },
-            generation: self.host_generation,
-            config_revision: 0,
-            software: concat!("portless/", env!("CARGO_PKG_VERSION")),
-            reply,
-        }
-    }
-
     /// Takes API requests; `None` when every handle is gone.
     fn take_requests(&mut self, now: Instant) -> Option<bool> {
         let mut worked = false;
@@ -513,542 +476,6 @@ impl Driver {
             }
         }
         worked
-    }
-
-    /// Releases every frame read when no effect of any is still on its way to the records.
-    fn release_idle(&mut self) {
-        if !self.batches.idle() {
-            return;
-        }
-        if let Some(ep) = self.ep.as_mut() {
-            let upto = ep.read_index();
-            ep.release(self.channel.region(), upto);
-        }
-    }
-
-    /// Sends the building batch to the writer when it is due (and the rows budget allows).
-    fn submit_batch(&mut self, now: Instant) -> bool {
-        let rows = self.batches.rows_waiting();
-        let burst = self.rows_burst();
-        // Output goes as it comes while the budget is nearly untouched (a command now and
-        // then, read at once); under sustained output it is merged for `merge_wait`, so that
-        // the chunks grow with the rate rather than their number.
-        let budget = if rows == 0 || self.rows.has((burst - burst / 10).max(rows), now) {
-            RowsBudget::Plenty
-        } else if self.rows.has(rows.min(burst), now) {
-            RowsBudget::Some
-        } else {
-            RowsBudget::Spent
-        };
-        let release = self.ep.as_ref().map(|ep| (ep.epoch(), ep.read_index()));
-        let sent = self.batches.submit_if_due(now, budget, release);
-        if sent {
-            self.rows.spend(rows);
-        }
-        if budget == RowsBudget::Spent {
-            let wait = now + self.rows.wait_for(rows.min(burst) as f64);
-            self.paced_until = Some(self.paced_until.map_or(wait, |t| t.min(wait)));
-        }
-        sent
-    }
-
-    fn rows_burst(&self) -> u64 {
-        u64::from(self.settings.budget.output_rows_per_s)
-    }
-
-    /// Acts on a batch the writer committed: releases its frames and follows up its ops.
-    fn take_committed(&mut self, now: Instant) -> bool {
-        let Some(result) = self.batches.take_committed(now) else {
-            return false;
-        };
-        let committed = match result {
-            Ok(c) => c,
-            Err(e) => {
-                if !self.batch_failure_logged {
-                    eprintln!(
-                        "portless: vm {}: writing records failed ({e}); its frames stay in the \
-                         ring and are written again shortly",
-                        self.settings.name
-                    );
-                    self.batch_failure_logged = true;
-                }
-                return true;
-            }
-        };
-        self.batch_failure_logged = false;
-        if let (Some((epoch, upto)), Some(ep)) = (committed.release, self.ep.as_mut())
-            && ep.epoch() == epoch
-        {
-            ep.release(self.channel.region(), upto);
-        }
-        for (then, result) in committed.results {
-            self.follow_up(then, result, now);
-        }
-        true
-    }
-
-    /// What to do once an op is durable.
-    fn follow_up(&mut self, then: Then, result: crate::records::OpResult, now: Instant) {
-        use crate::records::{Done, RecordsError};
-        match then {
-            Then::Nothing => {}
-            Then::Output(id) => match result {
-                Ok(_) => {
-                    let _ = self.events.send(VmEvent::Output(id));
-                }
-                Err(RecordsError::OutputGap { .. } | RecordsError::OutputOverflow { .. }) => {
-                    self.violation(now, "output that skips bytes of its stream");
-                }
-                Err(_) => {}
-            },
-            Then::Ended { id, refused } => {
-                if let Ok(Done::Finished(true)) = result {
-                    let _ = self.events.send(VmEvent::Finished(id));
-                }
-                if let Some((reply, error)) = refused {
-                    let _ = reply.send(Err(error));
-                }
-            }
-            Then::Accepted { id, agent, reply } => match result {
-                Err(RecordsError::NotPending { state, .. }) => {
-                    // It ended before the agent's acceptance was recorded (it was given up
-                    // on): the agent must not go on with it, and nothing more attaches.
-                    if self.running.get(&agent).is_some_and(|r| r.id == id) {
-                        self.running.remove(&agent);
-                    }
-                    self.remember_ended(agent);
-                    let request_id = self.request_id();
-                    let _ = self.send_to_guest(&HostToAgent::Cancel {
-                        request_id,
-                        execution: agent,
-                    });
-                    if let Some(r) = reply {
-                        let _ = r.send(Err(VmError::Invalid(format!(
-                            "execution {id} had already ended ({state}) when the agent \
-                             accepted it; it was cancelled in the guest"
-                        ))));
-                    }
-                }
-                Err(RecordsError::AgentIdInUse { existing, .. }) => {
-                    self.violation(now, "an execution id the agent used before");
-                    if self.running.get(&agent).is_some_and(|r| r.id == id) {
-                        self.running.remove(&agent);
-                    }
-                    let detail = format!(
-                        "the agent reused execution id {agent}, which execution {existing} had"
-                    );
-                    self.end_unrun(id, ExecState::AgentLost, detail);
-                    if let Some(r) = reply {
-                        let _ = r.send(Err(VmError::AgentLost));
-                    }
-                }
-                _ => {
-                    if let Some(r) = reply {
-                        let _ = r.send(Ok(()));
-                    }
-                }
-            },
-            Then::Pushed { reply, outcome } => {
-                let _ = reply.send(Ok(outcome));
-            }
-        }
-    }
-
-    /// Ends the record of an execution that never ran to an exit (refused, lost,
-    /// undeliverable), saying why.
-    pub(super) fn end_unrun(
-        &mut self,
-        id: ExecutionId,
-        state: ExecState,
-        detail: impl Into<String>,
-    ) {
-        let then = Then::Ended { id, refused: None };
-        self.end(id, state, None, None, None, Some(detail.into()), then);
-    }
-
-    /// Queues an execution's end for the records.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn end(
-        &mut self,
-        id: ExecutionId,
-        state: ExecState,
-        exit_code: Option<i32>,
-        signal: Option<i32>,
-        duration_ms: Option<u64>,
-        detail: Option<String>,
-        then: Then,
-    ) {
-        let end = Finish {
-            state,
-            exit_code,
-            signal,
-            finished_at_ms: crate::records::now_ms(),
-            duration_ms,
-            detail,
-        };
-        self.batches.op(Op::Finish { id, end }, then);
-    }
-
-    /// Remembers that an agent execution ended (its late frames are dropped quietly).
-    pub(super) fn remember_ended(&mut self, agent: AgentExecId) {
-        if self.ended_set.insert(agent) {
-            self.ended.push_back(agent);
-            if self.ended.len() > RECENTLY_ENDED
-                && let Some(old) = self.ended.pop_front()
-            {
-                self.ended_set.remove(&old);
-            }
-        }
-    }
-
-    /// Remembers that a push was answered (a second answer is expected and dropped).
-    pub(super) fn remember_push(&mut self, push_id: u64) {
-        self.answered_pushes.push_back(push_id);
-        if self.answered_pushes.len() > RECENT_PUSHES {
-            self.answered_pushes.pop_front();
-        }
-    }
-
-    /// Counts a protocol violation, logs the first of an episode, and cuts the guest off
-    /// past the budget.
-    pub(super) fn violation(&mut self, now: Instant, what: &str) {
-        let limit = self.settings.budget.violations_per_min;
-        let (first, exceeded) = self.violations.note(now, limit);
-        if first {
-            eprintln!(
-                "portless: vm {}: protocol violation: {what} (more in this episode are \
-                 counted, not logged)",
-                self.settings.name
-            );
-        }
-        if exceeded {
-            self.cut_off(
-                Limit::Violations,
-                format!("more than {limit} protocol violations in a minute, the last: {what}"),
-                now,
-            );
-        }
-    }
-
-    /// Cuts the guest off for exceeding `limit`: resets the channel, ends what was in flight
-    /// (`agent_lost`, naming the budget), and backs it off before it is served again.
-    pub(super) fn cut_off(&mut self, limit: Limit, detail: String, now: Instant) {
-        if self.state == VmState::CutOff {
-            return;
-        }
-        let wait = self.backoff.cut(now);
-        let unlogged = self.violations.end_episode();
-        eprintln!(
-            "portless: vm {}: cut off: budget {} exceeded ({detail}); its executions in flight \
-             end agent_lost; served again in {} ms{}",
-            self.settings.name,
-            limit.key(),
-            wait.as_millis(),
-            if unlogged > 0 {
-                format!(" ({unlogged} more violations were not logged)")
-            } else {
-                String::new()
-            }
-        );
-        self.last_cutoff = Some(CutOff {
-            at_ms: crate::records::now_ms(),
-            budget: limit.key().to_owned(),
-            detail: detail.clone(),
-        });
-        self.begin_reset(format!(
-            "the guest was cut off: budget {} exceeded ({detail})",
-            limit.key()
-        ));
-        self.state = VmState::CutOff;
-    }
-
-    pub(super) fn begin_reset(&mut self, reason: String) {
-        if let Some(ep) = self.ep.as_mut() {
-            let mem = self.channel.region();
-            ep.begin_reset(mem);
-            self.reset_started = Some(Instant::now());
-        }
-        // Whatever was in the rings is gone: so is everything in flight.
-        self.outbox.clear();
-        self.outbox_bytes = 0;
-        self.lose_agent(&reason, VmError::AgentLost);
-        self.hello_epoch = None;
-        self.state = VmState::WaitingForAgent;
-    }
-
-    /// The agent restarted, vanished or the channel was reset: nothing in flight will be
-    /// answered.
-    pub(super) fn lose_agent(&mut self, reason: &str, err: VmError) {
-        for (_, pending) in std::mem::take(&mut self.pending) {
-            self.fail_pending(pending.kind, err.clone(), reason);
-        }
-        for (agent, run) in std::mem::take(&mut self.running) {
-            self.remember_ended(agent);
-            self.end_unrun(run.id, ExecState::AgentLost, reason);
-        }
-        if self.listing.take().is_some() {
-            for w in self.waiting_for_list.drain(..) {
-                let _ = w.send(Err(err.clone()));
-            }
-        }
-        if let Some(p) = self.streaming.take() {
-            self.fail_push(p.job, err.clone(), reason);
-        }
-        // Pushes waiting for their turn were meant for the agent that is gone.
-        for job in std::mem::take(&mut self.pushes) {
-            self.fail_push(job, err.clone(), reason);
-        }
-        self.barrier = None;
-    }
-
-    fn tick(&mut self, now: Instant) {
-        self.expire(now);
-        let Some(ep) = self.ep.as_mut() else { return };
-        let mem = self.channel.region();
-        ep.beat(mem);
-        if ep.is_resetting() {
-            if self.backoff.waiting(now) {
-                return;
-            }
-            let force = self
-                .reset_started
-                .is_some_and(|t| now.duration_since(t) >= self.settings.reset_timeout);
-            if ep.try_finish_reset(mem, force) {
-                self.reset_started = None;
-                if self.state == VmState::CutOff {
-                    self.state = VmState::WaitingForAgent;
-                }
-                let _ = self.send_to_guest(&HostToAgent::Hello(self.hello(false)));
-            }
-            return;
-        }
-        if ep.reset_requested(mem) {
-            eprintln!(
-                "portless: vm {}: the agent asked for a channel reset",
-                self.settings.name
-            );
-            self.begin_reset("the agent asked for a channel reset".into());
-            return;
-        }
-        let beat = ep.peer_heartbeat(mem);
-        if beat != self.last_beat.0 {
-            self.last_beat = (beat, now);
-            if self.state == VmState::Unresponsive {
-                self.state = VmState::Ready;
-            }
-        } else if self.generation.is_some() {
-            let quiet = now.duration_since(self.last_beat.1);
-            if quiet >= self.settings.heartbeat_timeout && self.state == VmState::Ready {
-                self.state = VmState::Unresponsive;
-            }
-            if quiet >= self.settings.lost_after
-                && !(self.pending.is_empty()
-                    && self.running.is_empty()
-                    && self.pushes.is_empty()
-                    && self.streaming.is_none())
-            {
-                self.lose_agent(
-                    &format!(
-                        "the agent's heartbeat stopped for {} s",
-                        self.settings.lost_after.as_secs()
-                    ),
-                    VmError::AgentLost,
-                );
-            }
-        }
-        if let Some((at, _, _)) = &self.commands
-            && at.elapsed() >= self.settings.command_refresh
-            && self.state == VmState::Ready
-        {
-            self.list_commands(now);
-        }
-    }
-
-    /// After a daemon restart: executions recorded as running in this VM may still be in
-    /// the guest. Map them again (their output and exit are then recorded) and ask the agent
-    /// about each; an execution recorded as sent but never accepted gets its answer from the
-    /// ring, or, once a ping sent after it is answered, ends `undeliverable` (it never
-    /// reached the agent). Recently ended ones are remembered, so that their frames read
-    /// again are dropped quietly.
-    fn reconcile_records(&mut self, now: Instant) {
-        let vm = self.settings.name.clone();
-        let answer = self.settings.budget.answer_timeout;
-        if let Ok(recent) = self.records.executions(&ExecutionFilter {
-            vm: Some(vm.clone()),
-            limit: Some(RECENTLY_ENDED),
-            ..Default::default()
-        }) {
-            for rec in recent.iter().rev() {
-                if let (true, Some(generation), Some(counter)) = (
-                    rec.state.is_final(),
-                    rec.agent_generation,
-                    rec.agent_counter,
-                ) {
-                    self.remember_ended(AgentExecId {
-                        generation,
-                        counter,
-                    });
-                }
-            }
-        }
-        let Ok(list) = self.records.unfinished(&vm) else {
-            return;
-        };
-        let mut unanswered = false;
-        for rec in list {
-            if let (Some(generation), Some(counter)) = (rec.agent_generation, rec.agent_counter) {
-                let agent = AgentExecId {
-                    generation,
-                    counter,
-                };
-                self.running.insert(
-                    agent,
-                    Running {
-                        id: rec.id,
-                        deadline: None,
-                        overdue: 0,
-                    },
-                );
-                let request_id = self.request_id();
-                if self
-                    .send_to_guest(&HostToAgent::Status {
-                        request_id,
-                        execution: agent,
-                    })
-                    .is_ok()
-                {
-                    self.pending.insert(
-                        request_id,
-                        Pending {
-                            kind: PendingKind::Status { id: rec.id, agent },
-                            deadline: now + answer,
-                        },
-                    );
-                }
-            } else {
-                // Sent but never accepted: the answer may still be in the ring.
-                self.pending.insert(
-                    rec.id.0,
-                    Pending {
-                        kind: PendingKind::Exec {
-                            id: rec.id,
-                            reply: None,
-                            timeout_ms: None,
-                        },
-                        deadline: now + answer,
-                    },
-                );
-                unanswered = true;
-            }
-        }
-        if unanswered {
-            let nonce = self.request_id();
-            if self.send_to_guest(&HostToAgent::Ping { nonce }).is_ok() {
-                self.barrier = Some(nonce);
-                self.pending.insert(
-                    nonce,
-                    Pending {
-                        kind: PendingKind::Ping {
-                            sent: now,
-                            reply: None,
-                        },
-                        deadline: now + answer,
-                    },
-                );
-            }
-        }
-    }
-
-    /// The agent said hello.
-    pub(super) fn on_hello(
-        &mut self,
-        generation: u32,
-        software: String,
-        config_revision: u32,
-        reply: bool,
-        now: Instant,
-    ) {
-        let epoch = self.ep.as_ref().map(HostEndpoint::epoch);
-        if !reply {
-            if self.generation == Some(generation) && self.hello_epoch == epoch && epoch.is_some() {
-                // An agent greets once per attach; a second greeting in the same session is
-                // noise (each costs an answer).
-                self.violation(now, "a repeated hello");
-            }
-            self.hello_epoch = epoch;
-            if self
-                .send_to_guest(&HostToAgent::Hello(self.hello(true)))
-                .is_err()
-            {
-                return;
-            }
-        }
-        if self.generation.is_some_and(|g| g != generation) {
-            self.restarts += 1;
-        }
-        if self.generation != Some(generation) {
-            // Executions of another generation cannot finish any more.
-            let lost: Vec<_> = self
-                .running
-                .keys()
-                .filter(|k| k.generation != generation)
-                .copied()
-                .collect();
-            for k in lost {
-                if let Some(run) = self.running.remove(&k) {
-                    self.remember_ended(k);
-                    self.end_unrun(run.id, ExecState::AgentLost, "the agent restarted");
-                }
-            }
-            // Requests sent before the restart were dropped by the new agent. (The first
-            // hello this daemon sees may come from the agent that had them: those sent by
-            // `reconcile_records` stay, and are answered, expire or meet the barrier.)
-            if self.generation.is_some() {
-                for (_, p) in std::mem::take(&mut self.pending) {
-                    self.fail_pending(p.kind, VmError::AgentLost, "the agent restarted");
-                }
-                self.barrier = None;
-                if let Some(p) = self.streaming.take() {
-                    self.fail_push(p.job, VmError::AgentLost, "the agent restarted");
-                }
-            }
-            self.commands = None;
-            self.listing = None;
-        }
-        self.generation = Some(generation);
-        self.config_revision = config_revision;
-        if let Ok(mut s) = self.status.lock() {
-            s.agent_software = Some(software);
-        }
-        if self.state != VmState::CutOff {
-            self.state = VmState::Ready;
-        }
-        self.last_beat.1 = now;
-        if self.commands.is_none()
-            || self
-                .commands
-                .as_ref()
-                .is_some_and(|c| c.1 != config_revision)
-        {
-            self.list_commands(now);
-        }
-    }
-
-    pub(super) fn command_list(&self) -> CommandList {
-        match &self.commands {
-            Some((at, revision, list)) => CommandList {
-                vm: self.settings.name.clone(),
-                age_ms: u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX),
-                config_revision: *revision,
-                commands: list.clone(),
-            },
-            None => CommandList {
-                vm: self.settings.name.clone(),
-                age_ms: 0,
-                config_revision: 0,
-                commands: Vec::new(),
-            },
-        }
     }
 }
 

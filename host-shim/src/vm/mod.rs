@@ -13,24 +13,32 @@
 //! What one guest can make the host spend is bounded by the VM's [`BudgetConfig`]
 //! (`[budget]` in `host.toml`; ARCHITECTURE.md, "what one guest can cost the host"):
 //!
-//! - `driver.rs`: the loop, the agent's lifecycle, resets, cut-offs and their back-off;
-//! - `requests.rs`: API requests to messages, requests in flight and their deadlines,
-//!   pushes streamed into the ring as room appears;
+//! - `driver.rs`: the loop: the channel's I/O, sleeping on the doorbell or a timer;
+//! - `lifecycle.rs`: the agent's lifecycle (hello, heartbeat, restarts), resets, cut-offs
+//!   and their back-off, reconciliation with the records, the cache of the allow-list;
+//! - `writing.rs`: what the agent reported, written to the records in batches; the ends
+//!   of executions;
+//! - `dispatch.rs`: API requests dispatched as messages, requests in flight and their
+//!   deadlines, pushes streamed into the ring as room appears;
 //! - `replies.rs`: what the agent sends, matched to what was asked;
 //! - `batch.rs`: effects of frames on their way to the records, and the release of frames;
 //! - `budget.rs`: pacing buckets, protocol violations, cut-off reasons;
 //! - `message.rs`: agent messages copied out of the frame buffer;
-//! - [`stepped`]: a driver stepped by hand, for fuzzing and tests.
+//! - [`stepped`]: a driver stepped by hand, for fuzzing and tests;
+//! - [`memory`], [`ivshmem`]: the channel's two kinds: a region mapped with `vm-memory`
+//!   (`plain`), and the ivshmem server whose doorbell eventfds ring both ways (`doorbell`).
 
 mod batch;
 mod budget;
+mod dispatch;
 mod driver;
 pub mod ivshmem;
+mod lifecycle;
 pub mod memory;
 mod message;
 mod replies;
-mod requests;
 pub mod stepped;
+mod writing;
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, mpsc};

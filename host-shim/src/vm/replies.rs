@@ -13,9 +13,9 @@ use ring_protocol::message::{
 
 use super::batch::Then;
 use super::budget::Limit;
+use super::dispatch::{LIST_PAGE, Pending, PendingKind};
 use super::driver::Driver;
 use super::message::{OwnedMsg, listing_cost};
-use super::requests::{LIST_PAGE, Pending, PendingKind};
 use super::{VmError, rejection_text};
 use crate::records::{ExecState, ExecutionId, Op};
 
@@ -373,7 +373,7 @@ impl Driver {
         }
     }
 
-    fn push_done(&mut self, job: super::requests::PushJob, outcome: PushOutcome, now: Instant) {
+    fn push_done(&mut self, job: super::dispatch::PushJob, outcome: PushOutcome, now: Instant) {
         if job.withdrawn {
             // The API gave up on it and ended its record: a late start is stopped.
             if let PushOutcome::Started(agent) = outcome {
