@@ -146,7 +146,7 @@ fn the_document_lists_exactly_the_routes_of_the_router() {
     let extra: Vec<_> = doc.difference(&code).collect();
     assert!(
         missing.is_empty() && extra.is_empty(),
-        "openapi.json is out of step with api::router: routes missing from the document: \
+        "openapi.json is out of step with http::router: routes missing from the document: \
          {missing:?}; routes in the document the router does not have: {extra:?}"
     );
 }

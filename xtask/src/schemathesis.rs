@@ -1,5 +1,5 @@
 //! The schemathesis step of `cargo xtask test`: the daemon's OpenAPI document
-//! (`host-shim/openapi.json`) against a running daemon. A daemon with one plain VM and a real
+//! (`api/openapi.json`) against a running daemon. A daemon with one plain VM and a real
 //! `portless-agent` listens on a loopback TCP port; schemathesis (from PyPI, in a virtual
 //! environment under `target/`) generates requests from the document with a valid token and
 //! runs every check: no 500s, every status, content type, header and body as documented,
@@ -207,7 +207,7 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
             .context("starting portless-agent")?,
     );
     wait_ready(port, &dir)?;
-    let document = root.join("host-shim/openapi.json");
+    let document = root.join("api/openapi.json");
     let url = format!("http://127.0.0.1:{port}");
     let auth = format!("Authorization: Bearer {TOKEN}");
     let examples = MAX_EXAMPLES.to_string();
