@@ -75,40 +75,15 @@ audit = true
         }
     }
 
-    /// One HTTP/1.1 request with the given extra header lines; the status and the body.
+    /// One request with the given extra header lines, through the API crate's client over
+    /// TCP; the status and the body.
     fn raw(&self, method: &str, path: &str, headers: &[&str], body: &[u8]) -> (u16, Vec<u8>) {
-        let mut s = TcpStream::connect(self.addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
-            self.addr,
-            body.len()
-        );
-        for h in headers {
-            head += h;
-            head += "\r\n";
-        }
-        head += "\r\n";
-        s.write_all(head.as_bytes()).expect("write");
-        s.write_all(body).expect("write");
-        let mut resp = Vec::new();
-        s.read_to_end(&mut resp).expect("read");
-        let split = resp
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .expect("headers")
-            + 4;
-        let head = String::from_utf8_lossy(&resp[..split]);
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .expect("status");
-        (status, resp[split..].to_vec())
+        let client =
+            portless_api::blocking::Client::at(portless_api::Endpoint::Tcp(self.addr.to_string()))
+                .expect("client");
+        common::raw(&client, method, path, headers, Some(body)).expect("answer")
     }
 
-    /// A GET with an optional bearer token; the status and the body as JSON (or a string).
     fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
         let auth = token.map(|t| format!("Authorization: Bearer {t}"));
         let headers: Vec<&str> = auth.iter().map(String::as_str).collect();

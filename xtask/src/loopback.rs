@@ -78,18 +78,24 @@ fn host_toml(dir: &Path, vms: usize, uid: &str) -> String {
     s
 }
 
-pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
-    step("building portless and portless-agent");
-    cmd!(sh, "cargo build --locked -p host-shim -p agent-linux").run()?;
+/// A loopback daemon and its agents, running until dropped.
+pub(crate) struct Loopback {
+    /// The daemon and the agents (stopped on drop).
+    pub(crate) children: Processes,
+    /// The daemon's unix socket.
+    pub(crate) socket: PathBuf,
+}
+
+/// Starts, from the binaries in `bin`, `portless serve` and `vms` agents in `dir`, with the
+/// example allow-list; returns once the daemon's socket answers.
+pub(crate) fn start(sh: &Shell, bin: &Path, dir: &Path, vms: usize) -> Result<Loopback> {
     let root = crate::project_root();
-    let bin = root.join("target/debug");
-    let dir = &opts.dir;
     std::fs::create_dir_all(dir)?;
-    for n in 1..=opts.vms {
+    for n in 1..=vms {
         let _ = std::fs::remove_file(dir.join(format!("vm{n}.region")));
     }
     let uid = cmd!(sh, "id -u").read()?;
-    std::fs::write(dir.join("host.toml"), host_toml(dir, opts.vms, &uid))?;
+    std::fs::write(dir.join("host.toml"), host_toml(dir, vms, &uid))?;
     // Switching users needs root: without it, the example's `user`/`group` lines go.
     let example = std::fs::read_to_string(root.join("examples/allow-list.toml"))?;
     let allow_list = if uid == "0" {
@@ -109,7 +115,7 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
     let log = |name: &str| -> Result<std::fs::File> {
         Ok(std::fs::File::create(dir.join(format!("{name}.log")))?)
     };
-    children.push("portless serve", start_daemon(&bin, dir)?);
+    children.push("portless serve", start_daemon(bin, dir)?);
     let socket = dir.join("portless.sock");
     if !vm_harness::wait_for_socket(&socket, Duration::from_secs(15)) {
         bail!(
@@ -117,7 +123,7 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
             dir.join("portless.log").display()
         );
     }
-    for n in 1..=opts.vms {
+    for n in 1..=vms {
         children.push(
             &format!("portless-agent vm{n}"),
             Command::new(bin.join("portless-agent"))
@@ -133,6 +139,18 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
                 .context("starting portless-agent")?,
         );
     }
+    Ok(Loopback { children, socket })
+}
+
+pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
+    step("building portless and portless-agent");
+    cmd!(sh, "cargo build --locked -p host-shim -p agent-linux").run()?;
+    let bin = crate::project_root().join("target/debug");
+    let dir = &opts.dir;
+    let Loopback {
+        mut children,
+        socket,
+    } = start(sh, &bin, dir, opts.vms)?;
     println!(
         "\nPortless loopback: daemon and {} agents running (logs in {}).\n\nPoint the CLI at it:\n\n  export PORTLESS_SOCKET={}\n  export PATH={}:$PATH\n  portless vms\n  portless commands vm1\n  portless exec vm1 uname --wait\n  portless exec --all sleep 2 --follow\n  portless exec vm1 fail --wait; echo \"exit $?\"\n\nCtrl-C stops everything.",
         opts.vms,

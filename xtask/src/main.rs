@@ -2,6 +2,7 @@
 //! benches). Run `cargo xtask help` for the list.
 #![forbid(unsafe_code)]
 
+mod api_example;
 mod bench;
 mod footprint;
 mod fuzz;
@@ -20,7 +21,7 @@ cargo xtask <command> [options]
 
 commands:
   test [--quick]         everything CI checks: fmt, clippy -D warnings, all tests,
-                         `schemathesis`, the no_std build for thumbv7em-none-eabihf, the VM
+                         `schemathesis`, `api-example`, the no_std build for thumbv7em-none-eabihf, the VM
                          tests, `run`, `bench --quick`,
                          the loom model, miri (when a nightly toolchain with miri is
                          installed) and a short fuzz run (--quick skips run, bench, loom,
@@ -40,6 +41,8 @@ commands:
                          agent (qemu-ga) and its virtio-serial port, into target/vm-bench
   schemathesis           the daemon against its OpenAPI document (schemathesis from PyPI, in
                          target/schemathesis), with a valid token: every check, no 500s
+  api-example            docs/api.md's example (portless-api's client) against a loopback
+                         daemon with three agents
   footprint              build the static portless-agent, print its size and resident
                          memory idle and streaming, check the targets
   help                   this text
@@ -56,6 +59,7 @@ fn main() -> Result<()> {
         "fuzz" => fuzz::run(&sh, parse_seconds(&rest, 30)?),
         "footprint" => footprint::run(&sh),
         "schemathesis" => schemathesis::run(&sh),
+        "api-example" => api_example::run(&sh),
         "image" => match rest.as_slice() {
             [] => image::build(&sh).map(|_| ()),
             [flag] if flag == "--bench" => image::build_bench(&sh).map(|_| ()),

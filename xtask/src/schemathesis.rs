@@ -94,19 +94,14 @@ fn free_port() -> Result<u16> {
 
 /// Waits until the daemon reports its VM ready (its agent attached and listed).
 fn wait_ready(port: u16, dir: &Path) -> Result<()> {
-    use std::io::{Read, Write};
+    let endpoint = portless_api::Endpoint::Tcp(format!("127.0.0.1:{port}"));
+    let client = portless_api::blocking::Client::at(endpoint)?.with_token(TOKEN);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let mut answer = String::new();
-        if let Ok(mut s) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) {
-            let _ = write!(
-                s,
-                "GET /v1/vms HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\
-                 Connection: close\r\n\r\n"
-            );
-            let _ = s.read_to_string(&mut answer);
-        }
-        if answer.contains("\"state\":\"ready\"") {
+        let ready = client
+            .vms()
+            .is_ok_and(|vms| vms.iter().any(|v| v.state == portless_api::VmState::Ready));
+        if ready {
             return Ok(());
         }
         if Instant::now() > deadline {

@@ -56,6 +56,7 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
     cmd!(sh, "cargo test --workspace --locked").run()?;
 
     crate::schemathesis::run(sh)?;
+    crate::api_example::run(sh)?;
 
     // The fuzz harness is a workspace of its own: lint and test it here, so that an API change
     // breaks the build at once rather than at the fuzzing step.

@@ -1,11 +1,11 @@
-//! Pieces the host-shim integration tests share: where the agent binary is, one HTTP/1.1
-//! request over the daemon's unix socket, and CPU time from /proc.
+//! Pieces the host-shim integration tests share: where the agent binary is, one request to
+//! the daemon through the API crate's client (the raw answer, to check the server's JSON
+//! itself), and CPU time from /proc.
 #![allow(dead_code, unreachable_pub)]
 
 pub mod hostile;
 pub mod stack;
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -47,37 +47,27 @@ pub fn try_http_with(
     headers: &[&str],
     body: Option<&[u8]>,
 ) -> Result<(u16, Vec<u8>), String> {
-    let mut s = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
-    let body = body.unwrap_or_default();
-    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: portless\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes())
-        .and_then(|()| s.write_all(body))
-        .map_err(|e| format!("write: {e}"))?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).map_err(|e| format!("read: {e}"))?;
-    let split = resp
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("no headers in the answer")?
-        + 4;
-    let head = String::from_utf8_lossy(&resp[..split]).into_owned();
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or("no status in the answer")?;
-    let mut body = resp[split..].to_vec();
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        body = dechunk(&body);
-    }
-    Ok((status, body))
+    let client = portless_api::blocking::Client::new(socket).map_err(|e| e.to_string())?;
+    raw(&client, method, path, headers, body)
+}
+
+/// One request through the API crate's client, whatever its status: the status and the
+/// body. `headers` are lines (`Name: value`).
+pub fn raw(
+    client: &portless_api::blocking::Client,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: Option<&[u8]>,
+) -> Result<(u16, Vec<u8>), String> {
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|h| h.split_once(':').map_or((*h, ""), |(k, v)| (k, v.trim())))
+        .collect();
+    client
+        .raw(method, path, &headers, body.unwrap_or_default().to_vec())
+        .map(|r| (r.status, r.body))
+        .map_err(|e| e.to_string())
 }
 
 /// One request with a JSON body; the status and the body as JSON (or as a string when it is
@@ -88,22 +78,6 @@ pub fn call(socket: &Path, method: &str, path: &str, body: Option<Value>) -> (u1
     let v = serde_json::from_slice(&body)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
     (status, v)
-}
-
-/// The data of a chunked HTTP body.
-pub fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
-            return out;
-        };
-        let len = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
-        if len == 0 {
-            return out;
-        }
-        out.extend_from_slice(&b[eol + 2..eol + 2 + len]);
-        b = &b[eol + 2 + len + 2..];
-    }
 }
 
 /// CPU time (user + system) of a process so far, from `/proc/<pid>/stat` (`self` for this
