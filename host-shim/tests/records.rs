@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
 use host_shim::records::{
-    AuditEntry, AuditFilter, AuditOrder, CHUNK_OVERHEAD, DB_FILE_NAME, DEFAULT_OUTPUT_CAP,
+    AuditEntry, AuditOrder, AuditQuery, CHUNK_OVERHEAD, DB_FILE_NAME, DEFAULT_OUTPUT_CAP,
     ExecState, ExecutionFilter, ExecutionId, Finish, NewExecution, Records, RecordsError,
     SCHEMA_VERSION, Stream,
 };
@@ -784,7 +784,7 @@ fn audit_entries_are_kept_and_filtered() {
     drop(records);
     let records = Records::open(&dir, 100).expect("reopen");
 
-    let all = records.audit_log(&AuditFilter::default()).expect("log");
+    let all = records.audit_log(&AuditQuery::default()).expect("log");
     assert_eq!(all.len(), 5);
     for (rec, e) in all.iter().zip(&entries) {
         assert_eq!(rec.entry.at_ms, e.at_ms);
@@ -798,7 +798,7 @@ fn audit_entries_are_kept_and_filtered() {
     assert!(all.windows(2).all(|w| w[0].id < w[1].id));
     assert_eq!(all[2].entry.principal, None);
 
-    let at = |f: AuditFilter| -> Vec<u64> {
+    let at = |f: AuditQuery| -> Vec<u64> {
         records
             .audit_log(&f)
             .expect("log")
@@ -807,49 +807,49 @@ fn audit_entries_are_kept_and_filtered() {
             .collect()
     };
     assert_eq!(
-        at(AuditFilter {
+        at(AuditQuery {
             principal: Some("alice".into()),
             ..Default::default()
         }),
         [10, 40, 50]
     );
     assert_eq!(
-        at(AuditFilter {
+        at(AuditQuery {
             action: Some("exec".into()),
             ..Default::default()
         }),
         [10, 20, 50]
     );
     assert_eq!(
-        at(AuditFilter {
+        at(AuditQuery {
             allowed: Some(false),
             ..Default::default()
         }),
         [20, 30, 50]
     );
     assert_eq!(
-        at(AuditFilter {
+        at(AuditQuery {
             allowed: Some(true),
             ..Default::default()
         }),
         [10, 40]
     );
     assert_eq!(
-        at(AuditFilter {
+        at(AuditQuery {
             since_ms: Some(30),
             ..Default::default()
         }),
         [30, 40, 50]
     );
     assert_eq!(
-        at(AuditFilter {
+        at(AuditQuery {
             limit: Some(2),
             ..Default::default()
         }),
         [10, 20]
     );
     assert_eq!(
-        at(AuditFilter {
+        at(AuditQuery {
             limit: Some(2),
             order: AuditOrder::Newest,
             ..Default::default()
@@ -857,7 +857,7 @@ fn audit_entries_are_kept_and_filtered() {
         [50, 40]
     );
     assert_eq!(
-        at(AuditFilter {
+        at(AuditQuery {
             principal: Some("alice".into()),
             action: Some("exec".into()),
             allowed: Some(false),
@@ -868,7 +868,7 @@ fn audit_entries_are_kept_and_filtered() {
         [50]
     );
     assert!(
-        at(AuditFilter {
+        at(AuditQuery {
             since_ms: Some(u64::MAX),
             ..Default::default()
         })
@@ -937,7 +937,7 @@ fn two_threads_share_the_records() {
     }
     for t in 0..2 {
         let log = records
-            .audit_log(&AuditFilter {
+            .audit_log(&AuditQuery {
                 principal: Some(format!("thread{t}")),
                 ..Default::default()
             })

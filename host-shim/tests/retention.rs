@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use host_shim::records::{
-    AuditEntry, AuditFilter, CHUNK_OVERHEAD, Done, ExecState, ExecutionFilter, ExecutionId, Finish,
+    AuditEntry, AuditQuery, CHUNK_OVERHEAD, Done, ExecState, ExecutionFilter, ExecutionId, Finish,
     Job, NewExecution, Op, Priority, Records, RecordsError, Retention, StoreLimits, Stream, Writer,
 };
 
@@ -250,7 +250,7 @@ fn pruning_by_age_keeps_running_executions_and_the_audit_that_covers_them() {
     // The audit of the old execution went; that of the running one, older than the audit
     // retention, stays as long as the execution does.
     let targets: Vec<String> = records
-        .audit_log(&AuditFilter::default())
+        .audit_log(&AuditQuery::default())
         .expect("audit")
         .into_iter()
         .filter_map(|a| a.entry.target)
@@ -414,7 +414,7 @@ fn the_writer_commits_groups_and_keeps_one_jobs_failure_to_itself() {
     }
     assert_eq!(
         records
-            .audit_log(&AuditFilter::default())
+            .audit_log(&AuditQuery::default())
             .expect("log")
             .len(),
         400

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::identify::Peer;
 use super::policy::Action;
 use super::{ApiError, ApiResult, App, read};
-use crate::records::{AuditFilter, AuditOrder};
+use crate::records::{AuditOrder, AuditQuery};
 
 /// The daemon's own state, for operators (the `audit` right): its version, when it
 /// started, and what its callers hold.
@@ -37,8 +37,10 @@ pub(super) async fn daemon_state(
     }))
 }
 
+/// `GET /v1/audit`'s query string as written (the order is checked by hand, so that a bad
+/// one gets a clear message).
 #[derive(Deserialize)]
-pub(super) struct AuditQuery {
+pub(super) struct AuditParams {
     principal: Option<String>,
     action: Option<String>,
     allowed: Option<bool>,
@@ -51,7 +53,7 @@ pub(super) async fn audit(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     headers: HeaderMap,
-    Query(q): Query<AuditQuery>,
+    Query(q): Query<AuditParams>,
 ) -> ApiResult<Json<portless_api::AuditLog>> {
     app.authorize(&peer, &headers, &Action::ReadAudit, None, None)
         .await?;
@@ -64,7 +66,7 @@ pub(super) async fn audit(
             )));
         }
     };
-    let filter = AuditFilter {
+    let filter = AuditQuery {
         principal: q.principal,
         action: q.action,
         allowed: q.allowed,

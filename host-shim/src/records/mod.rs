@@ -48,8 +48,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 pub use portless_api::{
-    AuditEntry, AuditOrder, AuditRecord, ExecState, ExecutionId, ExecutionRecord, Stream,
-    StreamTotals,
+    AuditEntry, AuditOrder, AuditQuery, AuditRecord, ExecState, ExecutionId, ExecutionRecord,
+    Stream, StreamTotals,
 };
 use rusqlite::types::{
     FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, Type, Value, ValueRef,
@@ -379,23 +379,6 @@ pub struct ExecutionFilter {
     pub before: Option<ExecutionId>,
     /// At most this many.
     pub limit: Option<usize>,
-}
-
-/// Which audit entries [`Records::audit_log`] returns; unset fields match everything.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AuditFilter {
-    /// Only of this principal.
-    pub principal: Option<String>,
-    /// Only of this action.
-    pub action: Option<String>,
-    /// Only allowed (`true`) or only denied (`false`) calls.
-    pub allowed: Option<bool>,
-    /// Only at or after this time (ms since the epoch).
-    pub since_ms: Option<u64>,
-    /// At most this many.
-    pub limit: Option<usize>,
-    /// Oldest or newest first (oldest by default).
-    pub order: AuditOrder,
 }
 
 /// Bytes of disk one stored output chunk costs beyond its data: its key (execution, stream,
@@ -866,7 +849,7 @@ impl Records {
 
     /// The audit entries that match `filter`, in insertion order, oldest or newest first as
     /// `filter.order` says; a limit keeps the first entries of that order.
-    pub fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, RecordsError> {
+    pub fn audit_log(&self, filter: &AuditQuery) -> Result<Vec<AuditRecord>, RecordsError> {
         let mut sql = String::from(
             "SELECT id, at_ms, principal, caller, action, target, allowed, reason, count \
              FROM audit WHERE 1",
