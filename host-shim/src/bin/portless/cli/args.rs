@@ -1,0 +1,236 @@
+//! The command line: its verbs and options (clap), checked before anything is sent.
+
+use super::*;
+
+/// `portless`: run allow-listed commands in VMs through shared memory.
+#[derive(Debug, Parser)]
+#[command(
+    name = "portless",
+    version,
+    about = "Run allow-listed commands in VMs through shared memory, without a network.",
+    after_help = "The daemon's socket is --socket PATH, else $PORTLESS_SOCKET, else \
+                  /run/portless/portless.sock."
+)]
+pub struct Cli {
+    /// The daemon's API socket [default: $PORTLESS_SOCKET, else /run/portless/portless.sock].
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Print JSON for scripts instead of tables for people.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub verb: Verb,
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Verb {
+    /// List the VMs and the state of their agents.
+    Vms,
+    /// List the commands a VM allows.
+    Commands {
+        /// The VM.
+        vm: String,
+    },
+    /// Run a command on a VM, a comma list of VMs, every VM with a label, or all.
+    #[command(
+        override_usage = "portless exec [OPTIONS] <TARGET> <COMMAND> [ARGS]...\n       \
+                                portless exec [OPTIONS] --all <COMMAND> [ARGS]..."
+    )]
+    Exec(ExecArgs),
+    /// Show an execution's record.
+    Status {
+        /// The execution.
+        id: ExecutionId,
+    },
+    /// Print an execution's output as recorded.
+    Output {
+        /// The execution.
+        id: ExecutionId,
+        /// Which stream.
+        #[arg(long, value_enum, default_value_t = StreamArg::Stdout)]
+        stream: StreamArg,
+    },
+    /// Cancel a running execution.
+    Cancel {
+        /// The execution.
+        id: ExecutionId,
+    },
+    /// Copy a program into a VM, and run it with --run.
+    Push(PushArgs),
+    /// Measure the round trip to a VM's agent.
+    Ping {
+        /// The VM.
+        vm: String,
+        /// How many round trips.
+        #[arg(long, short = 'c', default_value_t = 1, value_name = "N",
+              value_parser = clap::value_parser!(u32).range(1..))]
+        count: u32,
+    },
+    /// Show a VM's figures (uptime, load, memory, agent counters).
+    Metrics {
+        /// The VM.
+        vm: String,
+    },
+    /// Show the audit log, newest last.
+    Audit(AuditArgs),
+    /// Run the daemon: `portless serve --config host.toml` (must be the first argument).
+    Serve {
+        /// The daemon's arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+/// `portless exec`.
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Run on every VM (then the first word is the command).
+    #[arg(long)]
+    pub all: bool,
+    /// Wait for the end; exit with the remote exit code (see `portless --help`).
+    #[arg(long)]
+    pub wait: bool,
+    /// Print the output as it arrives (stdout to stdout, stderr to stderr; with several
+    /// VMs each line is prefixed with `vm: `), then exit as --wait does.
+    #[arg(long)]
+    pub follow: bool,
+    /// Timeout in milliseconds, instead of the command's own.
+    #[arg(long, value_name = "MS")]
+    pub timeout: Option<u32>,
+    /// Run on at most N VMs at once.
+    #[arg(long, value_name = "N", value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_concurrency: Option<usize>,
+    /// Stop dispatching once more than N executions have failed.
+    #[arg(long, value_name = "N")]
+    pub max_errors: Option<usize>,
+    /// TARGET (`vm1`, `vm1,vm2`, `label=value`), unless --all; then COMMAND and its
+    /// arguments (after `--` when one starts with `-`).
+    #[arg(value_name = "TARGET COMMAND ARGS", required = true, num_args = 1..,
+          allow_negative_numbers = true)]
+    pub words: Vec<String>,
+}
+
+/// What an `exec` runs, where: the positional words sorted out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecPlan {
+    /// The target as the API takes it (`vm1`, `a,b`, `role=web`, `*`).
+    pub target: String,
+    /// The command name.
+    pub command: String,
+    /// Its arguments.
+    pub args: Vec<String>,
+}
+
+impl ExecArgs {
+    /// Sorts out the positional words: `TARGET COMMAND ARGS...`, or `COMMAND ARGS...` with
+    /// `--all`; the target is checked and written in its canonical form.
+    pub fn plan(&self) -> Result<ExecPlan, String> {
+        let (target, rest) = if self.all {
+            (Target::All, self.words.as_slice())
+        } else {
+            match self.words.as_slice() {
+                [target, rest @ ..] if !rest.is_empty() => {
+                    (Target::parse(target).map_err(|e| e.to_string())?, rest)
+                }
+                _ => {
+                    return Err("a TARGET and a COMMAND are needed (or --all and a COMMAND)".into());
+                }
+            }
+        };
+        let (command, args) = rest
+            .split_first()
+            .ok_or_else(|| "a COMMAND is needed".to_owned())?;
+        Ok(ExecPlan {
+            target: target.to_string(),
+            command: command.clone(),
+            args: args.to_vec(),
+        })
+    }
+}
+
+/// `portless push`.
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The VM.
+    pub vm: String,
+    /// The program to copy.
+    pub file: PathBuf,
+    /// Run it once stored.
+    #[arg(long)]
+    pub run: bool,
+    /// Its name in the guest [default: the file's name].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Timeout of the run, in milliseconds.
+    #[arg(long, value_name = "MS")]
+    pub timeout: Option<u32>,
+}
+
+/// `portless audit`.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Only calls of this principal.
+    #[arg(long, value_name = "P")]
+    pub principal: Option<String>,
+    /// Only calls of this action (`exec`, `push`, ...).
+    #[arg(long, value_name = "A")]
+    pub action: Option<String>,
+    /// Only denied calls.
+    #[arg(long)]
+    pub denied: bool,
+    /// The newest N entries.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_AUDIT_LIMIT)]
+    pub limit: usize,
+}
+
+/// An output stream on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StreamArg {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+impl From<StreamArg> for Stream {
+    fn from(s: StreamArg) -> Self {
+        match s {
+            StreamArg::Stdout => Stream::Stdout,
+            StreamArg::Stderr => Stream::Stderr,
+        }
+    }
+}
+
+/// Parses the command line (with the program name first), including the checks clap cannot
+/// express (the words of `exec`); a usage error is a clap error, exit code 2.
+pub fn parse_args<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = Cli::try_parse_from(args)?;
+    if let Verb::Exec(exec) = &cli.verb
+        && let Err(message) = exec.plan()
+    {
+        let mut command = Cli::command();
+        command.build();
+        let error = match command.find_subcommand_mut("exec") {
+            Some(exec) => exec.error(ErrorKind::InvalidValue, message),
+            None => Cli::command().error(ErrorKind::InvalidValue, message),
+        };
+        return Err(error);
+    }
+    Ok(cli)
+}
+
+/// The daemon's socket: `--socket`, else `$PORTLESS_SOCKET` (when set and not empty), else
+/// the default of `portless serve`.
+pub fn resolve_socket(flag: Option<&Path>, env: Option<OsString>) -> PathBuf {
+    match (flag, env) {
+        (Some(path), _) => path.to_owned(),
+        (None, Some(env)) if !env.is_empty() => PathBuf::from(env),
+        _ => PathBuf::from(DEFAULT_SOCKET),
+    }
+}
