@@ -372,8 +372,8 @@ impl Client {
         let typed = headers
             .iter()
             .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
-        let content_type = (!typed).then_some("application/json");
-        let body = Some((Bytes::from(body), content_type.unwrap_or_default()));
+        let content_type = if typed { "" } else { "application/json" };
+        let body = Some((Bytes::from(body), content_type));
         let (response, _sender) = self.exchange(method, path, headers, body).await?;
         let status = response.status().as_u16();
         let headers = response
