@@ -17,8 +17,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use host_shim::config::BudgetConfig;
-use host_shim::vm::memory::GuestRegion;
 use host_shim::records::{ExecutionId, NewExecution, Records, Writer};
+use host_shim::vm::memory::GuestRegion;
 use host_shim::vm::stepped::SteppedDriver;
 use host_shim::vm::{Request, VmSettings};
 use ring_protocol::layout::offsets;
