@@ -21,9 +21,11 @@ use crate::{
     VmInfo,
 };
 
-/// A blocking client of one daemon. It owns a single-threaded tokio runtime; calls run one
-/// at a time. Not for use inside an async runtime (it would block a worker): use
-/// [`crate::Client`] there.
+/// A blocking client of one daemon. It owns a tokio runtime with one worker thread: a call
+/// runs on the caller's thread, while the connections it opened are driven (and, once
+/// dropped, closed) by the worker, so that a [`Follow`] let go of ends its stream at once.
+/// Not for use inside an async runtime (it would block a worker): use [`crate::Client`]
+/// there.
 #[derive(Debug)]
 pub struct Client {
     inner: crate::Client,
@@ -43,7 +45,9 @@ impl Client {
 
     /// The blocking face of `client` (its endpoint and token).
     pub fn from_async(client: crate::Client) -> io::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("portless-api-client")
             .enable_io()
             .enable_time()
             .build()?;

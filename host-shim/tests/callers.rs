@@ -4,36 +4,24 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use common::stack::Stack;
+use portless_api::blocking::{Client, Follow};
+use portless_api::{ClientError, ExecutionId, FollowEvent};
 use serde_json::Value;
 
-/// Opens `GET /v1/executions/{id}/follow` and reads the answer's head; the connection, to
-/// keep or drop, and the status.
-fn open_follow(s: &Stack, id: u64) -> (UnixStream, u16) {
-    let mut c = UnixStream::connect(&s.socket).expect("connect");
-    c.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        c,
-        "GET /v1/executions/{id}/follow HTTP/1.1\r\nHost: portless\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(c.read(&mut b).expect("read"), 1, "closed before the head");
-        head.push(b[0]);
-    }
-    let status = String::from_utf8_lossy(&head)
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status");
-    (c, status)
+/// Opens `GET /v1/executions/{id}/follow` through the API crate's client: the open stream
+/// (to keep or drop), or the daemon's refusal.
+fn open_follow(client: &Client, id: u64) -> Result<Follow<'_>, ClientError> {
+    client.follow(ExecutionId(id))
+}
+
+/// Whether a stream's events reach the execution's end.
+fn reaches_the_end(follow: Follow<'_>) -> bool {
+    follow
+        .map_while(Result::ok)
+        .any(|e| matches!(e, FollowEvent::End(_)))
 }
 
 fn follows_open(s: &Stack) -> Value {
@@ -69,10 +57,10 @@ fn follow_streams_end_with_their_client_and_are_bounded_per_principal() {
     assert_eq!(status, 200, "{body}");
     let id = body["executions"][0]["id"].as_u64().expect("id");
     assert_eq!(follows_open(&s)["follows_open"], 0);
+    let client = Client::new(&s.socket).expect("client");
 
     // A client that goes away while there is nothing to send: its stream ends.
-    let (c, status) = open_follow(&s, id);
-    assert_eq!(status, 200);
+    let c = open_follow(&client, id).expect("a stream");
     let state = wait_follows(&s, 1);
     assert_eq!(state["follows"]["ops"], 1, "{state}");
     drop(c);
@@ -80,39 +68,34 @@ fn follow_streams_end_with_their_client_and_are_bounded_per_principal() {
 
     // At most three at once for one principal; the fourth is refused, and a place freed
     // is taken again.
-    let mut open: Vec<UnixStream> = (0..3)
-        .map(|_| {
-            let (c, status) = open_follow(&s, id);
-            assert_eq!(status, 200);
-            c
-        })
+    let mut open: Vec<Follow<'_>> = (0..3)
+        .map(|_| open_follow(&client, id).expect("a stream"))
         .collect();
     wait_follows(&s, 3);
-    let (mut refused, status) = open_follow(&s, id);
-    assert_eq!(status, 429);
-    let mut body = String::new();
-    let _ = refused.read_to_string(&mut body);
+    let refused = open_follow(&client, id).expect_err("a fourth stream");
+    assert_eq!(refused.status(), Some(429));
+    let body = refused.to_string();
     assert!(body.contains("follows_per_principal"), "{body}");
     drop(open.pop());
     wait_follows(&s, 2);
-    let (_again, status) = open_follow(&s, id);
-    assert_eq!(status, 200);
+    let _again = open_follow(&client, id).expect("a stream");
     wait_follows(&s, 3);
 
     // The execution's end ends every stream, with its end line.
     let (status, body) = s.call("POST", &format!("/v1/executions/{id}/cancel"), None);
     assert_eq!(status, 202, "{body}");
-    let mut rest = String::new();
-    open[0].read_to_string(&mut rest).expect("read to the end");
-    assert!(rest.contains("\"type\":\"end\""), "{rest}");
+    let first = open.remove(0);
+    assert!(
+        reaches_the_end(first),
+        "the stream ended without its end line"
+    );
     drop(open);
     wait_follows(&s, 0);
 
     // A daemon that stops ends the streams it has open (and does not wait for them).
     let (_, body) = s.exec("vm1", "sleep", &["300"]);
     let id = body["executions"][0]["id"].as_u64().expect("id");
-    let (mut c, status) = open_follow(&s, id);
-    assert_eq!(status, 200);
+    let c = open_follow(&client, id).expect("a stream");
     wait_follows(&s, 1);
     let t = Instant::now();
     s.stop_daemon();
@@ -121,8 +104,8 @@ fn follow_streams_end_with_their_client_and_are_bounded_per_principal() {
         "stopping took {:?}",
         t.elapsed()
     );
-    let mut rest = Vec::new();
-    let _ = c.read_to_end(&mut rest);
+    // The stream ends (without its end line: the execution did not end).
+    let _ = c.count();
 }
 
 #[test]
