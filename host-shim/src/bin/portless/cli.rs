@@ -182,23 +182,30 @@ fn print_json<T: Serialize>(io: &mut Io<'_>, value: &T) -> Result<(), CliError> 
     Ok(())
 }
 
-async fn vms(client: &Client, json: bool, io: &mut Io<'_>) -> VerbResult {
-    let vms = client.vms().await?;
+/// `value` as JSON with `--json`, else the text `for_people` makes of it.
+fn show<T: Serialize>(
+    io: &mut Io<'_>,
+    json: bool,
+    value: &T,
+    for_people: impl FnOnce(&T) -> String,
+) -> Result<(), CliError> {
     if json {
-        print_json(io, &serde_json::json!({ "vms": vms }))?;
+        print_json(io, value)
     } else {
-        io.out.write_all(vms_table(&vms).as_bytes())?;
+        Ok(io.out.write_all(for_people(value).as_bytes())?)
     }
+}
+
+async fn vms(client: &Client, json: bool, io: &mut Io<'_>) -> VerbResult {
+    let vms = portless_api::VmList {
+        vms: client.vms().await?,
+    };
+    show(io, json, &vms, |list| vms_table(&list.vms))?;
     Ok(0)
 }
 
 async fn commands(client: &Client, vm: &str, json: bool, io: &mut Io<'_>) -> VerbResult {
-    let list = client.commands(vm).await?;
-    if json {
-        print_json(io, &list)?;
-    } else {
-        io.out.write_all(commands_table(&list).as_bytes())?;
-    }
+    show(io, json, &client.commands(vm).await?, commands_table)?;
     Ok(0)
 }
 
@@ -246,11 +253,7 @@ fn dispatched(
     json: bool,
     io: &mut Io<'_>,
 ) -> VerbResult {
-    if json {
-        print_json(io, answer)?;
-    } else {
-        io.out.write_all(dispatch_table(answer).as_bytes())?;
-    }
+    show(io, json, answer, dispatch_table)?;
     let mut code = 0;
     for d in answer.executions.iter().filter(|d| d.refused()) {
         let result = VmResult::refused(d);
@@ -598,12 +601,7 @@ impl LinePrefixer {
 }
 
 async fn status(client: &Client, id: ExecutionId, json: bool, io: &mut Io<'_>) -> VerbResult {
-    let record = client.execution(id).await?;
-    if json {
-        print_json(io, &record)?;
-    } else {
-        io.out.write_all(record_details(&record).as_bytes())?;
-    }
+    show(io, json, &client.execution(id).await?, record_details)?;
     Ok(0)
 }
 
@@ -760,12 +758,7 @@ async fn ping(client: &Client, vm: &str, count: u32, json: bool, io: &mut Io<'_>
 }
 
 async fn metrics(client: &Client, vm: &str, json: bool, io: &mut Io<'_>) -> VerbResult {
-    let answer = client.metrics(vm).await?;
-    if json {
-        print_json(io, &answer)?;
-    } else {
-        io.out.write_all(metrics_details(&answer).as_bytes())?;
-    }
+    show(io, json, &client.metrics(vm).await?, metrics_details)?;
     Ok(0)
 }
 
@@ -781,11 +774,8 @@ async fn audit(client: &Client, args: &AuditArgs, json: bool, io: &mut Io<'_>) -
         })
         .await?;
     entries.reverse();
-    if json {
-        print_json(io, &serde_json::json!({ "entries": entries }))?;
-    } else {
-        io.out.write_all(audit_table(&entries).as_bytes())?;
-    }
+    let log = portless_api::AuditLog { entries };
+    show(io, json, &log, |log| audit_table(&log.entries))?;
     Ok(0)
 }
 
