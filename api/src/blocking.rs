@@ -15,10 +15,10 @@ use std::io;
 use std::path::PathBuf;
 
 use crate::{
-    AuditQuery, AuditRecord, CancelResponse, ClientError, CommandList, DaemonState, Endpoint,
-    ExecRequest, ExecResponse, ExecState, ExecutionId, ExecutionRecord, FollowEvent,
-    MetricsResponse, OutputChunk, PingResponse, PushRequest, PushResponse, RawResponse, Stream,
-    VmInfo,
+    AuditQuery, AuditRecord, CancelResponse, ClientError, CommandList, ConsoleCode, Cursor,
+    DaemonState, Endpoint, EventsRequest, ExecRequest, ExecResponse, ExecutionId, ExecutionQuery,
+    ExecutionRecord, FollowEvent, MetricsResponse, OutputChunk, PingResponse, PushRequest,
+    PushResponse, RawResponse, Stream, StreamEvent, VmInfo, Whoami,
 };
 
 /// A blocking client of one daemon. It owns a tokio runtime with one worker thread: a call
@@ -85,14 +85,8 @@ impl Client {
     }
 
     /// [`crate::Client::executions`].
-    pub fn executions(
-        &self,
-        vm: Option<&str>,
-        state: Option<ExecState>,
-        limit: Option<usize>,
-    ) -> Result<Vec<ExecutionRecord>, ClientError> {
-        self.runtime
-            .block_on(self.inner.executions(vm, state, limit))
+    pub fn executions(&self, query: &ExecutionQuery) -> Result<Vec<ExecutionRecord>, ClientError> {
+        self.runtime.block_on(self.inner.executions(query))
     }
 
     /// [`crate::Client::execution`].
@@ -161,6 +155,26 @@ impl Client {
         self.runtime.block_on(self.inner.audit(query))
     }
 
+    /// [`crate::Client::events`].
+    pub fn events(&self, request: &EventsRequest) -> Result<Events<'_>, ClientError> {
+        let inner = self.runtime.block_on(self.inner.events(request))?;
+        Ok(Events {
+            inner,
+            runtime: &self.runtime,
+            done: false,
+        })
+    }
+
+    /// [`crate::Client::whoami`].
+    pub fn whoami(&self) -> Result<Whoami, ClientError> {
+        self.runtime.block_on(self.inner.whoami())
+    }
+
+    /// [`crate::Client::console_code`].
+    pub fn console_code(&self) -> Result<ConsoleCode, ClientError> {
+        self.runtime.block_on(self.inner.console_code())
+    }
+
     /// [`crate::Client::daemon`].
     pub fn daemon(&self) -> Result<DaemonState, ClientError> {
         self.runtime.block_on(self.inner.daemon())
@@ -190,6 +204,37 @@ pub struct Follow<'c> {
 
 impl Iterator for Follow<'_> {
     type Item = Result<FollowEvent, ClientError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        match self.runtime.block_on(self.inner.next()) {
+            Ok(Some(event)) => Some(Ok(event)),
+            Ok(None) => {
+                self.done = true;
+                None
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// An event stream read by blocking: each item is the next event with the cursor in force
+/// after it, until the daemon ends the stream; a stream that breaks off yields its error,
+/// then ends.
+#[derive(Debug)]
+pub struct Events<'c> {
+    inner: crate::Events,
+    runtime: &'c tokio::runtime::Runtime,
+    done: bool,
+}
+
+impl Iterator for Events<'_> {
+    type Item = Result<(StreamEvent, Option<Cursor>), ClientError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.done {

@@ -346,3 +346,46 @@ pub struct CancelResponse {
     /// Its state when the daemon answered.
     pub state: ExecState,
 }
+
+/// Which executions `GET /v1/executions` lists: every filter that is set must match. The
+/// list is newest first; page back through it with `before`, the last id of a page.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecutionQuery {
+    /// Only on this VM.
+    pub vm: Option<String>,
+    /// Only in this state.
+    pub state: Option<ExecState>,
+    /// Only of this command.
+    pub command: Option<String>,
+    /// Only those this principal started.
+    pub principal: Option<String>,
+    /// Only those asked for at or after this time (ms since the epoch).
+    pub since_ms: Option<u64>,
+    /// Only those asked for before this time (ms since the epoch).
+    pub until_ms: Option<u64>,
+    /// Only those with an id below this one.
+    pub before: Option<ExecutionId>,
+    /// At most this many (the daemon's default 100, at most 10,000).
+    pub limit: Option<usize>,
+}
+
+impl ExecutionQuery {
+    /// The query's `(key, value)` pairs, in the order the route documents them.
+    pub fn pairs(&self) -> Vec<(&'static str, String)> {
+        let mut q = Vec::new();
+        let mut put = |k, v: Option<String>| {
+            if let Some(v) = v {
+                q.push((k, v));
+            }
+        };
+        put("vm", self.vm.clone());
+        put("state", self.state.map(|s| s.as_str().to_owned()));
+        put("command", self.command.clone());
+        put("principal", self.principal.clone());
+        put("since_ms", self.since_ms.map(|v| v.to_string()));
+        put("until_ms", self.until_ms.map(|v| v.to_string()));
+        put("before", self.before.map(|v| v.to_string()));
+        put("limit", self.limit.map(|v| v.to_string()));
+        q
+    }
+}

@@ -2,8 +2,8 @@
 //! routes, of anything that answers for many of them), defined once.
 //!
 //! - The JSON types of every request and answer ([`vms`], [`executions`], [`audit`],
-//!   [`daemon`]), the event stream of a followed execution ([`events`]), and the error body
-//!   ([`ErrorBody`]). Servers serialize these types; clients deserialize them. Nothing else
+//!   [`daemon`], [`session`]), the follow stream of one execution ([`events`]), the event
+//!   stream of many VMs and executions ([`stream`]), and the error body ([`ErrorBody`]). Servers serialize these types; clients deserialize them. Nothing else
 //!   declares them.
 //! - [`OPENAPI`]: the OpenAPI 3.1 document of the API, checked against these types and
 //!   against the daemon's routes by tests.
@@ -29,18 +29,24 @@ mod client;
 pub mod daemon;
 pub mod events;
 pub mod executions;
+pub mod session;
+pub mod stream;
 pub mod vms;
 
 use serde::{Deserialize, Serialize};
 
 pub use audit::{AuditEntry, AuditLog, AuditOrder, AuditQuery, AuditRecord};
-pub use client::{Client, ClientError, Endpoint, Follow, RawResponse, encode, error_message};
+pub use client::{
+    Client, ClientError, Endpoint, Events, Follow, RawResponse, encode, error_message,
+};
 pub use daemon::DaemonState;
 pub use events::{FollowEvent, FollowLine, MAX_FOLLOW_LINE, parse_follow_line};
 pub use executions::{
     CancelResponse, Dispatched, ExecRequest, ExecResponse, ExecState, ExecutionId, ExecutionList,
-    ExecutionRecord, OutputChunk, Stream, StreamTotals, WAIT_POLL_MS,
+    ExecutionQuery, ExecutionRecord, OutputChunk, Stream, StreamTotals, WAIT_POLL_MS,
 };
+pub use session::{ConsoleCode, Rights, Whoami};
+pub use stream::{Cursor, EventsRequest, OutputEvent, Position, StreamEvent};
 pub use vms::{
     AgentCounters, CommandInfo, CommandList, CutOff, Metrics, MetricsResponse, Param, PingResponse,
     PushOutcome, PushRequest, PushResponse, VmInfo, VmList, VmState,

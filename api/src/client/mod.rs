@@ -23,9 +23,11 @@ use serde::de::DeserializeOwned;
 
 use crate::events::{FollowEvent, MAX_FOLLOW_LINE, parse_follow_line};
 use crate::executions::{
-    CancelResponse, ExecRequest, ExecResponse, ExecState, ExecutionId, ExecutionList,
+    CancelResponse, ExecRequest, ExecResponse, ExecutionId, ExecutionList, ExecutionQuery,
     ExecutionRecord, OutputChunk, Stream, WAIT_POLL_MS,
 };
+use crate::session::{ConsoleCode, Whoami};
+use crate::stream::{Cursor, EventsRequest, SseDecoder, StreamEvent};
 use crate::vms::{
     CommandList, MetricsResponse, PingResponse, PushRequest, PushResponse, VmInfo, VmList,
 };
@@ -209,23 +211,14 @@ impl Client {
         .await
     }
 
-    /// `GET /v1/executions`: the newest executions the caller may see (at most `limit`,
-    /// the daemon's default when `None`), of one VM or in one state if asked.
+    /// `GET /v1/executions`: the newest executions the caller may see that match `query`.
     pub async fn executions(
         &self,
-        vm: Option<&str>,
-        state: Option<ExecState>,
-        limit: Option<usize>,
+        query: &ExecutionQuery,
     ) -> Result<Vec<ExecutionRecord>, ClientError> {
         let mut q = Query::default();
-        if let Some(vm) = vm {
-            q.push("vm", vm);
-        }
-        if let Some(state) = state {
-            q.push("state", state.as_str());
-        }
-        if let Some(limit) = limit {
-            q.push("limit", &limit.to_string());
+        for (key, value) in query.pairs() {
+            q.push(key, &value);
         }
         let path = match q.0.as_str() {
             "" => "/v1/executions".to_owned(),
@@ -303,6 +296,38 @@ impl Client {
             endpoint: self.endpoint.clone(),
             request: format!("GET {path}"),
         })
+    }
+
+    /// `GET /v1/events`: VM states and executions' output and ends as they happen, over
+    /// one connection, from `request.cursor` when resuming.
+    pub async fn events(&self, request: &EventsRequest) -> Result<Events, ClientError> {
+        let path = request.path();
+        let cursor = request.cursor.as_ref().map(ToString::to_string);
+        let headers: Vec<(&str, &str)> = cursor
+            .as_deref()
+            .map(|c| ("last-event-id", c))
+            .into_iter()
+            .collect();
+        let (response, sender) = self.exchange(Method::GET, &path, &headers, None).await?;
+        let response = check_status(response, &self.endpoint).await?;
+        Ok(Events {
+            body: response.into_body(),
+            _sender: sender,
+            decoder: SseDecoder::default(),
+            endpoint: self.endpoint.clone(),
+            request: format!("GET {path}"),
+        })
+    }
+
+    /// `GET /v1/whoami`: the caller's principal and rights.
+    pub async fn whoami(&self) -> Result<Whoami, ClientError> {
+        self.get_json("/v1/whoami").await
+    }
+
+    /// `POST /v1/console/codes`: a one-time login code (and URL) for the web console.
+    pub async fn console_code(&self) -> Result<ConsoleCode, ClientError> {
+        self.call_json(Method::POST, "/v1/console/codes", None)
+            .await
     }
 
     /// `POST /v1/executions/{id}/cancel`: asks the agent to kill a running execution.
@@ -560,6 +585,57 @@ impl Follow {
                         request: self.request.clone(),
                     });
                 }
+            }
+        }
+    }
+
+    fn protocol(&self, detail: String) -> ClientError {
+        ClientError::Protocol {
+            request: self.request.clone(),
+            detail,
+        }
+    }
+}
+
+/// An event stream (`GET /v1/events`), read event by event.
+#[derive(Debug)]
+pub struct Events {
+    body: Incoming,
+    _sender: SendRequest<Full<Bytes>>,
+    decoder: SseDecoder,
+    endpoint: Endpoint,
+    request: String,
+}
+
+impl Events {
+    /// The next event with the id in force after it (the cursor to resume from); `None`
+    /// when the daemon ended the stream (every execution it follows has ended). Events of
+    /// kinds this client does not know are skipped.
+    pub async fn next(&mut self) -> Result<Option<(StreamEvent, Option<Cursor>)>, ClientError> {
+        loop {
+            while let Some(frame) = self.decoder.next_frame() {
+                let event =
+                    StreamEvent::parse(&frame.name, &frame.data).map_err(|d| self.protocol(d))?;
+                let Some(event) = event else { continue };
+                let cursor = match frame.id.as_deref() {
+                    Some(id) => Some(Cursor::parse(id).map_err(|d| self.protocol(d))?),
+                    None => None,
+                };
+                return Ok(Some((event, cursor)));
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.decoder.feed(&data).map_err(|d| self.protocol(d))?;
+                    }
+                }
+                Some(Err(source)) => {
+                    return Err(ClientError::Http {
+                        endpoint: self.endpoint.clone(),
+                        source,
+                    });
+                }
+                None => return Ok(None),
             }
         }
     }
