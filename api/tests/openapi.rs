@@ -11,13 +11,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use portless_api::{
     AgentCounters, AuditEntry, AuditLog, AuditRecord, CancelResponse, CommandInfo, CommandList,
-    CutOff, DaemonState, Dispatched, ErrorBody, ExecRequest, ExecResponse, ExecState, ExecutionId,
-    ExecutionList, ExecutionRecord, FollowLine, Metrics, MetricsResponse, OPENAPI, Param,
-    PingResponse, PushOutcome, PushResponse, Stream, StreamTotals, VmInfo, VmList, VmState,
+    ConsoleCode, CutOff, DaemonState, Dispatched, ErrorBody, ExecRequest, ExecResponse, ExecState,
+    ExecutionId, ExecutionList, ExecutionRecord, FollowLine, Metrics, MetricsResponse, OPENAPI,
+    Param, PingResponse, PushOutcome, PushResponse, Rights, Stream, StreamEvent, StreamTotals,
+    VmInfo, VmList, VmState, Whoami,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn document() -> Value {
     serde_json::from_str(OPENAPI).expect("openapi.json is JSON")
@@ -463,6 +464,35 @@ fn answers() -> BTreeMap<(&'static str, &'static str, &'static str), Vec<Sample>
             ("get", "/v1/daemon", "200"),
             vec![sample("DaemonState", &daemon, true)],
         ),
+        (
+            ("get", "/v1/whoami", "200"),
+            vec![sample(
+                "Whoami",
+                &Whoami {
+                    principal: "ops".into(),
+                    caller: "console session 1a2b3c4d".into(),
+                    rights: Rights {
+                        push: true,
+                        audit: false,
+                        read_all: true,
+                        cancel_all: false,
+                    },
+                },
+                true,
+            )],
+        ),
+        (
+            ("post", "/v1/console/codes", "201"),
+            vec![sample(
+                "ConsoleCode",
+                &ConsoleCode {
+                    url: "http://127.0.0.1:7434/console/login?code=ab".into(),
+                    code: "ab".into(),
+                    expires_at_ms: 1_764_633_600_000,
+                },
+                true,
+            )],
+        ),
     ])
 }
 
@@ -554,6 +584,50 @@ fn every_answer_matches_its_schema() {
         "only {} answers checked",
         covered.len()
     );
+}
+
+/// The data of the event stream's events: `vm`, `execution` and `end` are the `Vm` and
+/// `ExecutionRecord` schemas, `output` is `OutputEvent`.
+#[test]
+fn the_event_stream_data_matches_its_schemas() {
+    let doc = document();
+    let schema = |name: &str| json!({ "$ref": format!("#/components/schemas/{name}") });
+    let mut problems = Vec::new();
+    let output = StreamEvent::Output {
+        execution: ExecutionId(42),
+        stream: Stream::Stderr,
+        offset: 7,
+        data: b"hello".to_vec(),
+    };
+    let sse = output.to_sse(None);
+    let data = sse
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .expect("a data line");
+    let value: Value = serde_json::from_str(data).expect("JSON");
+    problems.extend(check(
+        &doc,
+        &schema("OutputEvent"),
+        &value,
+        "output event",
+        true,
+    ));
+    for full in [true, false] {
+        let end = StreamEvent::End(Box::new(record(full))).to_sse(None);
+        let data = end
+            .lines()
+            .find_map(|l| l.strip_prefix("data: "))
+            .expect("data");
+        let value: Value = serde_json::from_str(data).expect("JSON");
+        problems.extend(check(
+            &doc,
+            &schema("ExecutionRecord"),
+            &value,
+            "end event",
+            full,
+        ));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
 #[test]

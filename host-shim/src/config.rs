@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use ring_protocol::layout::{MAX_REGION_SIZE, MIN_REGION_SIZE};
 
+mod console;
 mod limits;
+pub use console::*;
 pub use limits::*;
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
@@ -64,6 +66,8 @@ pub struct HostConfig {
     pub records: RecordsConfig,
     /// The `[callers]` table: what callers of the API may make the daemon spend.
     pub callers: CallersConfig,
+    /// The `[console]` table: the web console's listener and sessions.
+    pub console: ConsoleConfig,
 }
 
 /// The `[daemon]` table: where the daemon listens and keeps its records, and its timings.
@@ -858,6 +862,8 @@ struct RawFile {
     #[serde(default)]
     callers: limits::RawCallers,
     #[serde(default)]
+    console: console::RawConsole,
+    #[serde(default)]
     vm: Vec<RawVm>,
     #[serde(default)]
     principal: Vec<RawPrincipal>,
@@ -980,6 +986,7 @@ impl RawFile {
         let budget = self.budget.check()?;
         let records = self.records.check()?;
         let callers = self.callers.check()?;
+        let console = self.console.check()?;
 
         let mut vms = Vec::with_capacity(self.vm.len());
         let mut vm_lines: HashMap<String, usize> = HashMap::new();
@@ -1037,6 +1044,7 @@ impl RawFile {
             budget,
             records,
             callers,
+            console,
         })
     }
 }
@@ -1473,7 +1481,7 @@ mod tests {
             (
                 "\n[deamon]\n".to_owned(),
                 "host.toml:2:2: unknown field `deamon`, expected one of `daemon`, `budget`, \
-                 `records`, `callers`, `vm`, `principal`",
+                 `records`, `callers`, `console`, `vm`, `principal`",
             ),
             (
                 "[daemon]\n  sockt = \"/x\"\n".to_owned(),

@@ -225,6 +225,7 @@ pub async fn serve(config: HostConfig) -> Result<()> {
         threads.push(thread);
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let console = portless_console::Console::new(config.console.sessions, d.tls.is_some());
     let app = Arc::new(App {
         policy: Policy::new(&config.principals),
         callers: Callers::new(config.callers),
@@ -236,6 +237,9 @@ pub async fn serve(config: HostConfig) -> Result<()> {
         tickets: std::sync::atomic::AtomicU64::new(1),
         stopping: stop_rx.clone(),
         started_ms: now_ms(),
+        console: Arc::new(console),
+        console_listener: tokio::sync::OnceCell::new(),
+        background: std::sync::Mutex::new(Vec::new()),
     });
     // Denied calls counted past their peer's budget are written as the intervals end.
     let flusher = {
@@ -343,6 +347,15 @@ pub async fn serve(config: HostConfig) -> Result<()> {
     let _ = stop_tx.send(true);
     let _ = unix_server.await;
     if let Some(t) = tcp_server {
+        let _ = t.await;
+    }
+    let background = std::mem::take(
+        &mut *app
+            .background
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    for t in background {
         let _ = t.await;
     }
     let still_ours = {

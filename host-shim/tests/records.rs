@@ -688,10 +688,29 @@ fn executions_filter_newest_first() {
             vm: Some("vm1".into()),
             principal: Some("alice".into()),
             state: Some(ExecState::Pending),
+            command: Some("sleep".into()),
+            since_ms: Some(6),
+            until_ms: Some(7),
             limit: Some(10),
             before: None,
         }),
         [ids[6]]
+    );
+    // Times are `requested_at_ms` (here the loop's index): since is inclusive, until not.
+    assert_eq!(
+        query(ExecutionFilter {
+            since_ms: Some(3),
+            until_ms: Some(6),
+            ..Default::default()
+        }),
+        [ids[5], ids[4], ids[3]]
+    );
+    assert!(
+        query(ExecutionFilter {
+            command: Some("uname".into()),
+            ..Default::default()
+        })
+        .is_empty()
     );
     assert!(
         query(ExecutionFilter {

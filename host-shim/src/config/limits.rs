@@ -322,7 +322,7 @@ pub(super) struct RawRecords {
     prune_interval_s: Option<Spanned<u64>>,
 }
 
-fn table_error(
+pub(super) fn table_error(
     table: &'static str,
     span: Range<usize>,
     field: &'static str,
@@ -344,7 +344,7 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// A setting that must be at least `min`, or its default.
-fn at_least<T: Copy + PartialOrd + fmt::Display>(
+pub(super) fn at_least<T: Copy + PartialOrd + fmt::Display>(
     table: &'static str,
     field: &'static str,
     value: Option<Spanned<T>>,

@@ -287,6 +287,11 @@ pub(super) async fn wait_final(
 pub(super) struct ListQuery {
     vm: Option<String>,
     state: Option<String>,
+    command: Option<String>,
+    principal: Option<String>,
+    since_ms: Option<u64>,
+    until_ms: Option<u64>,
+    before: Option<u64>,
     limit: Option<usize>,
 }
 
@@ -309,14 +314,17 @@ pub(super) async fn list_executions(
     // The limit counts what the caller may see: read pages until it is reached.
     let want = q.limit.unwrap_or(100).min(10_000);
     let mut list: Vec<ExecutionRecord> = Vec::new();
-    let mut before = None;
+    let mut before = q.before.map(ExecutionId);
     while list.len() < want {
         let filter = crate::records::ExecutionFilter {
             vm: q.vm.clone(),
+            principal: q.principal.clone(),
             state,
+            command: q.command.clone(),
+            since_ms: q.since_ms,
+            until_ms: q.until_ms,
             before,
             limit: Some(want.max(100)),
-            ..Default::default()
         };
         let page = read(&app, move |r| r.executions(&filter)).await?;
         let Some(last) = page.last() else { break };
@@ -430,16 +438,7 @@ pub(super) async fn follow(
     let (_, principal) = app
         .authorize_execution(&peer, &headers, &Action::ReadExecution, id)
         .await?;
-    let Some(slot) = app.callers.open_follow(principal.name()) else {
-        return Err(ApiError(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "principal {:?} has {} follow streams open already (callers.follows_per_principal)",
-                principal.name(),
-                app.callers.follow_limit()
-            ),
-        ));
-    };
+    let slot = app.follow_slot(principal)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let id = ExecutionId(id);
     tokio::spawn(async move {

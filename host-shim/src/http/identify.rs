@@ -7,6 +7,8 @@ use axum::extract::connect_info::Connected;
 use axum::http::{HeaderMap, StatusCode, header};
 use std::net::SocketAddr;
 
+use portless_console::SessionCaller;
+
 use super::policy::{Action, Caller, Principal};
 use super::{ApiError, ApiResult, App, now_ms, read, write};
 use crate::config::VmConfig;
@@ -50,26 +52,48 @@ pub(super) fn peer_key(peer: &Peer) -> String {
     }
 }
 
-/// The caller of a request, from the connection and the `Authorization` header.
-/// On failure: how to name the caller in the audit log, and why it was refused.
-pub(super) fn caller(peer: &Peer, headers: &HeaderMap) -> Result<Caller, (String, String)> {
+/// The caller of a request, from the `Authorization` header, the console's session cookie
+/// and the connection, in that order. On failure: how to name the caller in the audit log,
+/// and why it was refused.
+pub(super) fn caller(
+    console: &portless_console::Console,
+    peer: &Peer,
+    headers: &HeaderMap,
+) -> Result<Caller, (String, String)> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_owned);
-    match (peer, bearer) {
-        (_, Some(token)) => Ok(Caller::Token(token)),
-        (Peer::Unix(Some((uid, gid, pid))), None) => Ok(Caller::Unix {
+    if let Some(token) = bearer {
+        return Ok(Caller::Token(token));
+    }
+    match console.caller(headers) {
+        SessionCaller::Active(a) => {
+            return Ok(Caller::Session {
+                principal: a.principal,
+                tag: a.tag,
+            });
+        }
+        SessionCaller::Expired => {
+            return Err((
+                format!("{} (ended console session)", peer_key(peer)),
+                "the console session has ended (logged out or expired): log in again".into(),
+            ));
+        }
+        SessionCaller::None => {}
+    }
+    match peer {
+        Peer::Unix(Some((uid, gid, pid))) => Ok(Caller::Unix {
             uid: *uid,
             gid: *gid,
             pid: *pid,
         }),
-        (Peer::Unix(None), None) => Err((
+        Peer::Unix(None) => Err((
             "unix (no credentials)".into(),
             "peer credentials unavailable".into(),
         )),
-        (Peer::Tcp(addr), None) => Err((
+        Peer::Tcp(addr) => Err((
             format!("tcp {addr} (no token)"),
             "the TCP listener needs `Authorization: Bearer <token>`".into(),
         )),
@@ -135,7 +159,7 @@ impl App {
         owner: Option<(&str, u64)>,
         target: Option<String>,
     ) -> ApiResult<&Principal> {
-        let caller = caller(peer, headers);
+        let caller = caller(&self.console, peer, headers);
         let mut hidden = false;
         let (principal, result) = match &caller {
             Ok(c) => match self.policy.check(c, action, vm) {
@@ -187,7 +211,7 @@ impl App {
         action: &Action<'_>,
         target: &str,
     ) -> ApiResult<&Principal> {
-        if let Ok(c) = caller(peer, headers)
+        if let Ok(c) = caller(&self.console, peer, headers)
             && let Some(p) = self.policy.identify(&c)
         {
             return Ok(p);
@@ -207,7 +231,7 @@ impl App {
         target: &str,
         reason: &str,
     ) -> ApiResult<()> {
-        let caller = caller(peer, headers);
+        let caller = caller(&self.console, peer, headers);
         let principal = caller.as_ref().ok().and_then(|c| self.policy.identify(c));
         let result = Err(reason.to_owned());
         self.record(
@@ -339,5 +363,10 @@ pub(super) fn action_name(a: &Action<'_>) -> &'static str {
         Action::Metrics => "metrics",
         Action::ReadAudit => "read_audit",
         Action::ReadDaemon => "read_daemon",
+        Action::Whoami => "whoami",
+        Action::ConsoleCode => "console_code",
+        Action::ConsoleRequest => "console_request",
+        Action::ConsoleLogin => "console_login",
+        Action::ConsoleLogout => "console_logout",
     }
 }

@@ -8,10 +8,14 @@
 //! - [`policy`]: principals and their rights;
 //! - [`callers`]: what callers may make the daemon spend (follows, pushes, denied calls);
 //! - [`tls`]: TLS on the TCP listener;
-//! - `vms.rs`, `executions.rs`, `push.rs`, `audit.rs`: the handlers, by route.
+//! - `vms.rs`, `executions.rs`, `push.rs`, `audit.rs`, `events.rs`: the handlers, by route;
+//! - `console.rs`: the web console mounted beside the API, its sessions as callers, and
+//!   `GET /v1/whoami` and `POST /v1/console/codes`.
 
 mod audit;
 pub mod callers;
+mod console;
+mod events;
 mod executions;
 pub mod identify;
 pub mod policy;
@@ -61,6 +65,30 @@ pub struct App {
     pub stopping: tokio::sync::watch::Receiver<bool>,
     /// When the daemon started (ms since the epoch).
     pub started_ms: u64,
+    /// The web console's sessions.
+    pub console: Arc<portless_console::Console>,
+    /// The console's loopback listener, once `portless console` opened it.
+    pub console_listener: tokio::sync::OnceCell<std::net::SocketAddr>,
+    /// Servers started while running (the console's listener): the daemon waits for them
+    /// when it stops.
+    pub background: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl App {
+    /// Room for one more follow or event stream of `principal`; 429 past
+    /// `callers.follows_per_principal`.
+    fn follow_slot(&self, principal: &policy::Principal) -> ApiResult<callers::FollowSlot> {
+        self.callers.open_follow(principal.name()).ok_or_else(|| {
+            ApiError(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "principal {:?} has {} follow streams open already (callers.follows_per_principal)",
+                    principal.name(),
+                    self.callers.follow_limit()
+                ),
+            )
+        })
+    }
 }
 
 /// Runs a read of the records on the blocking pool: SQLite never runs on an async worker.
@@ -169,8 +197,24 @@ async fn json_errors(response: Response) -> Response {
 /// Largest program the API accepts for a push (the guest's own limit may be lower).
 pub const MAX_PUSH_BYTES: usize = 64 << 20;
 
-/// The router of the API.
+/// The router of the daemon: the API, and the web console beside it.
 pub fn router(app: Arc<App>) -> axum::Router {
+    let console = portless_console::router(
+        app.console.clone(),
+        Arc::new(console::ConsoleHost(app.clone())),
+    );
+    api_router(app)
+        .merge(console)
+        .layer(axum::middleware::map_response(
+            |mut response: Response| async move {
+                portless_console::security_headers(response.headers_mut());
+                response
+            },
+        ))
+}
+
+/// The routes of the API.
+fn api_router(app: Arc<App>) -> axum::Router {
     axum::Router::new()
         .route("/v1/vms", get(vms::list_vms))
         .route("/v1/vms/{vm}/commands", get(vms::commands))
@@ -186,7 +230,14 @@ pub fn router(app: Arc<App>) -> axum::Router {
         .route("/v1/executions/{id}/cancel", post(executions::cancel))
         .route("/v1/audit", get(audit::audit))
         .route("/v1/daemon", get(audit::daemon_state))
+        .route("/v1/events", get(events::events))
+        .route("/v1/whoami", get(console::whoami))
+        .route("/v1/console/codes", post(console::console_code))
         .fallback(|| async { ApiError::not_found("no such endpoint (see openapi.json)") })
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            console::guard,
+        ))
         .layer(axum::middleware::map_response(json_errors))
         .with_state(app)
 }

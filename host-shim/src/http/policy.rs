@@ -30,6 +30,13 @@ pub enum Caller {
     },
     /// A caller on the TCP listener: the bearer token as presented.
     Token(String),
+    /// A browser with a live console session, which acts for the principal that logged in.
+    Session {
+        /// The principal.
+        principal: String,
+        /// The session's public tag.
+        tag: String,
+    },
 }
 
 impl fmt::Display for Caller {
@@ -44,6 +51,7 @@ impl fmt::Display for Caller {
                 }
             }
             Self::Token(_) => f.write_str("token"),
+            Self::Session { tag, .. } => write!(f, "console session {tag}"),
         }
     }
 }
@@ -59,6 +67,11 @@ impl fmt::Debug for Caller {
                 .field("pid", pid)
                 .finish(),
             Self::Token(_) => f.write_str("Token(<redacted>)"),
+            Self::Session { principal, tag } => f
+                .debug_struct("Session")
+                .field("principal", principal)
+                .field("tag", tag)
+                .finish(),
         }
     }
 }
@@ -90,6 +103,17 @@ pub enum Action<'a> {
     ReadAudit,
     /// Read the daemon's own state: open streams, pushes, counted denials (not VM-scoped).
     ReadDaemon,
+    /// Ask who it is and what it may do (not VM-scoped; allowed to every principal).
+    Whoami,
+    /// Get a one-time login code of the web console for itself (allowed to every principal).
+    ConsoleCode,
+    /// Log in to the web console (with a code or a token).
+    ConsoleLogin,
+    /// Log out of the web console.
+    ConsoleLogout,
+    /// A request of a console session that changes something, refused before it was
+    /// looked at for a missing CSRF token or a foreign `Origin`.
+    ConsoleRequest,
 }
 
 impl fmt::Display for Action<'_> {
@@ -106,6 +130,11 @@ impl fmt::Display for Action<'_> {
             Self::Metrics => f.write_str("read metrics"),
             Self::ReadAudit => f.write_str("read the audit log"),
             Self::ReadDaemon => f.write_str("read the daemon's state"),
+            Self::Whoami => f.write_str("ask who it is"),
+            Self::ConsoleCode => f.write_str("get a console login code"),
+            Self::ConsoleRequest => f.write_str("make this request from the console"),
+            Self::ConsoleLogin => f.write_str("log in to the console"),
+            Self::ConsoleLogout => f.write_str("log out of the console"),
         }
     }
 }
@@ -218,7 +247,13 @@ impl Policy {
                 }
                 found
             }
+            Caller::Session { principal, .. } => self.principal(principal),
         }
+    }
+
+    /// The principal named `name`.
+    pub fn principal(&self, name: &str) -> Option<&Principal> {
+        self.principals.iter().find(|p| p.config.name == name)
     }
 
     /// Whether `principal` may do `action`, on `vm` for VM-scoped actions (for reading or
@@ -229,6 +264,8 @@ impl Policy {
     /// - `Exec`: the VM matched and the command among the principal's `commands`.
     /// - `Push`: `push = true` and the VM matched.
     /// - `ReadAudit`, `ReadDaemon`: `audit = true`.
+    /// - `Whoami`, `ConsoleCode`, `ConsoleRequest`: any principal (a console request is
+    ///   then checked as what it asks).
     ///
     /// A VM-scoped action asked without a VM is denied.
     pub fn authorize(
@@ -262,6 +299,11 @@ impl Policy {
                 }
                 principal.require_vm(action, vm).map(drop)
             }
+            Action::Whoami
+            | Action::ConsoleCode
+            | Action::ConsoleRequest
+            | Action::ConsoleLogin
+            | Action::ConsoleLogout => Ok(()),
             Action::ReadAudit | Action::ReadDaemon => {
                 if principal.config.audit {
                     Ok(())
@@ -285,6 +327,9 @@ impl Policy {
             let reason = match caller {
                 Caller::Unix { .. } => format!("no principal matches caller {caller}"),
                 Caller::Token(_) => "no principal matches the bearer token".to_owned(),
+                Caller::Session { principal, .. } => {
+                    format!("the console session's principal {principal:?} is no longer configured")
+                }
             };
             return Err(Denied::new(reason));
         };

@@ -9,7 +9,7 @@ use portless_api::{MetricsResponse, PingResponse, VmInfo, VmList};
 use tokio::sync::oneshot;
 
 use super::identify::Peer;
-use super::policy::Action;
+use super::policy::{Action, Principal};
 use super::{ApiResult, App, answer};
 use crate::vm::Request;
 
@@ -21,8 +21,14 @@ pub(super) async fn list_vms(
     let principal = app
         .authorize(&peer, &headers, &Action::ListVms, None, None)
         .await?;
-    let vms: Vec<VmInfo> = app
-        .config
+    Ok(Json(VmList {
+        vms: visible_vms(&app, principal),
+    }))
+}
+
+/// Every VM `principal` may see, in file order, as `GET /v1/vms` lists them.
+pub(super) fn visible_vms(app: &App, principal: &Principal) -> Vec<VmInfo> {
+    app.config
         .vms
         .iter()
         .filter(|vm| principal.may_access(vm))
@@ -33,8 +39,7 @@ pub(super) async fn list_vms(
                 ..h.status()
             })
         })
-        .collect();
-    Ok(Json(VmList { vms }))
+        .collect()
 }
 
 pub(super) async fn commands(

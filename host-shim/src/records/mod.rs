@@ -375,6 +375,12 @@ pub struct ExecutionFilter {
     pub principal: Option<String>,
     /// Only in this state.
     pub state: Option<ExecState>,
+    /// Only of this command.
+    pub command: Option<String>,
+    /// Only asked for at or after this time (ms since the epoch).
+    pub since_ms: Option<u64>,
+    /// Only asked for before this time (ms since the epoch).
+    pub until_ms: Option<u64>,
     /// Only with an id below this one (for paging back through the newest-first list).
     pub before: Option<ExecutionId>,
     /// At most this many.
@@ -744,6 +750,18 @@ impl Records {
         if let Some(state) = filter.state {
             args.push(Value::Text(state.as_str().to_owned()));
             sql += &format!(" AND state = ?{}", args.len());
+        }
+        if let Some(command) = &filter.command {
+            args.push(Value::Text(command.clone()));
+            sql += &format!(" AND command = ?{}", args.len());
+        }
+        if let Some(since) = filter.since_ms {
+            args.push(Value::Integer(to_i64(since)));
+            sql += &format!(" AND requested_at_ms >= ?{}", args.len());
+        }
+        if let Some(until) = filter.until_ms {
+            args.push(Value::Integer(to_i64(until)));
+            sql += &format!(" AND requested_at_ms < ?{}", args.len());
         }
         if let Some(before) = filter.before {
             args.push(Value::Integer(to_i64(before.0)));

@@ -5,6 +5,7 @@
 
 pub mod hostile;
 pub mod stack;
+pub mod webdriver;
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

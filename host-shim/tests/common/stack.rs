@@ -201,6 +201,17 @@ impl Stack {
         self.agents.push((vm.to_owned(), child));
     }
 
+    /// Kills `vm`'s agent (as a crash would).
+    pub fn kill_agent(&mut self, vm: &str) {
+        for (name, child) in &mut self.agents {
+            if name == vm {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        self.agents.retain(|(name, _)| name != vm);
+    }
+
     /// One API call: status and JSON body.
     pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         super::call(&self.socket, method, path, body)

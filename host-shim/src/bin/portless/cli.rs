@@ -145,6 +145,7 @@ pub async fn run(cli: &Cli, client: &Client, io: &mut Io<'_>) -> u8 {
         Verb::Ping { vm, count } => ping(client, vm, *count, json, io).await,
         Verb::Metrics { vm } => metrics(client, vm, json, io).await,
         Verb::Audit(args) => audit(client, args, json, io).await,
+        Verb::Console => console(client, json, io).await,
         Verb::Serve { .. } => {
             let _ = writeln!(
                 io.err,
@@ -776,6 +777,21 @@ async fn audit(client: &Client, args: &AuditArgs, json: bool, io: &mut Io<'_>) -
     entries.reverse();
     let log = portless_api::AuditLog { entries };
     show(io, json, &log, |log| audit_table(&log.entries))?;
+    Ok(0)
+}
+
+async fn console(client: &Client, json: bool, io: &mut Io<'_>) -> VerbResult {
+    let code = client.console_code().await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    show(io, json, &code, |c| {
+        format!(
+            "Open the web console (the link works once, for {} s):\n\n    {}\n",
+            c.expires_at_ms.saturating_sub(now).div_ceil(1000),
+            c.url
+        )
+    })?;
     Ok(0)
 }
 

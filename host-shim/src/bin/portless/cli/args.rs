@@ -75,6 +75,9 @@ pub enum Verb {
     },
     /// Show the audit log, newest last.
     Audit(AuditArgs),
+    /// Print a link to the web console with a one-time login code (opens the daemon's
+    /// loopback listener for it when the daemon has no TCP listener).
+    Console,
     /// Run the daemon: `portless serve --config host.toml` (must be the first argument).
     Serve {
         /// The daemon's arguments.
