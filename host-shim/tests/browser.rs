@@ -17,6 +17,21 @@ fn shots() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/console")
 }
 
+/// A command that prints a line every 200 ms, `n` times.
+const TICKS: &str = r#"
+[[command]]
+name = "ticks"
+description = "a line every 200 ms"
+program = "/bin/sh"
+args = ["-c", 'i=0; while [ $i -lt "$1" ]; do i=$((i+1)); echo "tick $i"; sleep 0.2; done', "ticks", "{n}"]
+
+[[command.param]]
+name = "n"
+kind = "integer"
+min = 1
+max = 100
+"#;
+
 /// A stack of two loopback VMs with a second principal `viewer` (token `viewer-token`)
 /// that sees vm2 only and may not read the audit log.
 fn stack(name: &str) -> Stack {
@@ -25,6 +40,8 @@ fn stack(name: &str) -> Stack {
                   token_sha256 = \"d036bd6d01a1cae081d39a2f8dab751dc042de814fd60df31fcb553170950f29\"\n\
                   vms = [\"vm2\"]\ncommands = [\"echo\"]\n";
     let mut s = Stack::new(name, &["vm1", "vm2"], viewer);
+    let config = format!("{}{TICKS}", common::stack::AGENT_CONFIG);
+    std::fs::write(s.dir.join("agent.toml"), config).expect("agent.toml");
     s.start_daemon();
     s.start_agent("vm1");
     s.start_agent("vm2");
@@ -73,4 +90,164 @@ fn log_in_and_see_the_instances_update_live() {
         state("vm1").contains("ready").then_some(())
     });
     assert!(b.severe_logs().is_empty(), "{:?}", b.severe_logs());
+}
+
+#[test]
+#[ignore = "needs chromium and chromium-driver; run by cargo xtask test"]
+fn forms_check_as_the_user_types_and_the_daemon_has_the_last_word() {
+    let s = stack("browser-forms");
+    let b = Browser::start(&s.dir, 1280, 800);
+    log_in(&s, &b);
+    let url = b.url().replace("/console/", "/console/vms/vm1");
+    b.go(&url);
+    let form = "[data-test=command-form][data-command=sleep]";
+    b.find(form, Duration::from_secs(10));
+    b.screenshot_page(&shots().join("vm-desktop.png"), 1280);
+    b.resize(1280, 800);
+    let input = b.find(
+        &format!("{form} input[name=seconds]"),
+        Duration::from_secs(5),
+    );
+    b.type_into(&input, "601");
+    let error = format!("{form} [data-test=field-error][data-param=seconds]");
+    b.wait(Duration::from_secs(5), "the page's own refusal", || {
+        (!b.text(&error).trim().is_empty()).then_some(())
+    });
+    b.click(&b.find(&format!("{form} [data-test=run]"), Duration::from_secs(5)));
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, list) = s.call("GET", "/v1/executions", None);
+    assert_eq!(
+        list["executions"],
+        serde_json::json!([]),
+        "nothing was sent"
+    );
+
+    // Without the page's checks, the daemon refuses it, and says so next to the field.
+    b.run("document.body.dataset.skipClientChecks = '1';", &[]);
+    b.click(&b.find(&format!("{form} [data-test=run]"), Duration::from_secs(5)));
+    b.wait(
+        Duration::from_secs(10),
+        "the daemon's refusal next to the field",
+        || {
+            let t = b.text(&error);
+            (t.contains("601") || t.contains("range") || t.contains("600")).then_some(t)
+        },
+    );
+    let (_, list) = s.call("GET", "/v1/executions", None);
+    let states: Vec<_> = list["executions"]
+        .as_array()
+        .map(|a| a.iter().map(|e| e["state"].clone()).collect())
+        .unwrap_or_default();
+    assert!(states.iter().all(|st| st == "rejected"), "{states:?}");
+}
+
+#[test]
+#[ignore = "needs chromium and chromium-driver; run by cargo xtask test"]
+fn a_fan_out_streams_both_vms_live_and_cancel_ends_a_sleep() {
+    let s = stack("browser-fanout");
+    let b = Browser::start(&s.dir, 1280, 800);
+    log_in(&s, &b);
+    let base = b.url().replace("/console/", "");
+    b.go(&format!("{base}/console/run?all=1&command=ticks"));
+    let n = b.find(
+        "[data-test=command-form] input[name=n]",
+        Duration::from_secs(10),
+    );
+    b.clear(&n);
+    b.type_into(&n, "15");
+    b.click(&b.find(
+        "[data-test=command-form] [data-test=run]",
+        Duration::from_secs(5),
+    ));
+    let lines = |vm: &str| {
+        b.text(&format!(
+            "[data-test=pane][data-vm={vm}] [data-test=pane-output]"
+        ))
+        .lines()
+        .filter(|l| l.contains("tick"))
+        .count()
+    };
+    // Both panes grow while the command runs (it prints for 3 s).
+    let first = b.wait(Duration::from_secs(10), "output in both panes", || {
+        let (a, c) = (lines("vm1"), lines("vm2"));
+        (a > 0 && c > 0 && a < 15 && c < 15).then_some((a, c))
+    });
+    let later = b.wait(Duration::from_secs(10), "more output in both panes", || {
+        let (a, c) = (lines("vm1"), lines("vm2"));
+        (a > first.0 && c > first.1).then_some((a, c))
+    });
+    assert!(later.0 > first.0 && later.1 > first.1);
+    b.screenshot(&shots().join("run-desktop.png"));
+    b.wait(Duration::from_secs(20), "both succeeded", || {
+        let st = b.text("[data-test=pane][data-vm=vm1] [data-test=pane-state]")
+            + &b.text("[data-test=pane][data-vm=vm2] [data-test=pane-state]");
+        (st.matches("succeeded").count() == 2).then_some(())
+    });
+    assert_eq!((lines("vm1"), lines("vm2")), (15, 15));
+
+    // sleep 600 on vm1, cancelled from its pane.
+    b.go(&format!("{base}/console/run?vm=vm1&command=sleep"));
+    let secs = b.find(
+        "[data-test=command-form] input[name=seconds]",
+        Duration::from_secs(10),
+    );
+    b.clear(&secs);
+    b.type_into(&secs, "600");
+    b.click(&b.find(
+        "[data-test=command-form] [data-test=run]",
+        Duration::from_secs(5),
+    ));
+    b.wait(Duration::from_secs(10), "running", || {
+        b.text("[data-test=pane] [data-test=pane-state]")
+            .contains("running")
+            .then_some(())
+    });
+    b.click(&b.find(
+        "[data-test=pane] [data-test=cancel]",
+        Duration::from_secs(5),
+    ));
+    b.wait(Duration::from_secs(15), "cancelled", || {
+        b.text("[data-test=pane] [data-test=pane-state]")
+            .contains("cancelled")
+            .then_some(())
+    });
+}
+
+#[test]
+#[ignore = "needs chromium and chromium-driver; run by cargo xtask test"]
+fn the_audit_page_lists_the_calls_and_a_lesser_principal_sees_less() {
+    let s = stack("browser-audit");
+    let b = Browser::start(&s.dir, 1280, 800);
+    log_in(&s, &b);
+    let base = b.url().replace("/console/", "");
+    b.go(&format!("{base}/console/audit"));
+    let rows = b.wait(Duration::from_secs(10), "audit rows", || {
+        let t = b.text("table");
+        (t.contains("console_login") && t.contains("list_vms")).then_some(t)
+    });
+    assert!(rows.contains("ops"));
+    b.screenshot(&shots().join("audit-desktop.png"));
+    // Log out, then in as `viewer` with its token.
+    b.click(&b.find("[data-test=logout]", Duration::from_secs(5)));
+    b.find("[data-test=login-notice]", Duration::from_secs(10));
+    let token = b.find("[data-test=login-token]", Duration::from_secs(5));
+    b.type_into(&token, "viewer-token");
+    b.click(&b.find("[data-test=login-token-submit]", Duration::from_secs(5)));
+    let rows = b.wait(Duration::from_secs(10), "viewer's instances", || {
+        let rows = b.all("[data-test=vm-row]");
+        (!rows.is_empty()).then_some(rows)
+    });
+    assert_eq!(rows.len(), 1, "viewer sees vm2 only");
+    assert!(b.all("[data-test=vm-row][data-vm=vm1]").is_empty());
+    assert!(
+        !b.text("#nav").contains("Audit"),
+        "no audit link: {}",
+        b.text("#nav")
+    );
+    b.go(&format!("{base}/console/audit"));
+    b.find("[data-test=forbidden]", Duration::from_secs(10));
+    b.resize(390, 844);
+    b.go(&format!("{base}/console/"));
+    b.find("[data-test=vm-row]", Duration::from_secs(10));
+    b.screenshot(&shots().join("instances-phone.png"));
 }
