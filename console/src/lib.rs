@@ -225,6 +225,8 @@ pub fn router<H: Host>(console: Arc<Console>, host: Arc<H>) -> axum::Router {
         .route("/console/login", get(login_page::<H>).post(login::<H>))
         .route("/console/logout", axum::routing::post(logout::<H>))
         .route("/console/assets/{name}", get(asset))
+        // Browsers ask for an icon before any page says where it is: none, and no error.
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/console/", get(shell::<H>))
         .route("/console/{*page}", get(shell::<H>))
         .layer(axum::middleware::map_response(

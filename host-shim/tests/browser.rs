@@ -89,7 +89,8 @@ fn log_in_and_see_the_instances_update_live() {
     b.wait(Duration::from_secs(20), "vm1 ready again", || {
         state("vm1").contains("ready").then_some(())
     });
-    assert!(b.severe_logs().is_empty(), "{:?}", b.severe_logs());
+    let severe = b.severe_logs();
+    assert!(severe.is_empty(), "{severe:?}");
 }
 
 #[test]

@@ -58,6 +58,13 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
     crate::schemathesis::run(sh)?;
     crate::api_example::run(sh)?;
 
+    step("the web console in a real browser: Chromium headless over chromedriver");
+    cmd!(
+        sh,
+        "cargo test --locked -p host-shim --test browser -- --ignored --test-threads 1 --nocapture"
+    )
+    .run()?;
+
     // The fuzz harness is a workspace of its own: lint and test it here, so that an API change
     // breaks the build at once rather than at the fuzzing step.
     step("fuzz harness: clippy and tests");
