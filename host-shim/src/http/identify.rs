@@ -370,3 +370,42 @@ pub(super) fn action_name(a: &Action<'_>) -> &'static str {
         Action::ConsoleLogout => "console_logout",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every action the audit log records is one the API document lists for `action`.
+    #[test]
+    fn the_document_lists_every_audited_action() {
+        let doc: serde_json::Value =
+            serde_json::from_str(portless_api::OPENAPI).expect("the document is JSON");
+        let listed = &doc["components"]["schemas"]["AuditRecord"]["properties"]["action"]["enum"];
+        let actions = [
+            Action::ListVms,
+            Action::ListCommands,
+            Action::Exec { command: "x" },
+            Action::ReadExecution,
+            Action::Cancel,
+            Action::Push,
+            Action::Ping,
+            Action::Metrics,
+            Action::ReadAudit,
+            Action::ReadDaemon,
+            Action::Whoami,
+            Action::ConsoleCode,
+            Action::ConsoleRequest,
+            Action::ConsoleLogin,
+            Action::ConsoleLogout,
+        ];
+        for a in actions {
+            let name = action_name(&a);
+            assert!(
+                listed
+                    .as_array()
+                    .is_some_and(|l| l.iter().any(|v| v == name)),
+                "{name} is not in AuditRecord.action's enum"
+            );
+        }
+    }
+}
