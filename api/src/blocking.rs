@@ -209,17 +209,9 @@ impl Iterator for Follow<'_> {
         if self.done {
             return None;
         }
-        match self.runtime.block_on(self.inner.next()) {
-            Ok(Some(event)) => Some(Ok(event)),
-            Ok(None) => {
-                self.done = true;
-                None
-            }
-            Err(e) => {
-                self.done = true;
-                Some(Err(e))
-            }
-        }
+        let item = self.runtime.block_on(self.inner.next()).transpose();
+        self.done = !matches!(item, Some(Ok(_)));
+        item
     }
 }
 
@@ -240,16 +232,8 @@ impl Iterator for Events<'_> {
         if self.done {
             return None;
         }
-        match self.runtime.block_on(self.inner.next()) {
-            Ok(Some(event)) => Some(Ok(event)),
-            Ok(None) => {
-                self.done = true;
-                None
-            }
-            Err(e) => {
-                self.done = true;
-                Some(Err(e))
-            }
-        }
+        let item = self.runtime.block_on(self.inner.next()).transpose();
+        self.done = !matches!(item, Some(Ok(_)));
+        item
     }
 }
