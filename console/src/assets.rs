@@ -1,6 +1,7 @@
 //! The console's static files, compiled into the binary: nothing is fetched from anywhere
 //! but the server itself.
 
+use std::io::Write as _;
 use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
@@ -15,6 +16,7 @@ pub struct Asset {
     /// Its bytes.
     pub body: &'static str,
     etag: OnceLock<String>,
+    gzip: OnceLock<Vec<u8>>,
 }
 
 impl Asset {
@@ -24,6 +26,7 @@ impl Asset {
             content_type,
             body,
             etag: OnceLock::new(),
+            gzip: OnceLock::new(),
         }
     }
 
@@ -39,6 +42,42 @@ impl Asset {
             format!("\"{}\"", hex::encode(&d[..12]))
         })
     }
+
+    /// Its bytes compressed with gzip (at the best level, once, on first use).
+    pub fn gzip(&self) -> &[u8] {
+        self.gzip.get_or_init(|| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            // Writing to a Vec cannot fail.
+            let _ = e.write_all(self.body.as_bytes());
+            e.finish().unwrap_or_default()
+        })
+    }
+
+    /// The entity tag of the gzip form (a representation of its own).
+    pub fn gzip_etag(&self) -> String {
+        let plain = self.etag();
+        format!("{}-gz\"", &plain[..plain.len() - 1])
+    }
+}
+
+/// Whether an `Accept-Encoding` value accepts gzip: `gzip` (or `x-gzip`) with a quality
+/// above 0, or else `*` with one; a listed `gzip;q=0` refuses it whatever `*` says.
+pub fn accepts_gzip(accept_encoding: &str) -> bool {
+    let (mut gzip, mut star) = (None::<f32>, None::<f32>);
+    for item in accept_encoding.split(',') {
+        let mut parts = item.split(';');
+        let coding = parts.next().unwrap_or("").trim();
+        let q = parts
+            .filter_map(|p| p.trim().strip_prefix("q="))
+            .find_map(|q| q.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+            gzip = Some(gzip.map_or(q, |g| g.max(q)));
+        } else if coding == "*" {
+            star = Some(q);
+        }
+    }
+    gzip.or(star).is_some_and(|q| q > 0.0)
 }
 
 /// The page's one ES module.

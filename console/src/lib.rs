@@ -425,17 +425,38 @@ async fn asset(Path(name): Path<String>, headers: HeaderMap) -> Response {
     let Some(asset) = assets::find(&name) else {
         return (StatusCode::NOT_FOUND, "no such file").into_response();
     };
-    let etag = asset.etag();
+    let gzip = headers
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(assets::accepts_gzip);
+    let etag = if gzip {
+        asset.gzip_etag()
+    } else {
+        asset.etag().to_owned()
+    };
     let cached = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
     let common = [
-        (header::ETAG, etag.to_owned()),
+        (header::ETAG, etag),
         (header::CACHE_CONTROL, "no-cache".to_owned()),
+        (header::VARY, "Accept-Encoding".to_owned()),
     ];
     if cached {
         return (StatusCode::NOT_MODIFIED, common).into_response();
+    }
+    if gzip {
+        return (
+            StatusCode::OK,
+            common,
+            [
+                (header::CONTENT_TYPE, asset.content_type),
+                (header::CONTENT_ENCODING, "gzip"),
+            ],
+            asset.gzip(),
+        )
+            .into_response();
     }
     (
         StatusCode::OK,

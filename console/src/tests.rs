@@ -385,6 +385,82 @@ async fn assets_are_revalidated_by_their_etag() {
     );
 }
 
+#[tokio::test]
+async fn assets_are_gzipped_for_browsers_that_take_it() {
+    use std::io::Read as _;
+    let f = fixture(Settings::default(), false, false);
+    let with = |encoding: &str, etag: Option<&str>| {
+        let mut r =
+            Request::get("/console/assets/app.js").header(header::ACCEPT_ENCODING, encoding);
+        if let Some(e) = etag {
+            r = r.header(header::IF_NONE_MATCH, e);
+        }
+        r.body(Body::empty()).expect("request")
+    };
+    let r = send(&f.router, with("gzip, deflate, br", None)).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()[header::CONTENT_ENCODING], "gzip");
+    assert_eq!(r.headers()[header::VARY], "Accept-Encoding");
+    let etag = r.headers()[header::ETAG].to_str().expect("etag").to_owned();
+    assert_ne!(
+        etag,
+        assets::APP.etag(),
+        "the gzip form is a representation of its own"
+    );
+    let body = axum::body::to_bytes(r.into_body(), usize::MAX)
+        .await
+        .expect("body");
+    assert!(
+        body.len() * 3 < assets::APP.body.len(),
+        "{} bytes",
+        body.len()
+    );
+    let mut plain = String::new();
+    flate2::read::GzDecoder::new(&body[..])
+        .read_to_string(&mut plain)
+        .expect("gzip");
+    assert_eq!(plain, assets::APP.body);
+    let again = send(&f.router, with("gzip", Some(&etag))).await;
+    assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
+    // The plain form's tag does not revalidate the gzip form, nor the other way round.
+    let plain_tag = assets::APP.etag();
+    assert_eq!(
+        send(&f.router, with("gzip", Some(plain_tag)))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    let refused = send(&f.router, with("gzip;q=0, identity", Some(&etag))).await;
+    assert_eq!(refused.status(), StatusCode::OK);
+    assert!(refused.headers().get(header::CONTENT_ENCODING).is_none());
+}
+
+#[test]
+fn accept_encoding_is_read_as_http_says() {
+    for yes in [
+        "gzip",
+        "GZIP",
+        "deflate, gzip;q=0.5",
+        "x-gzip",
+        "*",
+        "br;q=1, *;q=0.1",
+    ] {
+        assert!(assets::accepts_gzip(yes), "{yes}");
+    }
+    for no in [
+        "",
+        "identity",
+        "br",
+        "gzip;q=0",
+        "gzip; q=0.0",
+        "*;q=0",
+        "gzipx",
+        "gzip;q=0, *",
+    ] {
+        assert!(!assets::accepts_gzip(no), "{no}");
+    }
+}
+
 #[test]
 fn unsafe_requests_need_the_token_and_the_origin() {
     let active = Active {

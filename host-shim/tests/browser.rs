@@ -1,13 +1,15 @@
 //! The web console in a real browser: Debian's Chromium, headless, driven over WebDriver
 //! (`chromedriver`) against a real `portless serve` with loopback agents. Ignored by plain
 //! `cargo test` (they need Chromium); `cargo xtask test` runs them. Screenshots of each page,
-//! at desktop and phone width, are written under `target/console/`.
+//! at desktop and phone width, are written under `target/console/`; with
+//! `PORTLESS_DOCS_SCREENSHOT=1` the instances page also replaces `docs/console-instances.png`.
 
 mod common;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use common::proxy::Relay;
 use common::stack::Stack;
 use common::webdriver::Browser;
 use portless_api::blocking::Client;
@@ -40,7 +42,12 @@ fn stack(name: &str) -> Stack {
                   token_sha256 = \"d036bd6d01a1cae081d39a2f8dab751dc042de814fd60df31fcb553170950f29\"\n\
                   vms = [\"vm2\"]\ncommands = [\"echo\"]\n";
     let mut s = Stack::new(name, &["vm1", "vm2"], viewer);
-    let config = format!("{}{TICKS}", common::stack::AGENT_CONFIG);
+    // Pushed programs land in a directory of the stack (vm1 is the one pushed to).
+    let push = format!(
+        "[push]\nenabled = true\nmax_bytes = 1048576\ndir = \"{}\"\n",
+        s.dir.join("guest-push").display()
+    );
+    let config = format!("{push}{}{TICKS}", common::stack::AGENT_CONFIG);
     std::fs::write(s.dir.join("agent.toml"), config).expect("agent.toml");
     s.start_daemon();
     s.start_agent("vm1");
@@ -75,6 +82,11 @@ fn log_in_and_see_the_instances_update_live() {
     });
     assert_eq!(rows.len(), 2);
     b.screenshot(&shots().join("instances-desktop.png"));
+    // `PORTLESS_DOCS_SCREENSHOT=1` also refreshes the README's picture.
+    if std::env::var_os("PORTLESS_DOCS_SCREENSHOT").is_some_and(|v| v == "1") {
+        let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/console-instances.png");
+        std::fs::copy(shots().join("instances-desktop.png"), docs).expect("docs screenshot");
+    }
     let state = |vm: &str| {
         b.text(&format!(
             "[data-test=vm-row][data-vm={vm}] [data-test=vm-state]"
@@ -251,4 +263,227 @@ fn the_audit_page_lists_the_calls_and_a_lesser_principal_sees_less() {
     b.go(&format!("{base}/console/"));
     b.find("[data-test=vm-row]", Duration::from_secs(10));
     b.screenshot(&shots().join("instances-phone.png"));
+}
+
+/// The console's address in a login URL (`http://127.0.0.1:PORT/...`).
+fn authority(url: &str) -> std::net::SocketAddr {
+    let rest = url.strip_prefix("http://").expect("an http URL");
+    rest.split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .expect("host:port")
+}
+
+/// `portless --socket SOCKET ARGS`: its stdout, after checking it succeeded.
+fn cli(s: &Stack, args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new(common::stack::portless_binary())
+        .arg("--socket")
+        .arg(&s.socket)
+        .args(args)
+        .output()
+        .expect("portless");
+    assert!(
+        out.status.success(),
+        "portless {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// The text of the one pane's output, as the page holds it (not as it is laid out).
+fn pane_text(b: &Browser) -> String {
+    b.run(
+        "const p = document.querySelector('[data-test=pane] [data-test=pane-output]');\
+         return p ? p.textContent : '';",
+        &[],
+    )
+    .as_str()
+    .unwrap_or_default()
+    .to_owned()
+}
+
+#[test]
+#[ignore = "needs chromium and chromium-driver; run by cargo xtask test"]
+fn a_dropped_connection_resumes_with_nothing_lost_or_doubled() {
+    let s = stack("browser-resume");
+    let b = Browser::start(&s.dir, 1280, 800);
+    // The browser reaches the console through a relay that the test cuts mid-stream.
+    let code = Client::new(&s.socket)
+        .expect("client")
+        .console_code()
+        .expect("code");
+    let console = authority(&code.url);
+    let relay = Relay::start(console);
+    let via = format!("127.0.0.1:{}", relay.addr().port());
+    b.go(&code.url.replacen(&console.to_string(), &via, 1));
+    b.click(&b.find("[data-test=login-confirm]", Duration::from_secs(10)));
+    b.find("[data-test=vm-row]", Duration::from_secs(10));
+    b.go(&format!("http://{via}/console/run?vm=vm1&command=ticks"));
+    let n = b.find(
+        "[data-test=command-form] input[name=n]",
+        Duration::from_secs(10),
+    );
+    b.clear(&n);
+    b.type_into(&n, "40");
+    b.click(&b.find(
+        "[data-test=command-form] [data-test=run]",
+        Duration::from_secs(5),
+    ));
+    let ticks = |b: &Browser| pane_text(b).matches("tick").count();
+    // Two cuts while it prints (a line every 200 ms for 8 s), each after more output came.
+    let mut seen = 0;
+    for cut in 0..2 {
+        seen = b.wait(Duration::from_secs(10), "more output before a cut", || {
+            let t = ticks(&b);
+            (t >= seen + 5 && t < 35).then_some(t)
+        });
+        let heads_before = relay.heads().len();
+        let closed = relay.cut();
+        assert!(closed > 0, "cut {cut}: no connection was open");
+        b.wait(Duration::from_secs(10), "the stream resumed", || {
+            relay.heads()[heads_before..]
+                .iter()
+                .any(|h| h.starts_with("GET /v1/events") && h.contains("Last-Event-ID:"))
+                .then_some(())
+        });
+    }
+    b.wait(Duration::from_secs(20), "succeeded", || {
+        b.text("[data-test=pane] [data-test=pane-state]")
+            .contains("succeeded")
+            .then_some(())
+    });
+    let id = b
+        .all("[data-test=pane]")
+        .first()
+        .map(|p| b.property(p, "dataset")["execution"].clone())
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .expect("the pane's execution");
+    let recorded = String::from_utf8(cli(&s, &["output", &id])).expect("UTF-8");
+    let expected: String = (1..=40).map(|i| format!("tick {i}\n")).collect();
+    assert_eq!(recorded, expected, "the daemon's record");
+    b.wait(Duration::from_secs(5), "the page's copy", || {
+        (pane_text(&b) == recorded).then_some(())
+    });
+}
+
+#[test]
+#[ignore = "needs chromium and chromium-driver; run by cargo xtask test"]
+fn a_pushed_program_runs_and_its_output_shows() {
+    let s = stack("browser-push");
+    let b = Browser::start(&s.dir, 1280, 800);
+    log_in(&s, &b);
+    let base = b.url().replace("/console/", "");
+    let script = s.dir.join("fix.sh");
+    let body = b"#!/bin/sh\necho patched-ok\necho a-warning >&2\nexit 0\n";
+    std::fs::write(&script, body).expect("script");
+    b.go(&format!("{base}/console/push"));
+    let file = b.find("[data-test=push-file]", Duration::from_secs(10));
+    b.choose_file(&file, &script);
+    let want = sha256_hex(body);
+    b.wait(Duration::from_secs(10), "the file's SHA-256", || {
+        (b.text("[data-test=push-sha256]") == want).then_some(())
+    });
+    b.click(&b.find("[data-test=push-vm][value=vm1]", Duration::from_secs(10)));
+    b.click(&b.find("[data-test=push-run]", Duration::from_secs(5)));
+    b.click(&b.find("[data-test=push-go]", Duration::from_secs(5)));
+    b.wait(Duration::from_secs(20), "the guest's confirmation", || {
+        let row = b.text("[data-test=push-row][data-vm=vm1]");
+        row.contains(&want).then_some(row)
+    });
+    assert!(
+        b.text("[data-test=push-row][data-vm=vm1] [data-test=push-match]")
+            .contains('✓'),
+        "the guest's hash matches the page's"
+    );
+    b.wait(Duration::from_secs(20), "the run's output and end", || {
+        let state = b.text("[data-test=pane] [data-test=pane-state]");
+        let out = pane_text(&b);
+        (state.contains("succeeded") && out.contains("patched-ok") && out.contains("a-warning"))
+            .then_some(())
+    });
+    b.screenshot_page(&shots().join("push-run-desktop.png"), 1280);
+}
+
+/// Lower-case hex SHA-256 of `data`.
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+#[test]
+#[ignore = "needs chromium and chromium-driver; run by cargo xtask test"]
+fn every_page_reads_at_desktop_and_phone_width() {
+    let s = stack("browser-pages");
+    let (_, done) = s.exec("vm1", "echo", &["hello"]);
+    let id = done["executions"][0]["id"].as_u64().expect("an execution");
+    s.wait(id, 10_000);
+    let b = Browser::start(&s.dir, 1280, 800);
+    let code = Client::new(&s.socket)
+        .expect("client")
+        .console_code()
+        .expect("code");
+    let base = code.url.split("/console").next().expect("base").to_owned();
+    // Each page, and what shows that it has drawn.
+    let pages = [
+        ("instances", "/console/".to_owned(), "[data-test=vm-row]"),
+        (
+            "vm",
+            "/console/vms/vm1".to_owned(),
+            "[data-test=command-form]",
+        ),
+        (
+            "run",
+            "/console/run?vm=vm1&command=ticks".to_owned(),
+            "[data-test=command-form]",
+        ),
+        (
+            "history",
+            "/console/executions".to_owned(),
+            "[data-test=history-row]",
+        ),
+        (
+            "execution",
+            format!("/console/executions/{id}"),
+            "[data-test=execution-state]",
+        ),
+        ("push", "/console/push".to_owned(), "[data-test=push-vm]"),
+        (
+            "audit",
+            "/console/audit".to_owned(),
+            "[data-test=audit-row]",
+        ),
+    ];
+    for (width, height, kind) in [(1280, 800, "desktop"), (390, 844, "phone")] {
+        b.resize(width, height);
+        b.go(&format!("{base}/console/login"));
+        b.find("[data-test=login-token]", Duration::from_secs(10));
+        fits(&b, "login", width);
+        b.screenshot(&shots().join(format!("login-{kind}.png")));
+    }
+    log_in(&s, &b);
+    for (width, height, kind) in [(1280, 800, "desktop"), (390, 844, "phone")] {
+        for (name, path, drawn) in &pages {
+            b.resize(width, height);
+            b.go(&format!("{base}{path}"));
+            b.find(drawn, Duration::from_secs(10));
+            fits(&b, name, width);
+            b.screenshot_page(&shots().join(format!("{name}-{kind}.png")), width);
+        }
+    }
+    let severe = b.severe_logs();
+    assert!(severe.is_empty(), "{severe:?}");
+}
+
+/// Asserts that the page needs no sideways scrolling at its window's width (wide content
+/// such as tables and output scrolls inside its own box).
+fn fits(b: &Browser, page: &str, width: u32) {
+    let v = b.run(
+        "return [document.documentElement.scrollWidth, window.innerWidth];",
+        &[],
+    );
+    let (scroll, inner) = (v[0].as_u64().unwrap_or(0), v[1].as_u64().unwrap_or(0));
+    assert!(
+        scroll <= inner,
+        "the {page} page is {scroll} px wide in a {inner} px window ({width} px)"
+    );
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use host_shim::records::{
     AuditEntry, AuditOrder, AuditQuery, CHUNK_OVERHEAD, DB_FILE_NAME, DEFAULT_OUTPUT_CAP,
-    ExecState, ExecutionFilter, ExecutionId, Finish, NewExecution, Records, RecordsError,
+    ExecState, ExecutionId, ExecutionQuery, Finish, NewExecution, Records, RecordsError,
     SCHEMA_VERSION, Stream,
 };
 
@@ -637,7 +637,7 @@ fn executions_filter_newest_first() {
         }
         ids.push(id);
     }
-    let query = |f: ExecutionFilter| -> Vec<ExecutionId> {
+    let query = |f: ExecutionQuery| -> Vec<ExecutionId> {
         records
             .executions(&f)
             .expect("query")
@@ -646,16 +646,16 @@ fn executions_filter_newest_first() {
             .collect()
     };
     let newest_first: Vec<_> = ids.iter().rev().copied().collect();
-    assert_eq!(query(ExecutionFilter::default()), newest_first);
+    assert_eq!(query(ExecutionQuery::default()), newest_first);
     assert_eq!(
-        query(ExecutionFilter {
+        query(ExecutionQuery {
             limit: Some(3),
             ..Default::default()
         }),
         newest_first[..3]
     );
     assert_eq!(
-        query(ExecutionFilter {
+        query(ExecutionQuery {
             before: Some(ids[5]),
             limit: Some(2),
             ..Default::default()
@@ -663,28 +663,28 @@ fn executions_filter_newest_first() {
         [ids[4], ids[3]]
     );
     assert_eq!(
-        query(ExecutionFilter {
+        query(ExecutionQuery {
             vm: Some("vm1".into()),
             ..Default::default()
         }),
         [ids[10], ids[8], ids[6], ids[4], ids[2], ids[0]]
     );
     assert_eq!(
-        query(ExecutionFilter {
+        query(ExecutionQuery {
             principal: Some("alice".into()),
             ..Default::default()
         }),
         [ids[9], ids[6], ids[3], ids[0]]
     );
     assert_eq!(
-        query(ExecutionFilter {
+        query(ExecutionQuery {
             state: Some(ExecState::Succeeded),
             ..Default::default()
         }),
         [ids[8], ids[4], ids[0]]
     );
     assert_eq!(
-        query(ExecutionFilter {
+        query(ExecutionQuery {
             vm: Some("vm1".into()),
             principal: Some("alice".into()),
             state: Some(ExecState::Pending),
@@ -698,7 +698,7 @@ fn executions_filter_newest_first() {
     );
     // Times are `requested_at_ms` (here the loop's index): since is inclusive, until not.
     assert_eq!(
-        query(ExecutionFilter {
+        query(ExecutionQuery {
             since_ms: Some(3),
             until_ms: Some(6),
             ..Default::default()
@@ -706,14 +706,14 @@ fn executions_filter_newest_first() {
         [ids[5], ids[4], ids[3]]
     );
     assert!(
-        query(ExecutionFilter {
+        query(ExecutionQuery {
             command: Some("uname".into()),
             ..Default::default()
         })
         .is_empty()
     );
     assert!(
-        query(ExecutionFilter {
+        query(ExecutionQuery {
             vm: Some("nope".into()),
             ..Default::default()
         })
@@ -1005,7 +1005,7 @@ fn a_thousand_executions_come_back_byte_for_byte() {
 
     let records = Records::open(&dir, DEFAULT_OUTPUT_CAP).expect("reopen");
     let listed = records
-        .executions(&ExecutionFilter::default())
+        .executions(&ExecutionQuery::default())
         .expect("list");
     assert_eq!(listed.len() as u64, N);
     for (i, id) in ids.iter().enumerate().rev() {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use host_shim::records::{
-    AuditEntry, AuditQuery, CHUNK_OVERHEAD, Done, ExecState, ExecutionFilter, ExecutionId, Finish,
+    AuditEntry, AuditQuery, CHUNK_OVERHEAD, Done, ExecState, ExecutionId, ExecutionQuery, Finish,
     Job, NewExecution, Op, Priority, Records, RecordsError, Retention, StoreLimits, Stream, Writer,
 };
 
@@ -315,7 +315,7 @@ fn the_quota_makes_room_for_new_output_and_pruning_by_size_gives_the_space_back(
     println!("in use {in_use_before} -> {in_use_after} (max {max})");
     assert!(in_use_after <= max);
     let remaining = records
-        .executions(&ExecutionFilter::default())
+        .executions(&ExecutionQuery::default())
         .expect("list");
     assert!(!remaining.is_empty(), "not everything had to go");
     assert_eq!(

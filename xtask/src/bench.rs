@@ -5,6 +5,11 @@
 //! `samples.json` and `latency.svg`. A full run also updates the results in BENCHMARKS.md,
 //! the ratios in README.md and `docs/bench-latency.svg`; `--quick` takes fewer samples and
 //! leaves the documents alone (CI runs it to check that every measurement works).
+//!
+//! `cargo xtask bench --console [--quick]` measures the web console instead, in headless
+//! Chromium against loopback agents (host-shim/benches/console.rs): click to output beside
+//! `portless exec --follow`, the first load's bytes, and long tasks while 16 MiB streams. It
+//! writes `target/bench/console.json`.
 
 use anyhow::{Result, bail};
 use xshell::{Shell, cmd};
@@ -15,6 +20,7 @@ use crate::step;
 pub(crate) struct Options {
     quick: bool,
     accel: Option<String>,
+    console: bool,
 }
 
 impl Options {
@@ -23,6 +29,7 @@ impl Options {
         Self {
             quick: true,
             accel: None,
+            console: false,
         }
     }
 
@@ -30,16 +37,20 @@ impl Options {
         let mut o = Self {
             quick: false,
             accel: None,
+            console: false,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
                 "--quick" => o.quick = true,
+                "--console" => o.console = true,
                 "--accel" => match it.next().map(String::as_str) {
                     Some(v @ ("auto" | "kvm" | "tcg")) => o.accel = Some(v.to_owned()),
                     other => bail!("--accel takes auto, kvm or tcg, not {other:?}"),
                 },
-                other => bail!("unknown option `{other}` for `bench` (--quick, --accel A)"),
+                other => {
+                    bail!("unknown option `{other}` for `bench` (--quick, --accel A, --console)")
+                }
             }
         }
         Ok(o)
@@ -47,6 +58,9 @@ impl Options {
 }
 
 pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
+    if opts.console {
+        return console(sh, opts.quick);
+    }
     let image = crate::image::build_bench(sh)?;
     step("building portless and vm-bench (release)");
     cmd!(
@@ -75,5 +89,28 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
     });
     let vm_bench = bin.join("vm-bench");
     cmd!(sh, "{vm_bench} {args...}").run()?;
+    Ok(())
+}
+
+/// The web console's benchmark: the agent in release mode beside the bench, which cargo
+/// builds with `portless` itself.
+pub(crate) fn console(sh: &Shell, quick: bool) -> Result<()> {
+    step("building portless-agent (release)");
+    cmd!(
+        sh,
+        "cargo build --locked --release -p agent-linux --bin portless-agent"
+    )
+    .run()?;
+    step(if quick {
+        "the console's benchmark, --quick: Chromium against two loopback agents"
+    } else {
+        "the console's benchmark: Chromium against two loopback agents"
+    });
+    let quick = quick.then_some("--quick");
+    cmd!(
+        sh,
+        "cargo bench --locked -p host-shim --bench console -- {quick...}"
+    )
+    .run()?;
     Ok(())
 }

@@ -21,8 +21,9 @@ cargo xtask <command> [options]
 
 commands:
   test [--quick]         everything CI checks: fmt, clippy -D warnings, all tests,
-                         `schemathesis`, `api-example`, the no_std build for thumbv7em-none-eabihf, the VM
-                         tests, `run`, `bench --quick`,
+                         `schemathesis`, `api-example`, the browser tests and
+                         `bench --console --quick`, the no_std build for thumbv7em-none-eabihf,
+                         the VM tests, `run`, `bench --quick`,
                          the loom model, miri (when a nightly toolchain with miri is
                          installed) and a short fuzz run (--quick skips run, bench, loom,
                          miri and fuzzing)
@@ -36,6 +37,10 @@ commands:
                          Portless against the QEMU guest agent in real VMs, side by side:
                          writes target/bench/summary.json and (not with --quick) the results
                          in BENCHMARKS.md and README.md; see BENCHMARKS.md
+  bench --console [--quick]
+                         the web console in headless Chromium with two loopback agents:
+                         click to output beside `portless exec --follow`, first-load bytes,
+                         long tasks while 16 MiB streams; writes target/bench/console.json
   image [--bench]        build the VM test image (kernel and initramfs) into target/vm;
                          --bench builds the benchmark's image, which adds the QEMU guest
                          agent (qemu-ga) and its virtio-serial port, into target/vm-bench

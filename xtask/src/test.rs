@@ -64,6 +64,7 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
         "cargo test --locked -p host-shim --test browser -- --ignored --test-threads 1 --nocapture"
     )
     .run()?;
+    crate::bench::console(sh, true)?;
 
     // The fuzz harness is a workspace of its own: lint and test it here, so that an API change
     // breaks the build at once rather than at the fuzzing step.

@@ -51,16 +51,9 @@ impl portless_console::Host for ConsoleHost {
             "console_logout" => Action::ConsoleLogout,
             _ => Action::ConsoleLogin,
         };
-        app.record(
-            peer,
-            &Err((who, String::new())),
-            principal,
-            &action,
-            None,
-            &result,
-        )
-        .await
-        .map_err(|e| e.1)
+        app.record_as(peer, who, principal, &action, None, &result)
+            .await
+            .map_err(|e| e.1)
     }
 }
 

@@ -316,7 +316,7 @@ pub(super) async fn list_executions(
     let mut list: Vec<ExecutionRecord> = Vec::new();
     let mut before = q.before.map(ExecutionId);
     while list.len() < want {
-        let filter = crate::records::ExecutionFilter {
+        let filter = crate::records::ExecutionQuery {
             vm: q.vm.clone(),
             principal: q.principal.clone(),
             state,

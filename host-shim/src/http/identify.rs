@@ -256,13 +256,29 @@ impl App {
         target: Option<String>,
         result: &Result<Option<String>, String>,
     ) -> ApiResult<()> {
+        let who = caller
+            .as_ref()
+            .map_or_else(|(who, _)| who.clone(), ToString::to_string);
+        self.record_as(peer, who, principal, action, target, result)
+            .await
+    }
+
+    /// [`App::record`] for a caller described by `who` (the console's login page and
+    /// sessions, which are not API callers).
+    pub(super) async fn record_as(
+        &self,
+        peer: &Peer,
+        who: String,
+        principal: Option<&Principal>,
+        action: &Action<'_>,
+        target: Option<String>,
+        result: &Result<Option<String>, String>,
+    ) -> ApiResult<()> {
         let now = now_ms();
         let entry = AuditEntry {
             at_ms: now,
             principal: principal.map(|p| p.name().to_owned()),
-            caller: caller
-                .as_ref()
-                .map_or_else(|(who, _)| who.clone(), ToString::to_string),
+            caller: who,
             action: action_name(action).to_owned(),
             target,
             allowed: result.is_ok(),

@@ -48,8 +48,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 pub use portless_api::{
-    AuditEntry, AuditOrder, AuditQuery, AuditRecord, ExecState, ExecutionId, ExecutionRecord,
-    Stream, StreamTotals,
+    AuditEntry, AuditOrder, AuditQuery, AuditRecord, ExecState, ExecutionId, ExecutionQuery,
+    ExecutionRecord, Stream, StreamTotals,
 };
 use rusqlite::types::{
     FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, Type, Value, ValueRef,
@@ -364,27 +364,6 @@ pub struct OutputSlice {
     pub total_len: u64,
     /// Whether bytes were dropped for the cap.
     pub truncated: bool,
-}
-
-/// Which executions [`Records::executions`] returns; unset fields match everything.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ExecutionFilter {
-    /// Only on this VM.
-    pub vm: Option<String>,
-    /// Only asked for by this principal.
-    pub principal: Option<String>,
-    /// Only in this state.
-    pub state: Option<ExecState>,
-    /// Only of this command.
-    pub command: Option<String>,
-    /// Only asked for at or after this time (ms since the epoch).
-    pub since_ms: Option<u64>,
-    /// Only asked for before this time (ms since the epoch).
-    pub until_ms: Option<u64>,
-    /// Only with an id below this one (for paging back through the newest-first list).
-    pub before: Option<ExecutionId>,
-    /// At most this many.
-    pub limit: Option<usize>,
 }
 
 /// Bytes of disk one stored output chunk costs beyond its data: its key (execution, stream,
@@ -735,7 +714,7 @@ impl Records {
     /// The executions that match `filter`, newest (highest id) first.
     pub fn executions(
         &self,
-        filter: &ExecutionFilter,
+        filter: &ExecutionQuery,
     ) -> Result<Vec<ExecutionRecord>, RecordsError> {
         let mut sql = format!("SELECT {EXECUTION_COLUMNS} FROM executions WHERE 1");
         let mut args: Vec<Value> = Vec::new();

@@ -16,7 +16,7 @@ use super::budget::Limit;
 use super::dispatch::{Pending, PendingKind};
 use super::driver::{Driver, RECENTLY_ENDED, Running};
 use super::{ChannelKind, CommandList, CutOff, VmError, VmEvent, VmState};
-use crate::records::{ExecState, ExecutionFilter};
+use crate::records::{ExecState, ExecutionQuery};
 
 impl Driver {
     pub(super) fn publish_status(&self) {
@@ -219,7 +219,7 @@ impl Driver {
     pub(super) fn reconcile_records(&mut self, now: Instant) {
         let vm = self.settings.name.clone();
         let answer = self.settings.budget.answer_timeout;
-        if let Ok(recent) = self.records.executions(&ExecutionFilter {
+        if let Ok(recent) = self.records.executions(&ExecutionQuery {
             vm: Some(vm.clone()),
             limit: Some(RECENTLY_ENDED),
             ..Default::default()

@@ -132,6 +132,27 @@ impl Browser {
         )
     }
 
+    /// Runs asynchronous `script` (a function body whose last argument is the callback to
+    /// call with the result), waiting up to `within` for it.
+    pub fn run_async(&self, script: &str, args: &[Value], within: Duration) -> Value {
+        let ms = u64::try_from(within.as_millis()).unwrap_or(u64::MAX);
+        self.session_command("POST", "/timeouts", &json!({ "script": ms }));
+        self.session_command(
+            "POST",
+            "/execute/async",
+            &json!({ "script": script, "args": args }),
+        )
+    }
+
+    /// Sends a DevTools protocol command (`Network.clearBrowserCache`) through chromedriver.
+    pub fn cdp(&self, cmd: &str, params: &Value) -> Value {
+        self.session_command(
+            "POST",
+            "/goog/cdp/execute",
+            &json!({ "cmd": cmd, "params": params }),
+        )
+    }
+
     /// The elements matching CSS `selector` now.
     pub fn all(&self, selector: &str) -> Vec<Element> {
         let v = self.session_command(
