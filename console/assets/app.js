@@ -642,19 +642,40 @@ function followVms(onVm) {
 
 const dirtySinks = new Set();
 let frame = 0;
+let soon = false;
+let lastFlush = -Infinity;
+/** After this long without a write, output is written at once rather than at the next frame. */
+const IDLE_FLUSH_MS = 32;
 
-/** Writes pending output once per frame, sharing FRAME_BUDGET between the sinks. */
+/**
+ * Writes pending output once per frame, sharing FRAME_BUDGET between the sinks. Output that
+ * comes after a quiet spell is written at once (in a microtask, after the event that brought
+ * it), so that the first line of a run shows without waiting for a frame; while output keeps
+ * coming, writes wait for frames.
+ */
 function scheduleFlush(sink) {
   dirtySinks.add(sink);
-  if (!frame) {
-    frame = requestAnimationFrame(() => {
-      frame = 0;
-      const sinks = [...dirtySinks];
-      dirtySinks.clear();
-      const share = Math.max(SINK_MIN_SHARE, Math.floor(FRAME_BUDGET / sinks.length));
-      for (const s of sinks) if (s.flush(share)) scheduleFlush(s);
+  if (frame || soon) return;
+  if (performance.now() - lastFlush > IDLE_FLUSH_MS) {
+    soon = true;
+    queueMicrotask(() => {
+      soon = false;
+      flushSinks();
     });
+    return;
   }
+  frame = requestAnimationFrame(() => {
+    frame = 0;
+    flushSinks();
+  });
+}
+
+function flushSinks() {
+  lastFlush = performance.now();
+  const sinks = [...dirtySinks];
+  dirtySinks.clear();
+  const share = Math.max(SINK_MIN_SHARE, Math.floor(FRAME_BUDGET / Math.max(1, sinks.length)));
+  for (const s of sinks) if (s.flush(share)) scheduleFlush(s);
 }
 
 /**

@@ -331,7 +331,7 @@ pub async fn serve(config: HostConfig) -> Result<()> {
                     eprintln!("portless: also serving on {addr} (plain HTTP, bearer tokens)");
                     let svc = router.into_make_service_with_connect_info::<Peer>();
                     tokio::spawn(async move {
-                        axum::serve(listener, svc)
+                        axum::serve(crate::http::NoDelay(listener), svc)
                             .with_graceful_shutdown(async move {
                                 let _ = rx.wait_for(|s| *s).await;
                             })

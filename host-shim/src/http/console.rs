@@ -188,7 +188,7 @@ async fn open_loopback(app: Arc<App>) -> ApiResult<SocketAddr> {
     let mut stopping = app.stopping.clone();
     let svc = super::router(app.clone()).into_make_service_with_connect_info::<super::Peer>();
     let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, svc)
+        let _ = axum::serve(super::identify::NoDelay(listener), svc)
             .with_graceful_shutdown(async move {
                 let _ = stopping.wait_for(|s| *s).await;
             })

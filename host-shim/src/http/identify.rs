@@ -36,9 +36,31 @@ impl Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>> for Pe
     }
 }
 
-impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+impl Connected<axum::serve::IncomingStream<'_, NoDelay>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, NoDelay>) -> Self {
         Self::Tcp(*stream.remote_addr())
+    }
+}
+
+/// A TCP listener whose connections send at once (`TCP_NODELAY`): the API's answers and the
+/// event stream's events are small writes, which Nagle's algorithm would otherwise hold
+/// back until the peer's delayed acknowledgement (tens of milliseconds each).
+#[derive(Debug)]
+pub(crate) struct NoDelay(pub(crate) tokio::net::TcpListener);
+
+impl axum::serve::Listener for NoDelay {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (io, addr) = axum::serve::Listener::accept(&mut self.0).await;
+        // A socket that refuses the option still works, only slower.
+        let _ = io.set_nodelay(true);
+        (io, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
     }
 }
 

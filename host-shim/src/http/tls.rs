@@ -111,6 +111,8 @@ async fn connection(
     router: axum::Router,
     mut stop: watch::Receiver<bool>,
 ) {
+    // Small writes (answers, events) leave at once; see `NoDelay`.
+    let _ = tcp.set_nodelay(true);
     let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await else {
         // No handshake (plaintext, another protocol, too slow): nothing to answer.
         return;
