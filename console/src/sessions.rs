@@ -104,6 +104,17 @@ pub struct Sessions {
     inner: Mutex<Inner>,
 }
 
+/// Removes the entries of `map` that come first by `order` until there is room for one more
+/// within `cap` (at least 1).
+fn make_room<V>(map: &mut HashMap<[u8; 32], V>, cap: usize, order: impl Fn(&V) -> Instant) {
+    while map.len() >= cap.max(1) {
+        let Some(first) = map.iter().min_by_key(|(_, v)| order(v)).map(|(k, _)| *k) else {
+            break;
+        };
+        map.remove(&first);
+    }
+}
+
 fn digest(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
@@ -151,17 +162,7 @@ impl Sessions {
         let code = random_secret();
         let mut inner = self.lock();
         inner.codes.retain(|_, c| c.expires > now);
-        while inner.codes.len() >= self.settings.max_codes.max(1) {
-            let Some(oldest) = inner
-                .codes
-                .iter()
-                .min_by_key(|(_, c)| c.expires)
-                .map(|(k, _)| *k)
-            else {
-                break;
-            };
-            inner.codes.remove(&oldest);
-        }
+        make_room(&mut inner.codes, self.settings.max_codes, |c| c.expires);
         inner.codes.insert(
             digest(&code),
             Code {
@@ -198,17 +199,9 @@ impl Sessions {
         let tag = hex::encode(&key[..4]);
         let mut inner = self.lock();
         inner.sessions.retain(|_, s| self.live(s, now));
-        while inner.sessions.len() >= self.settings.max_sessions.max(1) {
-            let Some(idle_longest) = inner
-                .sessions
-                .iter()
-                .min_by_key(|(_, s)| s.last_seen)
-                .map(|(k, _)| *k)
-            else {
-                break;
-            };
-            inner.sessions.remove(&idle_longest);
-        }
+        make_room(&mut inner.sessions, self.settings.max_sessions, |s| {
+            s.last_seen
+        });
         inner.sessions.insert(
             key,
             Session {

@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 
 use common::stack::{AGENT_CONFIG, Stack, portless_binary};
 use common::webdriver::Browser;
-use portless_api::blocking::Client;
 use serde_json::{Value, json};
 
 /// The bench's commands beside the tests' allow-list.
@@ -335,14 +334,9 @@ fn main() {
     s.wait_ready("vm2", Duration::from_secs(15));
 
     let b = Browser::start(&s.dir, 1280, 800);
-    let code = Client::new(&s.socket)
-        .expect("client")
-        .console_code()
-        .expect("a login code");
+    let code = s.console_code();
     let base = code.url.split("/console").next().expect("base").to_owned();
-    b.go(&code.url);
-    b.click(&b.find("[data-test=login-confirm]", Duration::from_secs(10)));
-    b.find("[data-test=vm-row]", Duration::from_secs(10));
+    b.log_in_with(&code.url);
 
     // First load, with an empty cache.
     b.cdp("Network.clearBrowserCache", &json!({}));

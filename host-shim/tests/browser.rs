@@ -12,7 +12,6 @@ use std::time::Duration;
 use common::proxy::Relay;
 use common::stack::Stack;
 use common::webdriver::Browser;
-use portless_api::blocking::Client;
 
 /// Where the screenshots go.
 fn shots() -> PathBuf {
@@ -59,15 +58,7 @@ fn stack(name: &str) -> Stack {
 
 /// Opens a one-time login link and confirms it.
 fn log_in(s: &Stack, b: &Browser) {
-    let code = Client::new(&s.socket)
-        .expect("client")
-        .console_code()
-        .expect("code");
-    b.go(&code.url);
-    let confirm = b.find("[data-test=login-confirm]", Duration::from_secs(10));
-    assert_eq!(b.text("[data-test=login-principal]"), "ops");
-    b.click(&confirm);
-    b.find("[data-test=vm-row]", Duration::from_secs(10));
+    assert_eq!(b.log_in_with(&s.console_code().url), "ops");
 }
 
 #[test]
@@ -162,16 +153,7 @@ fn a_fan_out_streams_both_vms_live_and_cancel_ends_a_sleep() {
     log_in(&s, &b);
     let base = b.url().replace("/console/", "");
     b.go(&format!("{base}/console/run?all=1&command=ticks"));
-    let n = b.find(
-        "[data-test=command-form] input[name=n]",
-        Duration::from_secs(10),
-    );
-    b.clear(&n);
-    b.type_into(&n, "15");
-    b.click(&b.find(
-        "[data-test=command-form] [data-test=run]",
-        Duration::from_secs(5),
-    ));
+    b.run_form(&[("n", "15")]);
     let lines = |vm: &str| {
         b.text(&format!(
             "[data-test=pane][data-vm={vm}] [data-test=pane-output]"
@@ -200,16 +182,7 @@ fn a_fan_out_streams_both_vms_live_and_cancel_ends_a_sleep() {
 
     // sleep 600 on vm1, cancelled from its pane.
     b.go(&format!("{base}/console/run?vm=vm1&command=sleep"));
-    let secs = b.find(
-        "[data-test=command-form] input[name=seconds]",
-        Duration::from_secs(10),
-    );
-    b.clear(&secs);
-    b.type_into(&secs, "600");
-    b.click(&b.find(
-        "[data-test=command-form] [data-test=run]",
-        Duration::from_secs(5),
-    ));
+    b.run_form(&[("seconds", "600")]);
     b.wait(Duration::from_secs(10), "running", || {
         b.text("[data-test=pane] [data-test=pane-state]")
             .contains("running")
@@ -308,27 +281,13 @@ fn a_dropped_connection_resumes_with_nothing_lost_or_doubled() {
     let s = stack("browser-resume");
     let b = Browser::start(&s.dir, 1280, 800);
     // The browser reaches the console through a relay that the test cuts mid-stream.
-    let code = Client::new(&s.socket)
-        .expect("client")
-        .console_code()
-        .expect("code");
+    let code = s.console_code();
     let console = authority(&code.url);
     let relay = Relay::start(console);
     let via = format!("127.0.0.1:{}", relay.addr().port());
-    b.go(&code.url.replacen(&console.to_string(), &via, 1));
-    b.click(&b.find("[data-test=login-confirm]", Duration::from_secs(10)));
-    b.find("[data-test=vm-row]", Duration::from_secs(10));
+    b.log_in_with(&code.url.replacen(&console.to_string(), &via, 1));
     b.go(&format!("http://{via}/console/run?vm=vm1&command=ticks"));
-    let n = b.find(
-        "[data-test=command-form] input[name=n]",
-        Duration::from_secs(10),
-    );
-    b.clear(&n);
-    b.type_into(&n, "40");
-    b.click(&b.find(
-        "[data-test=command-form] [data-test=run]",
-        Duration::from_secs(5),
-    ));
+    b.run_form(&[("n", "40")]);
     let ticks = |b: &Browser| pane_text(b).matches("tick").count();
     // Two cuts while it prints (a line every 200 ms for 8 s), each after more output came.
     let mut seen = 0;
@@ -418,10 +377,7 @@ fn every_page_reads_at_desktop_and_phone_width() {
     let id = done["executions"][0]["id"].as_u64().expect("an execution");
     s.wait(id, 10_000);
     let b = Browser::start(&s.dir, 1280, 800);
-    let code = Client::new(&s.socket)
-        .expect("client")
-        .console_code()
-        .expect("code");
+    let code = s.console_code();
     let base = code.url.split("/console").next().expect("base").to_owned();
     // Each page, and what shows that it has drawn.
     let pages = [

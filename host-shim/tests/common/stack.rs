@@ -184,6 +184,14 @@ impl Stack {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }
 
+    /// A one-time login link of the console (`POST /v1/console/codes`, as `portless console`).
+    pub fn console_code(&self) -> portless_api::ConsoleCode {
+        portless_api::blocking::Client::new(&self.socket)
+            .expect("client")
+            .console_code()
+            .expect("a login code")
+    }
+
     /// Starts a real agent for `vm`.
     pub fn start_agent(&mut self, vm: &str) {
         let log = std::fs::File::create(self.dir.join(format!("{vm}-agent.log"))).expect("log");

@@ -287,6 +287,35 @@ impl Browser {
     }
 }
 
+/// The console's steps that the browser tests and the console's bench share.
+impl Browser {
+    /// Opens a one-time login link and confirms it; the principal the page named.
+    pub fn log_in_with(&self, url: &str) -> String {
+        self.go(url);
+        let confirm = self.find("[data-test=login-confirm]", Duration::from_secs(10));
+        let principal = self.text("[data-test=login-principal]");
+        self.click(&confirm);
+        self.find("[data-test=vm-row]", Duration::from_secs(10));
+        principal
+    }
+
+    /// Fills the command form's `fields` (input name, value) and clicks Run.
+    pub fn run_form(&self, fields: &[(&str, &str)]) {
+        for (name, value) in fields {
+            let input = self.find(
+                &format!("[data-test=command-form] input[name={name}]"),
+                Duration::from_secs(10),
+            );
+            self.clear(&input);
+            self.type_into(&input, value);
+        }
+        self.click(&self.find(
+            "[data-test=command-form] [data-test=run]",
+            Duration::from_secs(10),
+        ));
+    }
+}
+
 impl Drop for Browser {
     fn drop(&mut self) {
         if !self.session.is_empty() {
