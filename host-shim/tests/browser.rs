@@ -423,11 +423,41 @@ fn every_page_reads_at_desktop_and_phone_width() {
             b.go(&format!("{base}{path}"));
             b.find(drawn, Duration::from_secs(10));
             fits(&b, name, width);
+            labelled(&b, name);
             b.screenshot_page(&shots().join(format!("{name}-{kind}.png")), width);
         }
     }
+    // By keyboard alone: type the value and press Enter in the field.
+    b.resize(1280, 800);
+    b.go(&format!("{base}/console/run?vm=vm1&command=ticks"));
+    let n = b.find(
+        "[data-test=command-form] input[name=n]",
+        Duration::from_secs(10),
+    );
+    b.clear(&n);
+    b.type_into(&n, "3\u{E007}");
+    b.wait(Duration::from_secs(15), "the run started with Enter", || {
+        b.text("[data-test=pane] [data-test=pane-state]")
+            .contains("succeeded")
+            .then_some(())
+    });
     let severe = b.severe_logs();
     assert!(severe.is_empty(), "{severe:?}");
+}
+
+/// Asserts that every form control shown has a name for assistive technology: a `<label>`,
+/// `aria-label` or `aria-labelledby` (a button its text).
+fn labelled(b: &Browser, page: &str) {
+    let bad = b.run(
+        "return [...document.querySelectorAll('input, select, textarea, button')]\
+           .filter((el) => el.type !== 'hidden' && !el.closest('[hidden]'))\
+           .filter((el) => !((el.labels && el.labels.length) || el.getAttribute('aria-label')\
+             || el.getAttribute('aria-labelledby')\
+             || (el.tagName === 'BUTTON' && el.textContent.trim())))\
+           .map((el) => el.outerHTML.slice(0, 160));",
+        &[],
+    );
+    assert_eq!(bad, serde_json::json!([]), "unlabelled controls on the {page} page");
 }
 
 /// Asserts that the page needs no sideways scrolling at its window's width (wide content
