@@ -36,11 +36,19 @@ max = 100
 /// A stack of two loopback VMs with a second principal `viewer` (token `viewer-token`)
 /// that sees vm2 only and may not read the audit log.
 fn stack(name: &str) -> Stack {
+    stack_with(name, &[])
+}
+
+/// [`stack`] with more keys in VMs' tables (`("vm1", "labels = { role = \"web\" }")`).
+fn stack_with(name: &str, vm_keys: &[(&str, &str)]) -> Stack {
     // SHA-256 of "viewer-token".
     let viewer = "\n[[principal]]\nname = \"viewer\"\n\
                   token_sha256 = \"d036bd6d01a1cae081d39a2f8dab751dc042de814fd60df31fcb553170950f29\"\n\
                   vms = [\"vm2\"]\ncommands = [\"echo\"]\n";
     let mut s = Stack::new(name, &["vm1", "vm2"], viewer);
+    for (vm, keys) in vm_keys {
+        s.vm_keys(vm, keys);
+    }
     // Pushed programs land in a directory of the stack (vm1 is the one pushed to).
     let push = format!(
         "[push]\nenabled = true\nmax_bytes = 1048576\ndir = \"{}\"\n",
@@ -436,11 +444,15 @@ fn every_page_reads_at_desktop_and_phone_width() {
     );
     b.clear(&n);
     b.type_into(&n, "3\u{E007}");
-    b.wait(Duration::from_secs(15), "the run started with Enter", || {
-        b.text("[data-test=pane] [data-test=pane-state]")
-            .contains("succeeded")
-            .then_some(())
-    });
+    b.wait(
+        Duration::from_secs(15),
+        "the run started with Enter",
+        || {
+            b.text("[data-test=pane] [data-test=pane-state]")
+                .contains("succeeded")
+                .then_some(())
+        },
+    );
     let severe = b.severe_logs();
     assert!(severe.is_empty(), "{severe:?}");
 }
@@ -457,7 +469,11 @@ fn labelled(b: &Browser, page: &str) {
            .map((el) => el.outerHTML.slice(0, 160));",
         &[],
     );
-    assert_eq!(bad, serde_json::json!([]), "unlabelled controls on the {page} page");
+    assert_eq!(
+        bad,
+        serde_json::json!([]),
+        "unlabelled controls on the {page} page"
+    );
 }
 
 /// Asserts that the page needs no sideways scrolling at its window's width (wide content
@@ -472,4 +488,97 @@ fn fits(b: &Browser, page: &str, width: u32) {
         scroll <= inner,
         "the {page} page is {scroll} px wide in a {inner} px window ({width} px)"
     );
+}
+
+#[test]
+#[ignore = "needs chromium and chromium-driver; run by cargo xtask test"]
+fn instances_filter_by_label_and_state_and_a_label_or_a_selection_runs() {
+    let s = stack_with(
+        "browser-labels",
+        &[
+            ("vm1", "labels = { role = \"web\", zone = \"a\" }"),
+            ("vm2", "labels = { role = \"db\", zone = \"a\" }"),
+        ],
+    );
+    let b = Browser::start(&s.dir, 1280, 800);
+    log_in(&s, &b);
+    let shown = || -> Vec<String> {
+        b.run(
+            "return [...document.querySelectorAll('[data-test=vm-row]')]\
+               .filter((r) => !r.hidden && r.offsetParent !== null).map((r) => r.dataset.vm);",
+            &[],
+        )
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+    };
+    b.wait(Duration::from_secs(10), "both VMs", || {
+        (shown().len() == 2).then_some(())
+    });
+    assert!(
+        b.text("[data-test=vm-row][data-vm=vm1]")
+            .contains("role=web")
+    );
+    let filter = b.find("[data-test=filter-label]", Duration::from_secs(5));
+    b.type_into(&filter, "role=web");
+    b.wait(Duration::from_secs(5), "only vm1", || {
+        (shown() == ["vm1"]).then_some(())
+    });
+    // The label's own fan-out.
+    let run_label = b.find("[data-test=run-label]", Duration::from_secs(5));
+    b.wait(Duration::from_secs(5), "a link to run on the label", || {
+        b.text("[data-test=run-label]")
+            .contains("role=web")
+            .then_some(())
+    });
+    b.click(&run_label);
+    b.wait(
+        Duration::from_secs(10),
+        "the run page for the label",
+        || b.url().contains("label=role%3Dweb").then_some(()),
+    );
+    let select = b.find("[data-test=command-select]", Duration::from_secs(10));
+    b.choose(&select, "echo");
+    b.run_form(&[("word", "labelled")]);
+    b.wait(Duration::from_secs(15), "the label's run", || {
+        b.text("[data-test=pane] [data-test=pane-state]")
+            .contains("succeeded")
+            .then_some(())
+    });
+    let panes: Vec<_> = b.all("[data-test=pane]");
+    assert_eq!(panes.len(), 1, "role=web is vm1 alone");
+    assert!(b.text("[data-test=pane][data-vm=vm1]").contains("labelled"));
+
+    // A selection of both (a key alone matches both), and the state filter.
+    b.go(&format!(
+        "{}/console/?label=zone",
+        b.url().split("/console").next().unwrap_or("")
+    ));
+    b.wait(Duration::from_secs(10), "both VMs have a zone", || {
+        (shown().len() == 2).then_some(())
+    });
+    let state = b.find("[data-test=filter-state]", Duration::from_secs(5));
+    b.choose(&state, "unresponsive");
+    b.wait(Duration::from_secs(5), "none unresponsive", || {
+        shown().is_empty().then_some(())
+    });
+    b.choose(&state, "");
+    b.wait(Duration::from_secs(5), "both again", || {
+        (shown().len() == 2).then_some(())
+    });
+    for vm in ["vm1", "vm2"] {
+        b.click(&b.find(
+            &format!("[data-test=vm-row][data-vm={vm}] [data-test=vm-select]"),
+            Duration::from_secs(5),
+        ));
+    }
+    b.click(&b.find("[data-test=run-selected]", Duration::from_secs(5)));
+    b.wait(Duration::from_secs(10), "the run page for both", || {
+        let u = b.url();
+        (u.contains("vm=vm1") && u.contains("vm=vm2")).then_some(())
+    });
 }

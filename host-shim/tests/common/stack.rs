@@ -70,6 +70,8 @@ pub struct Stack {
     agents: Vec<(String, Child)>,
     extra: String,
     vms: Vec<String>,
+    /// More keys of each VM's table.
+    vm_keys: std::collections::BTreeMap<String, String>,
 }
 
 impl Stack {
@@ -88,6 +90,7 @@ impl Stack {
             agents: Vec::new(),
             extra: extra.to_owned(),
             vms: vms.iter().map(|v| (*v).to_owned()).collect(),
+            vm_keys: std::collections::BTreeMap::new(),
         };
         s.write_config();
         s
@@ -99,8 +102,9 @@ impl Stack {
         let mut vm_tables = String::new();
         for vm in &self.vms {
             vm_tables.push_str(&format!(
-                "\n[[vm]]\nname = \"{vm}\"\nchannel = \"plain\"\npath = \"{}\"\n",
-                self.region(vm).display()
+                "\n[[vm]]\nname = \"{vm}\"\nchannel = \"plain\"\npath = \"{}\"\n{}\n",
+                self.region(vm).display(),
+                self.vm_keys.get(vm).map_or("", String::as_str)
             ));
         }
         let config = format!(
@@ -112,6 +116,13 @@ impl Stack {
             extra = self.extra,
         );
         std::fs::write(self.dir.join("host.toml"), config).expect("host.toml");
+    }
+
+    /// Adds TOML `keys` to `vm`'s table of `host.toml` (`labels = { role = "web" }`), for the
+    /// next start.
+    pub fn vm_keys(&mut self, vm: &str, keys: &str) {
+        self.vm_keys.insert(vm.to_owned(), keys.to_owned());
+        self.write_config();
     }
 
     /// Replaces what `host.toml` has after its `[daemon]` keys (for the next start).

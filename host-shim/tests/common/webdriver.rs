@@ -223,6 +223,15 @@ impl Browser {
         self.session_command("POST", &format!("/element/{}/clear", e.0), &json!({}));
     }
 
+    /// Chooses `value` in the `<select>` `e`, as a person would (a `change` event follows).
+    pub fn choose(&self, e: &Element, value: &str) {
+        self.run(
+            "arguments[0].value = arguments[1];\
+             arguments[0].dispatchEvent(new Event('change', { bubbles: true }));",
+            &[json!({ ELEMENT: e.0 }), json!(value)],
+        );
+    }
+
     /// Sets the file of an `<input type=file>`.
     pub fn choose_file(&self, e: &Element, path: &Path) {
         self.type_into(e, &path.display().to_string());
