@@ -613,19 +613,27 @@ fn the_event_stream_data_matches_its_schemas() {
         true,
     ));
     for full in [true, false] {
-        let end = StreamEvent::End(Box::new(record(full))).to_sse(None);
-        let data = end
-            .lines()
-            .find_map(|l| l.strip_prefix("data: "))
-            .expect("data");
-        let value: Value = serde_json::from_str(data).expect("JSON");
-        problems.extend(check(
-            &doc,
-            &schema("ExecutionRecord"),
-            &value,
-            "end event",
-            full,
-        ));
+        for (event, name, what) in [
+            (
+                StreamEvent::End(Box::new(record(full))),
+                "ExecutionRecord",
+                "end event",
+            ),
+            (
+                StreamEvent::Execution(Box::new(record(full))),
+                "ExecutionRecord",
+                "execution event",
+            ),
+            (StreamEvent::Vm(Box::new(vm(full))), "Vm", "vm event"),
+        ] {
+            let sse = event.to_sse(None);
+            let data = sse
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .expect("data");
+            let value: Value = serde_json::from_str(data).expect("JSON");
+            problems.extend(check(&doc, &schema(name), &value, what, full));
+        }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
