@@ -58,6 +58,11 @@ async fn send(router: &axum::Router, request: Request<Body>) -> Response {
     router.clone().oneshot(request).await.expect("infallible")
 }
 
+/// `POST /console/login` with form `body` from `origin`.
+async fn login(router: &axum::Router, body: &str, origin: Option<&str>) -> Response {
+    send(router, post_form("/console/login", body, origin, None)).await
+}
+
 fn post_form(path: &str, body: &str, origin: Option<&str>, cookie: Option<&str>) -> Request<Body> {
     let mut b = Request::post(path)
         .header(header::HOST, "127.0.0.1:7433")
@@ -120,16 +125,7 @@ async fn a_code_logs_in_once_with_a_strict_http_only_cookie() {
         "{body}"
     );
 
-    let r = send(
-        &f.router,
-        post_form(
-            "/console/login",
-            &format!("code={code}"),
-            Some(ORIGIN),
-            None,
-        ),
-    )
-    .await;
+    let r = login(&f.router, &format!("code={code}"), Some(ORIGIN)).await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     assert_eq!(r.headers()[header::LOCATION], "/console/");
     let cookie = set_cookie(&r);
@@ -148,16 +144,7 @@ async fn a_code_logs_in_once_with_a_strict_http_only_cookie() {
     assert_eq!(id.len(), 64);
 
     // Used twice: refused, and audited.
-    let again = send(
-        &f.router,
-        post_form(
-            "/console/login",
-            &format!("code={code}"),
-            Some(ORIGIN),
-            None,
-        ),
-    )
-    .await;
+    let again = login(&f.router, &format!("code={code}"), Some(ORIGIN)).await;
     assert_eq!(again.status(), StatusCode::FORBIDDEN);
     assert!(set_cookie(&again).is_empty());
     assert!(text(again).await.contains("unknown, used or expired"));
@@ -190,14 +177,10 @@ async fn a_code_logs_in_once_with_a_strict_http_only_cookie() {
 #[tokio::test]
 async fn the_secure_flag_follows_tls() {
     let f = fixture(Settings::default(), true, false);
-    let r = send(
+    let r = login(
         &f.router,
-        post_form(
-            "/console/login",
-            "token=secret-token",
-            Some("https://127.0.0.1:7433"),
-            None,
-        ),
+        "token=secret-token",
+        Some("https://127.0.0.1:7433"),
     )
     .await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
@@ -207,18 +190,10 @@ async fn the_secure_flag_follows_tls() {
 #[tokio::test]
 async fn a_token_logs_in_and_a_wrong_one_does_not() {
     let f = fixture(Settings::default(), false, false);
-    let wrong = send(
-        &f.router,
-        post_form("/console/login", "token=guess", Some(ORIGIN), None),
-    )
-    .await;
+    let wrong = login(&f.router, "token=guess", Some(ORIGIN)).await;
     assert_eq!(wrong.status(), StatusCode::FORBIDDEN);
     assert!(set_cookie(&wrong).is_empty());
-    let r = send(
-        &f.router,
-        post_form("/console/login", "token=secret-token", Some(ORIGIN), None),
-    )
-    .await;
+    let r = login(&f.router, "token=secret-token", Some(ORIGIN)).await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     let events = f.host.events.lock().expect("lock").clone();
     assert_eq!(
@@ -238,11 +213,7 @@ async fn a_login_from_another_origin_or_none_is_refused() {
         Some("http://127.0.0.1:7434"),
     ] {
         let (code, _) = f.console.issue_code("ops");
-        let r = send(
-            &f.router,
-            post_form("/console/login", &format!("code={code}"), origin, None),
-        )
-        .await;
+        let r = login(&f.router, &format!("code={code}"), origin).await;
         assert_eq!(r.status(), StatusCode::FORBIDDEN, "{origin:?}");
         assert!(set_cookie(&r).is_empty());
         // The code was not used up by the refused attempt.
@@ -259,22 +230,14 @@ async fn a_login_from_another_origin_or_none_is_refused() {
 #[tokio::test]
 async fn no_session_is_opened_when_the_audit_log_cannot_be_written() {
     let f = fixture(Settings::default(), false, true);
-    let r = send(
-        &f.router,
-        post_form("/console/login", "token=secret-token", Some(ORIGIN), None),
-    )
-    .await;
+    let r = login(&f.router, "token=secret-token", Some(ORIGIN)).await;
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(set_cookie(&r).is_empty());
     assert!(f.console.sessions().is_empty());
 }
 
 async fn logged_in(f: &Fixture) -> (String, String) {
-    let r = send(
-        &f.router,
-        post_form("/console/login", "token=secret-token", Some(ORIGIN), None),
-    )
-    .await;
+    let r = login(&f.router, "token=secret-token", Some(ORIGIN)).await;
     let id = cookie_value(&set_cookie(&r));
     let mut h = HeaderMap::new();
     h.insert(
