@@ -435,6 +435,38 @@ fn every_page_reads_at_desktop_and_phone_width() {
             b.screenshot_page(&shots().join(format!("{name}-{kind}.png")), width);
         }
     }
+    // A VM's metrics and a ping, on demand.
+    b.go(&format!("{base}/console/vms/vm1"));
+    b.click(&b.find("[data-test=metrics-refresh]", Duration::from_secs(10)));
+    let metrics = b.wait(Duration::from_secs(10), "the metrics", || {
+        let t = b.text("[data-test=metrics]");
+        t.contains("Agent RSS").then_some(t)
+    });
+    assert!(
+        metrics.contains("Load") && metrics.contains("Memory used") && metrics.contains("Uptime"),
+        "{metrics}"
+    );
+    let after = |label: &str| {
+        metrics
+            .lines()
+            .skip_while(|l| *l != label)
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(
+        after("Agent RSS").ends_with("MiB") || after("Agent RSS").ends_with("KiB"),
+        "{metrics}"
+    );
+    // vm1's agent ran the one `echo` of this test so far.
+    assert_eq!(after("Agent executions (running)"), "1 (0)", "{metrics}");
+    b.click(&b.find("[data-test=ping]", Duration::from_secs(5)));
+    b.wait(Duration::from_secs(10), "the ping's round trip", || {
+        b.text("[data-test=ping-result]")
+            .contains("Round trip")
+            .then_some(())
+    });
+
     // By keyboard alone: type the value and press Enter in the field.
     b.resize(1280, 800);
     b.go(&format!("{base}/console/run?vm=vm1&command=ticks"));
