@@ -588,6 +588,16 @@ fn every_answer_matches_its_schema() {
 
 /// The data of the event stream's events: `vm`, `execution` and `end` are the `Vm` and
 /// `ExecutionRecord` schemas, `output` is `OutputEvent`.
+/// The JSON of an event's `data:` line as the daemon sends it.
+fn sse_data(event: &StreamEvent) -> Value {
+    let sse = event.to_sse(None);
+    let data = sse
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .expect("a data line");
+    serde_json::from_str(data).expect("JSON")
+}
+
 #[test]
 fn the_event_stream_data_matches_its_schemas() {
     let doc = document();
@@ -599,16 +609,10 @@ fn the_event_stream_data_matches_its_schemas() {
         offset: 7,
         data: b"hello".to_vec(),
     };
-    let sse = output.to_sse(None);
-    let data = sse
-        .lines()
-        .find_map(|l| l.strip_prefix("data: "))
-        .expect("a data line");
-    let value: Value = serde_json::from_str(data).expect("JSON");
     problems.extend(check(
         &doc,
         &schema("OutputEvent"),
-        &value,
+        &sse_data(&output),
         "output event",
         true,
     ));
@@ -626,13 +630,7 @@ fn the_event_stream_data_matches_its_schemas() {
             ),
             (StreamEvent::Vm(Box::new(vm(full))), "Vm", "vm event"),
         ] {
-            let sse = event.to_sse(None);
-            let data = sse
-                .lines()
-                .find_map(|l| l.strip_prefix("data: "))
-                .expect("data");
-            let value: Value = serde_json::from_str(data).expect("JSON");
-            problems.extend(check(&doc, &schema(name), &value, what, full));
+            problems.extend(check(&doc, &schema(name), &sse_data(&event), what, full));
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));

@@ -191,20 +191,12 @@ fn a_fan_out_streams_both_vms_live_and_cancel_ends_a_sleep() {
     // sleep 600 on vm1, cancelled from its pane.
     b.go(&format!("{base}/console/run?vm=vm1&command=sleep"));
     b.run_form(&[("seconds", "600")]);
-    b.wait(Duration::from_secs(10), "running", || {
-        b.text("[data-test=pane] [data-test=pane-state]")
-            .contains("running")
-            .then_some(())
-    });
+    wait_pane_state(&b, "running", Duration::from_secs(10));
     b.click(&b.find(
         "[data-test=pane] [data-test=cancel]",
         Duration::from_secs(5),
     ));
-    b.wait(Duration::from_secs(15), "cancelled", || {
-        b.text("[data-test=pane] [data-test=pane-state]")
-            .contains("cancelled")
-            .then_some(())
-    });
+    wait_pane_state(&b, "cancelled", Duration::from_secs(15));
 }
 
 #[test]
@@ -271,6 +263,15 @@ fn cli(s: &Stack, args: &[&str]) -> Vec<u8> {
     out.stdout
 }
 
+/// Waits up to `within` for the one pane's state to read `state`.
+fn wait_pane_state(b: &Browser, state: &str, within: Duration) {
+    b.wait(within, &format!("the pane {state}"), || {
+        b.text("[data-test=pane] [data-test=pane-state]")
+            .contains(state)
+            .then_some(())
+    });
+}
+
 /// The text of the one pane's output, as the page holds it (not as it is laid out).
 fn pane_text(b: &Browser) -> String {
     b.run(
@@ -314,11 +315,7 @@ fn a_dropped_connection_resumes_with_nothing_lost_or_doubled() {
                 .then_some(())
         });
     }
-    b.wait(Duration::from_secs(20), "succeeded", || {
-        b.text("[data-test=pane] [data-test=pane-state]")
-            .contains("succeeded")
-            .then_some(())
-    });
+    wait_pane_state(&b, "succeeded", Duration::from_secs(20));
     let id = b
         .all("[data-test=pane]")
         .first()
@@ -476,15 +473,7 @@ fn every_page_reads_at_desktop_and_phone_width() {
     );
     b.clear(&n);
     b.type_into(&n, "3\u{E007}");
-    b.wait(
-        Duration::from_secs(15),
-        "the run started with Enter",
-        || {
-            b.text("[data-test=pane] [data-test=pane-state]")
-                .contains("succeeded")
-                .then_some(())
-        },
-    );
+    wait_pane_state(&b, "succeeded", Duration::from_secs(15));
     let severe = b.severe_logs();
     assert!(severe.is_empty(), "{severe:?}");
 }
@@ -576,11 +565,7 @@ fn instances_filter_by_label_and_state_and_a_label_or_a_selection_runs() {
     let select = b.find("[data-test=command-select]", Duration::from_secs(10));
     b.choose(&select, "echo");
     b.run_form(&[("word", "labelled")]);
-    b.wait(Duration::from_secs(15), "the label's run", || {
-        b.text("[data-test=pane] [data-test=pane-state]")
-            .contains("succeeded")
-            .then_some(())
-    });
+    wait_pane_state(&b, "succeeded", Duration::from_secs(15));
     let panes: Vec<_> = b.all("[data-test=pane]");
     assert_eq!(panes.len(), 1, "role=web is vm1 alone");
     assert!(b.text("[data-test=pane][data-vm=vm1]").contains("labelled"));
