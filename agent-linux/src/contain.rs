@@ -362,15 +362,25 @@ impl Cgroups {
     }
 
     /// Kills what is left in execution `n`'s cgroup, waits (a bounded time) for it to
-    /// empty, and removes it.
+    /// empty, and removes it. The kernel may still refuse the removal (`EBUSY`) for a
+    /// moment after `populated 0`, while the killed processes are released: that is
+    /// retried within the same bound.
     pub(crate) fn remove(&mut self, n: u64, scratch: &mut [u8]) {
         let started = Instant::now();
         while !self.is_empty(n, scratch) && started.elapsed() < EMPTY_WAIT {
             self.signal(n, libc::SIGKILL, scratch);
             std::thread::sleep(Duration::from_millis(1));
         }
-        if let Ok(dir) = self.file(n, "") {
-            let _ = sys::rmdir(dir);
+        loop {
+            let Ok(dir) = self.file(n, "") else { return };
+            match sys::rmdir(dir) {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EBUSY) && started.elapsed() < EMPTY_WAIT =>
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                _ => return,
+            }
         }
     }
 }

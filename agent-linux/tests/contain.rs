@@ -81,6 +81,23 @@ fn alive(mark: &str) -> Vec<u32> {
 }
 
 /// Kills what a failed test left, so that it does not outlive the test either.
+/// Removes cgroup `dir`, retrying for up to a second while the kernel still answers `EBUSY`
+/// (it does for a moment after the last process was killed and reaped).
+fn remove_cgroup(dir: &std::path::Path) -> std::io::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
+
 struct Sweep(Vec<String>);
 
 impl Drop for Sweep {
@@ -321,6 +338,6 @@ fn an_agent_in_a_cgroup_of_its_own_moves_into_a_leaf_and_makes_its_executions_be
     assert_eq!(alive(&mark), [] as [u32; 0]);
     drop(h);
     let leaf = service.join("agent");
-    let _ = std::fs::remove_dir(&leaf);
-    std::fs::remove_dir(&service).expect("the service's cgroup is empty");
+    let _ = remove_cgroup(&leaf);
+    remove_cgroup(&service).expect("the service's cgroup is empty");
 }
