@@ -40,7 +40,8 @@ impl std::str::FromStr for ExecutionId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ExecState {
-    /// Recorded; not yet accepted by the agent.
+    /// Recorded; not yet accepted by the agent (on a control plane: not yet claimed by its
+    /// host).
     Pending,
     /// Accepted and started by the agent.
     Running,
@@ -60,6 +61,15 @@ pub enum ExecState {
     Rejected,
     /// The agent could not start the program.
     FailedToStart,
+    /// On a control plane: not yet claimed, and its host is offline.
+    Delayed,
+    /// On a control plane: claimed by its host, not yet started by the agent.
+    InProgress,
+    /// On a control plane: its host did not claim it before the delivery deadline.
+    DeliveryTimedOut,
+    /// On a control plane: its host stopped reporting it and did not come back in time,
+    /// so how it ended cannot be known.
+    HostLost,
     /// A state this client does not know; treated as final.
     #[serde(other)]
     Unknown,
@@ -67,7 +77,7 @@ pub enum ExecState {
 
 impl ExecState {
     /// Every state the daemon knows, in declaration order (not [`ExecState::Unknown`]).
-    pub const ALL: [ExecState; 10] = [
+    pub const ALL: [ExecState; 14] = [
         ExecState::Pending,
         ExecState::Running,
         ExecState::Succeeded,
@@ -78,6 +88,10 @@ impl ExecState {
         ExecState::Undeliverable,
         ExecState::Rejected,
         ExecState::FailedToStart,
+        ExecState::Delayed,
+        ExecState::InProgress,
+        ExecState::DeliveryTimedOut,
+        ExecState::HostLost,
     ];
 
     /// The known state with this name (`timed_out`).
@@ -85,9 +99,23 @@ impl ExecState {
         Self::ALL.into_iter().find(|s| s.as_str() == name)
     }
 
-    /// Whether the execution has ended: anything but pending and running.
+    /// Whether the execution has ended: anything but pending, running, delayed and in
+    /// progress.
     pub fn is_final(self) -> bool {
-        !matches!(self, Self::Pending | Self::Running)
+        !matches!(
+            self,
+            Self::Pending | Self::Running | Self::Delayed | Self::InProgress
+        )
+    }
+
+    /// Whether the execution ended badly, as `max_errors` counts: a final state other than
+    /// succeeded, cancelled (a caller's choice) and delivery_timed_out (its host was away).
+    pub fn is_error(self) -> bool {
+        self.is_final()
+            && !matches!(
+                self,
+                Self::Succeeded | Self::Cancelled | Self::DeliveryTimedOut
+            )
     }
 
     /// The API's name of the state.
@@ -103,6 +131,10 @@ impl ExecState {
             Self::Undeliverable => "undeliverable",
             Self::Rejected => "rejected",
             Self::FailedToStart => "failed_to_start",
+            Self::Delayed => "delayed",
+            Self::InProgress => "in_progress",
+            Self::DeliveryTimedOut => "delivery_timed_out",
+            Self::HostLost => "host_lost",
             Self::Unknown => "unknown",
         }
     }
@@ -242,37 +274,136 @@ pub struct ExecRequest {
     #[serde(default)]
     pub args: Vec<String>,
     /// A timeout that overrides the command's, in milliseconds.
-    #[serde(default, deserialize_with = "whole_number")]
+    #[serde(default, deserialize_with = "optional_whole_number")]
     pub timeout_ms: Option<u32>,
-    /// At most this many running at once across the target's VMs.
-    #[serde(default, deserialize_with = "whole_number")]
-    pub max_concurrency: Option<usize>,
-    /// Stop dispatching once more than this many have failed.
-    #[serde(default, deserialize_with = "whole_number")]
-    pub max_errors: Option<usize>,
+    /// At most this many running at once across the target's VMs (a number, or a
+    /// percentage of the VMs as `"10%"`).
+    #[serde(default)]
+    pub max_concurrency: Option<Limit>,
+    /// Stop dispatching once more than this many have failed (a number, or a percentage of
+    /// the VMs as `"10%"`).
+    #[serde(default)]
+    pub max_errors: Option<Limit>,
+    /// On a control plane: a key that makes the request idempotent. A second request with
+    /// the same key creates nothing and answers with the first one's command (or 409 if it
+    /// asked for something else).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// A limit of a fan-out (`max_concurrency`, `max_errors`): a count of VMs, or a percentage
+/// of the VMs targeted, as fleet tools write them (`5`, `"10%"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Limit {
+    /// This many.
+    Count(usize),
+    /// This percentage (0 to 100) of the VMs targeted, rounded down.
+    Percent(u8),
+}
+
+impl Limit {
+    /// The count this limit stands for in a fan-out to `total` VMs: a percentage rounds
+    /// down.
+    pub fn of(self, total: usize) -> usize {
+        match self {
+            Self::Count(n) => n,
+            Self::Percent(p) => total.saturating_mul(usize::from(p)) / 100,
+        }
+    }
+
+    /// How many may run at once in a fan-out to `total` VMs: `None` for no limit (a count
+    /// of 0), at least 1 for a percentage.
+    pub fn concurrency_of(self, total: usize) -> Option<usize> {
+        match self {
+            Self::Count(0) => None,
+            Self::Count(n) => Some(n),
+            Self::Percent(_) => Some(self.of(total).max(1)),
+        }
+    }
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Count(n) => write!(f, "{n}"),
+            Self::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// A limit that is neither a whole number nor a percentage from 0% to 100%.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a limit: expected a whole number (5) or a percentage from 0% to 100% (10%)")]
+pub struct BadLimit(pub String);
+
+impl std::str::FromStr for Limit {
+    type Err = BadLimit;
+
+    fn from_str(s: &str) -> Result<Self, BadLimit> {
+        let bad = || BadLimit(s.to_owned());
+        let digits =
+            |t: &str| !t.is_empty() && t.len() <= 20 && t.bytes().all(|b| b.is_ascii_digit());
+        match s.strip_suffix('%') {
+            Some(p) if digits(p) => match p.parse::<u8>() {
+                Ok(p) if p <= 100 => Ok(Self::Percent(p)),
+                _ => Err(bad()),
+            },
+            Some(_) => Err(bad()),
+            None if digits(s) => s.parse().map(Self::Count).map_err(|_| bad()),
+            None => Err(bad()),
+        }
+    }
+}
+
+impl Serialize for Limit {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Count(n) => s.serialize_u64(*n as u64),
+            Self::Percent(_) => s.collect_str(self),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Limit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(serde_json::Number),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => whole_number(n).map(Self::Count).map_err(D::Error::custom),
+            Raw::Text(t) => t.parse().map_err(D::Error::custom),
+        }
+    }
 }
 
 /// An optional integer that JSON may also write with a zero fraction (`5.0`, which JSON
 /// Schema counts as an integer too); anything else out of the type's range is an error.
-fn whole_number<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+fn optional_whole_number<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: TryFrom<u64>,
 {
     use serde::de::Error;
-    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
-        return Ok(None);
-    };
+    match Option::<serde_json::Number>::deserialize(d)? {
+        None => Ok(None),
+        Some(n) => whole_number(n).map(Some).map_err(D::Error::custom),
+    }
+}
+
+/// A JSON number that is a whole number in `T`'s range (`5` or `5.0`).
+fn whole_number<T: TryFrom<u64>>(n: serde_json::Number) -> Result<T, String> {
     let whole = n.as_u64().or_else(|| {
         n.as_f64()
             // `u64::MAX as f64` is 2^64, itself out of range.
             .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < u64::MAX as f64)
             .map(|f| f as u64)
     });
-    let value = whole.ok_or_else(|| D::Error::custom(format!("{n} is not a whole number")))?;
-    T::try_from(value)
-        .map(Some)
-        .map_err(|_| D::Error::custom(format!("{n} is out of range")))
+    let value = whole.ok_or_else(|| format!("{n} is not a whole number"))?;
+    T::try_from(value).map_err(|_| format!("{n} is out of range"))
 }
 
 /// One VM's part of an exec, as dispatched.
@@ -316,6 +447,9 @@ pub struct ExecResponse {
     /// VMs not dispatched to because `max_errors` was exceeded.
     #[serde(default)]
     pub skipped: Vec<String>,
+    /// On a control plane: the command, whose invocations (one per VM) the executions are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<u64>,
 }
 
 /// `GET /v1/executions`: executions, newest first.

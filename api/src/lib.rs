@@ -29,6 +29,7 @@ mod client;
 pub mod daemon;
 pub mod events;
 pub mod executions;
+pub mod fleet;
 pub mod session;
 pub mod stream;
 pub mod vms;
@@ -42,9 +43,11 @@ pub use client::{
 pub use daemon::DaemonState;
 pub use events::{FollowEvent, FollowLine, MAX_FOLLOW_LINE, parse_follow_line};
 pub use executions::{
-    CancelResponse, Dispatched, ExecRequest, ExecResponse, ExecState, ExecutionId, ExecutionList,
-    ExecutionQuery, ExecutionRecord, OutputChunk, Stream, StreamTotals, WAIT_POLL_MS,
+    BadLimit, CancelResponse, Dispatched, ExecRequest, ExecResponse, ExecState, ExecutionId,
+    ExecutionList, ExecutionQuery, ExecutionRecord, Limit, OutputChunk, Stream, StreamTotals,
+    WAIT_POLL_MS,
 };
+pub use fleet::{FleetCommand, HostInfo, HostList, Invocation};
 pub use session::{ConsoleCode, Rights, Whoami};
 pub use stream::{Cursor, EventsRequest, OutputEvent, Position, StreamEvent};
 pub use vms::{

@@ -19,6 +19,9 @@ pub enum VmState {
     Unresponsive,
     /// The guest exceeded a budget and is backed off.
     CutOff,
+    /// On a control plane: the VM's host stopped sending its heartbeat, so its state is not
+    /// known.
+    HostOffline,
     /// A state this client does not know.
     #[serde(other)]
     Unknown,
@@ -32,6 +35,7 @@ impl VmState {
             Self::Ready => "ready",
             Self::Unresponsive => "unresponsive",
             Self::CutOff => "cut_off",
+            Self::HostOffline => "host_offline",
             Self::Unknown => "unknown",
         }
     }

@@ -490,6 +490,7 @@ pub fn run(data: &[u8]) {
                     command: if n & 1 == 0 { "run" } else { "other" }.into(),
                     args: vec![],
                     requested_at_ms: 0,
+                    fleet_invocation: None,
                 };
                 if let Ok(id) = records.create_execution(&new) {
                     created.push(id);
@@ -533,6 +534,7 @@ pub fn run(data: &[u8]) {
                         command: "push:p".into(),
                         args: vec![],
                         requested_at_ms: 0,
+                        fleet_invocation: None,
                     };
                     records
                         .create_execution(&new)

@@ -22,8 +22,10 @@ use std::time::Duration;
 use ring_protocol::layout::{MAX_REGION_SIZE, MIN_REGION_SIZE};
 
 mod console;
+mod fleet;
 mod limits;
 pub use console::*;
+pub use fleet::FleetConfig;
 pub use limits::*;
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
@@ -68,6 +70,8 @@ pub struct HostConfig {
     pub callers: CallersConfig,
     /// The `[console]` table: the web console's listener and sessions.
     pub console: ConsoleConfig,
+    /// The `[fleet]` table, when the host is part of a fleet.
+    pub fleet: Option<FleetConfig>,
 }
 
 /// The `[daemon]` table: where the daemon listens and keeps its records, and its timings.
@@ -863,6 +867,7 @@ struct RawFile {
     callers: limits::RawCallers,
     #[serde(default)]
     console: console::RawConsole,
+    fleet: Option<fleet::RawFleet>,
     #[serde(default)]
     vm: Vec<RawVm>,
     #[serde(default)]
@@ -987,6 +992,8 @@ impl RawFile {
         let records = self.records.check()?;
         let callers = self.callers.check()?;
         let console = self.console.check()?;
+        let fleet_span = self.fleet.as_ref().map(|f| f.principal_span());
+        let fleet = self.fleet.map(fleet::RawFleet::check).transpose()?;
 
         let mut vms = Vec::with_capacity(self.vm.len());
         let mut vm_lines: HashMap<String, usize> = HashMap::new();
@@ -1036,6 +1043,16 @@ impl RawFile {
             principal_lines.insert(principal.name.clone(), line_of(span));
             principals.push(principal);
         }
+        if let (Some(f), Some(span)) = (&fleet, fleet_span)
+            && !principals.iter().any(|p| p.name == f.principal)
+        {
+            return Err(limits::table_error(
+                "fleet",
+                span,
+                "principal",
+                &format!("{:?} is not a [[principal]] of this file", f.principal),
+            ));
+        }
 
         Ok(HostConfig {
             daemon,
@@ -1045,6 +1062,7 @@ impl RawFile {
             records,
             callers,
             console,
+            fleet,
         })
     }
 }
@@ -1481,7 +1499,7 @@ mod tests {
             (
                 "\n[deamon]\n".to_owned(),
                 "host.toml:2:2: unknown field `deamon`, expected one of `daemon`, `budget`, \
-                 `records`, `callers`, `console`, `vm`, `principal`",
+                 `records`, `callers`, `console`, `fleet`, `vm`, `principal`",
             ),
             (
                 "[daemon]\n  sockt = \"/x\"\n".to_owned(),

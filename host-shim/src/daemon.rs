@@ -255,6 +255,16 @@ pub async fn serve(config: HostConfig) -> Result<()> {
         })
     };
 
+    // The fleet's membership: the daemon serves its local callers whether or not the
+    // database answers.
+    let membership = match &app.config.fleet {
+        Some(f) => {
+            eprintln!("portless: joining the fleet as host {:?}", f.host);
+            Some(crate::fleet::start(app.clone(), f, stop_rx.clone())?)
+        }
+        None => None,
+    };
+
     if let Some(dir) = d.socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -348,6 +358,9 @@ pub async fn serve(config: HostConfig) -> Result<()> {
     let _ = unix_server.await;
     if let Some(t) = tcp_server {
         let _ = t.await;
+    }
+    if let Some(m) = membership {
+        let _ = tokio::time::timeout(Duration::from_secs(5), m).await;
     }
     let background = std::mem::take(
         &mut *app

@@ -12,6 +12,8 @@
 //!   Its JSON is `portless-api`'s types, defined once for every server and client.
 //! - [`config`]: `host.toml`, the daemon's configuration, and the budgets' defaults.
 //! - [`sys`]: the daemon's private files, and free disk space.
+//! - [`fleet`]: the daemon as a host of a fleet (`[fleet]`): invocations a control plane
+//!   asked for, run through the pieces above.
 //! - [`daemon`]: `portless serve`: the pieces above wired together.
 //!
 //! The `portless` binary is this library's `serve` and, for every other verb, a client of
@@ -20,6 +22,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod fleet;
 pub mod http;
 pub mod records;
 pub mod sys;

@@ -37,6 +37,7 @@ fn new_exec(vm: &str, principal: &str, at: u64) -> NewExecution {
         args: vec!["5".to_owned(), "with space é".to_owned()],
         requested_at_ms: at,
     }
+    fleet_invocation: None,
 }
 
 fn exited(code: i32, at: u64) -> Finish {
@@ -981,6 +982,7 @@ fn a_thousand_executions_come_back_byte_for_byte() {
                 command: "cat".into(),
                 args: vec![i.to_string()],
                 requested_at_ms: i,
+                fleet_invocation: None,
             })
             .expect("create");
         records

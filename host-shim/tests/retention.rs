@@ -32,6 +32,7 @@ fn new_exec(vm: &str, at: u64) -> NewExecution {
         args: vec![],
         requested_at_ms: at,
     }
+    fleet_invocation: None,
 }
 
 fn ended(at: u64) -> Finish {

@@ -142,6 +142,7 @@ impl Setup {
                 command: command.into(),
                 args: args.iter().map(|s| s.to_string()).collect(),
                 requested_at_ms: 0,
+                fleet_invocation: None,
             })
             .expect("record");
         let (reply, rx) = oneshot::channel();
@@ -263,6 +264,7 @@ fn cancel_and_push() {
             command: "push:fix.sh".into(),
             args: vec![],
             requested_at_ms: 0,
+            fleet_invocation: None,
         })
         .expect("record");
     let (reply, rx) = oneshot::channel();

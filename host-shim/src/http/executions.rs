@@ -105,10 +105,11 @@ pub(super) async fn exec(
         ));
     }
     refuse_if_disk_full(&app).await?;
-    let bounded = body.max_concurrency.is_some_and(|n| n > 0);
-    let limit = body
-        .max_concurrency
-        .filter(|n| *n > 0)
+    let total = vms.len();
+    let concurrency = body.max_concurrency.and_then(|l| l.concurrency_of(total));
+    let max_errors = body.max_errors.map(|l| l.of(total));
+    let bounded = concurrency.is_some();
+    let limit = concurrency
         .unwrap_or(Semaphore::MAX_PERMITS)
         .min(Semaphore::MAX_PERMITS);
     let permits = Arc::new(Semaphore::new(limit));
@@ -123,10 +124,7 @@ pub(super) async fn exec(
             .await
             .map_err(ApiError::internal)?;
         // Ordering: Relaxed: a counter read by this task only, after the tasks update it.
-        if body
-            .max_errors
-            .is_some_and(|max| errors.load(std::sync::atomic::Ordering::Relaxed) > max)
-        {
+        if max_errors.is_some_and(|max| errors.load(std::sync::atomic::Ordering::Relaxed) > max) {
             skipped.push(vm.name.clone());
             continue;
         }
@@ -142,7 +140,7 @@ pub(super) async fn exec(
         order.push(name.clone());
         let (first_tx, first_rx) = oneshot::channel();
         tasks.spawn(async move {
-            let d = dispatch(&app2, &name, &principal, command, args, timeout).await;
+            let d = dispatch(&app2, &name, &principal, command, args, timeout, None).await;
             // Refused or undeliverable counts at once, before the next VM is dispatched.
             let refused =
                 d.error.is_some() || d.state.is_final() && d.state != ExecState::Succeeded;
@@ -178,17 +176,20 @@ pub(super) async fn exec(
     Ok(Json(ExecResponse {
         executions,
         skipped,
+        command: None,
     }))
 }
 
-/// Records and sends one exec; returns once the agent accepted or refused it.
-pub(super) async fn dispatch(
+/// Records and sends one exec (for fleet invocation `fleet_invocation`, when a control plane
+/// asked for it); returns once the agent accepted or refused it.
+pub(crate) async fn dispatch(
     app: &App,
     vm: &str,
     principal: &str,
     command: String,
     args: Vec<String>,
     timeout_ms: Option<u32>,
+    fleet_invocation: Option<u64>,
 ) -> Dispatched {
     let new = NewExecution {
         principal: principal.to_owned(),
@@ -196,6 +197,7 @@ pub(super) async fn dispatch(
         command: command.clone(),
         args: args.clone(),
         requested_at_ms: now_ms(),
+        fleet_invocation,
     };
     let id = match write(app, vec![Op::Create(new)]).await {
         Ok(Done::Created(id)) => id,

@@ -23,6 +23,7 @@ mod push;
 pub mod tls;
 mod vms;
 
+pub(crate) use executions::dispatch;
 pub(crate) use identify::NoDelay;
 pub use identify::Peer;
 pub use push::SPOOL_DIR;

@@ -72,6 +72,7 @@ pub(super) async fn push(
             command: format!("push:{}", q.name),
             args: Vec::new(),
             requested_at_ms: now_ms(),
+            fleet_invocation: None,
         };
         match write(&app, vec![Op::Create(new)]).await {
             Ok(Done::Created(id)) => Some(id),

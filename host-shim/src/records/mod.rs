@@ -28,6 +28,9 @@
 //! - `vm_usage`: per VM, the bytes and chunks of output stored, for the VM quota.
 //! - `audit`: one row per API call, allowed or denied.
 //!
+//! An execution a fleet's control plane asked for carries its invocation's id in
+//! `fleet_invocation` (unique), so that a redelivered invocation finds it (schema 4).
+//!
 //! Schema 2 (from 1) rebuilt `output` without its rowid, added the chunk counts, the usage
 //! table and an index of ends for pruning, and switched the file to incremental vacuum, so
 //! that pages freed by pruning go back to the file system.
@@ -69,7 +72,7 @@ pub const DB_FILE_NAME: &str = "portless.db";
 pub const DEFAULT_OUTPUT_CAP: u64 = 16 * 1024 * 1024;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// How long a call waits for a lock held by another connection before it fails.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -160,6 +163,11 @@ INSERT INTO vm_usage (vm, stored_bytes, chunks)
 "#,
     r#"
 ALTER TABLE audit ADD COLUMN count INTEGER NOT NULL DEFAULT 1;
+"#,
+    r#"
+ALTER TABLE executions ADD COLUMN fleet_invocation INTEGER;
+CREATE UNIQUE INDEX executions_by_fleet_invocation ON executions (fleet_invocation)
+    WHERE fleet_invocation IS NOT NULL;
 "#,
 ];
 
@@ -332,6 +340,9 @@ pub struct NewExecution {
     pub args: Vec<String>,
     /// When it was asked for, in milliseconds since the Unix epoch.
     pub requested_at_ms: u64,
+    /// The fleet invocation it carries out, when a control plane asked for it: one
+    /// execution per invocation, at most.
+    pub fleet_invocation: Option<u64>,
 }
 
 /// How an execution ended, for [`Records::finish`].
@@ -832,6 +843,19 @@ impl Records {
         find_by_agent_id(&*self.reader()?, vm, generation, counter)
     }
 
+    /// The execution that carries out fleet invocation `invocation`, if one was recorded.
+    pub fn find_by_fleet_invocation(
+        &self,
+        invocation: u64,
+    ) -> Result<Option<ExecutionId>, RecordsError> {
+        let conn = self.reader()?;
+        let id: Option<i64> = conn
+            .prepare_cached("SELECT id FROM executions WHERE fleet_invocation = ?1")?
+            .query_row([invocation], |r| r.get(0))
+            .optional()?;
+        id.map(id_from_rowid).transpose()
+    }
+
     /// The executions on `vm` that have not ended (pending or running), oldest first: what is
     /// left to reconcile with the agent after a daemon restart.
     pub fn unfinished(&self, vm: &str) -> Result<Vec<ExecutionRecord>, RecordsError> {
@@ -931,7 +955,7 @@ fn create_execution(
         .map_err(|e| RecordsError::Corrupt(format!("arguments: {e}")))?;
     conn.prepare_cached(
         "INSERT INTO executions (principal, vm, command, args, state, requested_at_ms, \
-         output_cap) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+         output_cap, fleet_invocation) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
         new.principal,
@@ -941,6 +965,7 @@ fn create_execution(
         StoredState(ExecState::Pending),
         new.requested_at_ms,
         output_cap,
+        new.fleet_invocation,
     ])?;
     id_from_rowid(conn.last_insert_rowid())
 }

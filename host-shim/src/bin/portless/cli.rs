@@ -31,7 +31,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use base64::Engine as _;
-use clap::builder::RangedU64ValueParser;
 use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
@@ -47,14 +46,19 @@ mod print;
 pub use args::*;
 pub use outcome::*;
 use portless_api::{
-    AuditOrder, AuditQuery, AuditRecord, Client, ClientError, CommandList, Dispatched, ExecRequest,
-    ExecResponse, ExecState, ExecutionId, ExecutionRecord, FollowEvent, MetricsResponse, Param,
-    PushOutcome, PushRequest, Stream, VmInfo,
+    AuditOrder, AuditQuery, AuditRecord, Client, ClientError, CommandList, Dispatched, Endpoint,
+    ExecRequest, ExecResponse, ExecState, ExecutionId, ExecutionRecord, FollowEvent, Limit,
+    MetricsResponse, Param, PushOutcome, PushRequest, Stream, VmInfo,
 };
 pub use print::*;
 
 /// The environment variable that names the daemon's socket when `--socket` is not given.
 pub const SOCKET_ENV: &str = "PORTLESS_SOCKET";
+/// The environment variable that names a TCP listener or control plane when `--url` is not
+/// given.
+pub const URL_ENV: &str = "PORTLESS_URL";
+/// The environment variable that holds the bearer token for `--url`.
+pub const TOKEN_ENV: &str = "PORTLESS_TOKEN";
 
 /// Exit code for errors of Portless or of the caller that are not about a remote program.
 pub const EXIT_ERROR: u8 = 1;
@@ -111,10 +115,21 @@ where
         err: &mut stderr,
         progress,
     };
-    let client = Client::new(resolve_socket(
-        cli.socket.as_deref(),
-        std::env::var_os(SOCKET_ENV),
-    ));
+    let client = match resolve_endpoint(cli.socket.as_deref(), cli.url.as_deref(), |name| {
+        std::env::var_os(name)
+    }) {
+        Ok((endpoint, token)) => {
+            let client = Client::at(endpoint);
+            match token {
+                Some(token) => client.with_token(token),
+                None => client,
+            }
+        }
+        Err(e) => {
+            eprintln!("portless: --url {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let code = runtime.block_on(run(&cli, &client, &mut io));
     let _ = io.out.flush();
     ExitCode::from(code)
@@ -219,6 +234,7 @@ async fn exec(client: &Client, args: &ExecArgs, json: bool, io: &mut Io<'_>) -> 
         timeout_ms: args.timeout,
         max_concurrency: args.max_concurrency,
         max_errors: args.max_errors,
+        idempotency_key: args.idempotency_key.clone(),
     };
     let mut progress = Progress::new(io.progress);
     let fan_out = plan.target.contains([',', '=', '*']);
@@ -250,7 +266,7 @@ async fn exec(client: &Client, args: &ExecArgs, json: bool, io: &mut Io<'_>) -> 
 /// `exec` without `--wait`: what was dispatched.
 fn dispatched(
     answer: &ExecResponse,
-    max_errors: Option<usize>,
+    max_errors: Option<Limit>,
     json: bool,
     io: &mut Io<'_>,
 ) -> VerbResult {
@@ -272,7 +288,7 @@ fn dispatched(
 async fn wait_all(
     client: &Client,
     answer: &ExecResponse,
-    max_errors: Option<usize>,
+    max_errors: Option<Limit>,
     json: bool,
     io: &mut Io<'_>,
 ) -> VerbResult {
@@ -390,7 +406,7 @@ enum FollowMsg {
 async fn follow_all(
     client: &Client,
     answer: &ExecResponse,
-    max_errors: Option<usize>,
+    max_errors: Option<Limit>,
     io: &mut Io<'_>,
 ) -> VerbResult {
     let several = results_len(answer) > 1;

@@ -9,12 +9,18 @@ use super::*;
     version,
     about = "Run allow-listed commands in VMs through shared memory, without a network.",
     after_help = "The daemon's socket is --socket PATH, else $PORTLESS_SOCKET, else \
-                  /run/portless/portless.sock."
+                  /run/portless/portless.sock. With --url (or $PORTLESS_URL) the CLI talks \
+                  to a daemon's TCP listener or to a control plane instead, presenting the \
+                  bearer token in $PORTLESS_TOKEN."
 )]
 pub struct Cli {
     /// The daemon's API socket [default: $PORTLESS_SOCKET, else /run/portless/portless.sock].
-    #[arg(long, global = true, value_name = "PATH")]
+    #[arg(long, global = true, value_name = "PATH", conflicts_with = "url")]
     pub socket: Option<PathBuf>,
+    /// A daemon's TCP listener or a control plane, as `http://HOST:PORT` [default:
+    /// $PORTLESS_URL]; the bearer token comes from $PORTLESS_TOKEN.
+    #[arg(long, global = true, value_name = "URL")]
+    pub url: Option<String>,
     /// Print JSON for scripts instead of tables for people.
     #[arg(long, global = true)]
     pub json: bool,
@@ -102,12 +108,17 @@ pub struct ExecArgs {
     /// Timeout in milliseconds, instead of the command's own.
     #[arg(long, value_name = "MS")]
     pub timeout: Option<u32>,
-    /// Run on at most N VMs at once.
-    #[arg(long, value_name = "N", value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
-    pub max_concurrency: Option<usize>,
-    /// Stop dispatching once more than N executions have failed.
+    /// Run on at most N VMs at once (a number, or a percentage of the VMs: 10%).
+    #[arg(long, value_name = "N", value_parser = concurrency_limit)]
+    pub max_concurrency: Option<Limit>,
+    /// Stop dispatching once more than N executions have failed (a number, or a
+    /// percentage of the VMs: 10%).
     #[arg(long, value_name = "N")]
-    pub max_errors: Option<usize>,
+    pub max_errors: Option<Limit>,
+    /// Through a control plane: a key that makes the exec idempotent (the same key again
+    /// creates nothing and answers with the first exec's executions).
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
     /// TARGET (`vm1`, `vm1,vm2`, `label=value`), unless --all; then COMMAND and its
     /// arguments (after `--` when one starts with `-`).
     #[arg(value_name = "TARGET COMMAND ARGS", required = true, num_args = 1..,
@@ -128,15 +139,23 @@ pub struct ExecPlan {
 
 impl ExecArgs {
     /// Sorts out the positional words: `TARGET COMMAND ARGS...`, or `COMMAND ARGS...` with
-    /// `--all`; the target is checked and written in its canonical form.
+    /// `--all`; a daemon's target is checked and written in its canonical form. A target
+    /// with a `/` names VMs of a control plane (`host/vm`, `host/*`): the control plane
+    /// checks it.
     pub fn plan(&self) -> Result<ExecPlan, String> {
         let (target, rest) = if self.all {
-            (Target::All, self.words.as_slice())
+            (Target::All.to_string(), self.words.as_slice())
         } else {
             match self.words.as_slice() {
-                [target, rest @ ..] if !rest.is_empty() => {
-                    (Target::parse(target).map_err(|e| e.to_string())?, rest)
+                [target, rest @ ..] if !rest.is_empty() && target.contains('/') => {
+                    (target.clone(), rest)
                 }
+                [target, rest @ ..] if !rest.is_empty() => (
+                    Target::parse(target)
+                        .map_err(|e| e.to_string())?
+                        .to_string(),
+                    rest,
+                ),
                 _ => {
                     return Err("a TARGET and a COMMAND are needed (or --all and a COMMAND)".into());
                 }
@@ -146,7 +165,7 @@ impl ExecArgs {
             .split_first()
             .ok_or_else(|| "a COMMAND is needed".to_owned())?;
         Ok(ExecPlan {
-            target: target.to_string(),
+            target,
             command: command.clone(),
             args: args.to_vec(),
         })
@@ -226,6 +245,54 @@ where
         return Err(error);
     }
     Ok(cli)
+}
+
+/// A `--max-concurrency`: a limit that lets at least one run.
+fn concurrency_limit(s: &str) -> Result<Limit, String> {
+    match s.parse::<Limit>().map_err(|e| e.to_string())? {
+        Limit::Count(0) | Limit::Percent(0) => Err("must let at least one run (1 or more)".into()),
+        limit => Ok(limit),
+    }
+}
+
+/// Where the CLI sends its requests: `--url`, else `$PORTLESS_URL` (when set and not
+/// empty), as a TCP endpoint with the token of `$PORTLESS_TOKEN`; else the unix socket of
+/// [`resolve_socket`].
+pub fn resolve_endpoint(
+    socket: Option<&Path>,
+    url: Option<&str>,
+    env: impl Fn(&str) -> Option<OsString>,
+) -> Result<(Endpoint, Option<String>), String> {
+    let text = |name: &str| {
+        env(name)
+            .filter(|v| !v.is_empty())
+            .map(|v| v.to_string_lossy().into_owned())
+    };
+    let url = match (socket, url) {
+        (Some(_), _) => None,
+        (None, Some(url)) => Some(url.to_owned()),
+        (None, None) => text(URL_ENV),
+    };
+    let Some(url) = url else {
+        return Ok((
+            Endpoint::Unix(resolve_socket(socket, env(SOCKET_ENV))),
+            None,
+        ));
+    };
+    let addr = match url.strip_prefix("http://") {
+        Some(rest) => rest.trim_end_matches('/'),
+        None if url.starts_with("https://") => {
+            return Err(format!(
+                "{url}: this CLI speaks plain HTTP only; reach a TLS listener through a \
+                 TLS-terminating tunnel on loopback"
+            ));
+        }
+        None => url.trim_end_matches('/'),
+    };
+    if addr.is_empty() || addr.contains('/') || !addr.contains(':') {
+        return Err(format!("{url}: expected http://HOST:PORT"));
+    }
+    Ok((Endpoint::Tcp(addr.to_owned()), text(TOKEN_ENV)))
 }
 
 /// The daemon's socket: `--socket`, else `$PORTLESS_SOCKET` (when set and not empty), else

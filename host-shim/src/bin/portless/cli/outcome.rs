@@ -39,7 +39,13 @@ pub fn verdict(record: &ExecutionRecord) -> Verdict {
         ExecState::Undeliverable => (EXIT_NOT_RUN, with_detail("undeliverable")),
         ExecState::Rejected => (EXIT_NOT_RUN, with_detail("rejected")),
         ExecState::FailedToStart => (EXIT_NOT_RUN, with_detail("failed to start")),
-        state @ (ExecState::Pending | ExecState::Running | ExecState::Unknown) => (
+        ExecState::DeliveryTimedOut => (EXIT_NOT_RUN, with_detail("delivery timed out")),
+        ExecState::HostLost => (EXIT_ERROR, with_detail("host lost")),
+        state @ (ExecState::Pending
+        | ExecState::Running
+        | ExecState::Delayed
+        | ExecState::InProgress
+        | ExecState::Unknown) => (
             EXIT_NOT_RUN,
             with_detail(&format!("ended in state {state}")),
         ),
@@ -149,9 +155,11 @@ impl VmResult {
     }
 
     /// A VM not dispatched to because `--max-errors` was exceeded.
-    pub fn skipped(vm: &str, max_errors: Option<usize>) -> Self {
+    pub fn skipped(vm: &str, max_errors: Option<Limit>) -> Self {
         let reason = match max_errors {
-            Some(n) => format!("not dispatched: more than {n} executions failed (--max-errors)"),
+            Some(n) => {
+                format!("not dispatched: more than {n} of the executions failed (--max-errors)")
+            }
             None => "not dispatched: too many executions failed".to_owned(),
         };
         Self::not_run(vm, None, "skipped", reason)

@@ -113,8 +113,8 @@ fn exec_flags_go_anywhere_and_hyphen_arguments_follow_a_double_dash() {
     };
     assert!(exec.wait && !exec.follow && !exec.all);
     assert_eq!(exec.timeout, Some(2500));
-    assert_eq!(exec.max_concurrency, Some(2));
-    assert_eq!(exec.max_errors, Some(0));
+    assert_eq!(exec.max_concurrency, Some(portless_api::Limit::Count(2)));
+    assert_eq!(exec.max_errors, Some(portless_api::Limit::Count(0)));
     assert_eq!(
         exec.plan().expect("plan").args,
         s(&["nginx.service", "100"])

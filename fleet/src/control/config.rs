@@ -1,0 +1,198 @@
+//! `control.toml`: where the control plane listens, its database, its timings and its
+//! principals.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The control plane's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlConfig {
+    /// The API's TCP address.
+    pub listen: SocketAddr,
+    /// Plain HTTP on an address that is not loopback: only when this says so.
+    pub insecure_plaintext: bool,
+    /// The database (a libpq connection string or a `postgresql://` URL).
+    pub database: String,
+    /// Connections to the database, at most.
+    pub pool_size: usize,
+    /// How long an invocation waits for its host to claim it before it ends
+    /// `delivery_timed_out` (a request's `timeout_ms` does not change it).
+    pub delivery_timeout: Duration,
+    /// How long without a heartbeat before a host is offline (its new invocations are
+    /// `delayed`, its VMs `host_offline`).
+    pub host_offline_after: Duration,
+    /// How long past its lease an invocation stays claimed before it ends `host_lost`.
+    pub host_lost_after: Duration,
+    /// Period of the sweeper.
+    pub sweep_interval: Duration,
+    /// Who may do what.
+    pub principals: Vec<ControlPrincipal>,
+}
+
+/// A `[[principal]]` of `control.toml`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlPrincipal {
+    /// Its name.
+    pub name: String,
+    /// SHA-256 (hex) of its bearer token.
+    pub token_sha256: [u8; 32],
+    /// The VMs it may see and use: `*`, `host/*`, `host/vm`, `key=value`.
+    pub vms: Vec<String>,
+    /// The commands it may run: `*` or names.
+    pub commands: Vec<String>,
+    /// Whether it may read the audit log.
+    pub audit: bool,
+    /// Whether it may read the executions of others.
+    pub read_all: bool,
+    /// Whether it may cancel the executions of others.
+    pub cancel_all: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    control: ControlTable,
+    #[serde(default)]
+    principal: Vec<PrincipalTable>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControlTable {
+    listen: SocketAddr,
+    #[serde(default)]
+    insecure_plaintext: bool,
+    database: String,
+    #[serde(default = "default_pool")]
+    pool_size: usize,
+    #[serde(default = "default_delivery_s")]
+    delivery_timeout_s: u64,
+    #[serde(default = "default_offline_ms")]
+    host_offline_after_ms: u64,
+    #[serde(default = "default_lost_ms")]
+    host_lost_after_ms: u64,
+    #[serde(default = "default_sweep_ms")]
+    sweep_interval_ms: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrincipalTable {
+    name: String,
+    token_sha256: String,
+    #[serde(default)]
+    vms: Vec<String>,
+    #[serde(default)]
+    commands: Vec<String>,
+    #[serde(default)]
+    audit: bool,
+    #[serde(default)]
+    read_all: bool,
+    #[serde(default)]
+    cancel_all: bool,
+}
+
+fn default_pool() -> usize {
+    16
+}
+fn default_delivery_s() -> u64 {
+    600
+}
+fn default_offline_ms() -> u64 {
+    10_000
+}
+fn default_lost_ms() -> u64 {
+    300_000
+}
+fn default_sweep_ms() -> u64 {
+    1000
+}
+
+impl ControlConfig {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Parses and checks a `control.toml`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
+        let c = file.control;
+        if !c.listen.ip().is_loopback() && !c.insecure_plaintext {
+            return Err(format!(
+                "[control] listen = \"{}\" is not a loopback address: the control plane \
+                 speaks plain HTTP, so put a TLS-terminating proxy in front of it and listen \
+                 on loopback, or set insecure_plaintext = true",
+                c.listen
+            ));
+        }
+        if c.pool_size == 0 || c.pool_size > 1024 {
+            return Err("[control] pool_size must be 1 to 1024".into());
+        }
+        for (key, ms) in [
+            ("host_offline_after_ms", c.host_offline_after_ms),
+            ("host_lost_after_ms", c.host_lost_after_ms),
+            ("sweep_interval_ms", c.sweep_interval_ms),
+        ] {
+            if ms == 0 {
+                return Err(format!("[control] {key} must be more than 0"));
+            }
+        }
+        if c.delivery_timeout_s == 0 {
+            return Err("[control] delivery_timeout_s must be more than 0".into());
+        }
+        let mut principals: Vec<ControlPrincipal> = Vec::new();
+        for p in file.principal {
+            if p.name.is_empty()
+                || p.name.len() > 63
+                || !p
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
+            {
+                return Err(format!(
+                    "principal {:?}: a name is 1 to 63 of a-z 0-9 _ . -",
+                    p.name
+                ));
+            }
+            if principals.iter().any(|q| q.name == p.name) {
+                return Err(format!("principal {:?} is declared twice", p.name));
+            }
+            let mut hash = [0u8; 32];
+            hex::decode_to_slice(&p.token_sha256, &mut hash).map_err(|_| {
+                format!(
+                    "principal {:?}: token_sha256 must be 64 hex digits (sha256sum of the token)",
+                    p.name
+                )
+            })?;
+            for v in &p.vms {
+                super::target::Selector::parse(v)
+                    .map_err(|e| format!("principal {:?}: vms: {e}", p.name))?;
+            }
+            principals.push(ControlPrincipal {
+                name: p.name,
+                token_sha256: hash,
+                vms: p.vms,
+                commands: p.commands,
+                audit: p.audit,
+                read_all: p.read_all,
+                cancel_all: p.cancel_all,
+            });
+        }
+        Ok(Self {
+            listen: c.listen,
+            insecure_plaintext: c.insecure_plaintext,
+            database: c.database,
+            pool_size: c.pool_size,
+            delivery_timeout: Duration::from_secs(c.delivery_timeout_s),
+            host_offline_after: Duration::from_millis(c.host_offline_after_ms),
+            host_lost_after: Duration::from_millis(c.host_lost_after_ms),
+            sweep_interval: Duration::from_millis(c.sweep_interval_ms),
+            principals,
+        })
+    }
+}

@@ -1,0 +1,194 @@
+//! The control plane (`portless control --config control.toml`): the host API, fleet-wide,
+//! over the fleet's database. Stateless: any number of servers can run against one
+//! database, a client may alternate between them, and every durable fact lives in
+//! PostgreSQL.
+//!
+//! - [`config`]: `control.toml`.
+//! - [`target`]: fleet-wide targets and the selectors of principals.
+//! - `routes.rs`: the handlers, by route.
+//! - `sweep.rs`: the sweeper, run by every server (its updates are conditional, so that
+//!   several at once do each change once): new invocations of offline hosts become
+//!   `delayed`, those never claimed by their deadline `delivery_timed_out`, and those whose
+//!   host stopped reporting them for `host_lost_after` past their lease `host_lost`.
+
+pub mod config;
+mod routes;
+mod sweep;
+pub mod target;
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use portless_api::ErrorBody;
+
+pub use config::{ControlConfig, ControlPrincipal};
+
+use crate::store::Store;
+
+/// The default configuration file of `portless control`.
+pub const DEFAULT_CONFIG: &str = "/etc/portless/control.toml";
+
+/// What the handlers share.
+pub struct Control {
+    /// The configuration in force.
+    pub config: ControlConfig,
+    /// The database.
+    pub store: Store,
+}
+
+/// An API error: a status and a message for the `error` field.
+#[derive(Debug)]
+pub struct ApiError(pub StatusCode, pub String);
+
+impl ApiError {
+    fn bad(msg: impl Into<String>) -> Self {
+        Self(StatusCode::BAD_REQUEST, msg.into())
+    }
+    fn not_found(msg: impl Into<String>) -> Self {
+        Self(StatusCode::NOT_FOUND, msg.into())
+    }
+    fn forbidden(msg: impl Into<String>) -> Self {
+        Self(StatusCode::FORBIDDEN, msg.into())
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        let status = if e.is_transient() {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        Self(status, e.to_string())
+    }
+}
+
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        crate::store::StoreError::from(e).into()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+/// The router of the control plane's API.
+pub fn router(control: Arc<Control>) -> axum::Router {
+    routes::router(control)
+}
+
+/// `portless control [migrate] [--config PATH]`.
+pub fn run_from_args(args: impl Iterator<Item = OsString>) -> ExitCode {
+    let mut config = PathBuf::from(DEFAULT_CONFIG);
+    let mut migrate = false;
+    let mut args = args;
+    while let Some(a) = args.next() {
+        match a.to_str() {
+            Some("migrate") if !migrate => migrate = true,
+            Some("--config") => match args.next() {
+                Some(p) => config = p.into(),
+                None => return usage("--config needs a path"),
+            },
+            Some("--help" | "-h") => {
+                println!(
+                    "usage: portless control [--config PATH]           serve the control plane\n       \
+                     portless control migrate [--config PATH]   bring the database's schema up to date\n\
+                     (default config {DEFAULT_CONFIG})"
+                );
+                return ExitCode::SUCCESS;
+            }
+            _ => return usage(&format!("unexpected argument {a:?}")),
+        }
+    }
+    let config = match ControlConfig::load(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("portless control: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("portless control: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = if migrate {
+        runtime.block_on(run_migrations(config))
+    } else {
+        runtime.block_on(serve(config))
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("portless control: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage(msg: &str) -> ExitCode {
+    eprintln!("portless control: {msg}\nusage: portless control [migrate] [--config PATH]");
+    ExitCode::from(2)
+}
+
+async fn run_migrations(config: ControlConfig) -> Result<()> {
+    let store = Store::new(&config.database, 1)?;
+    let applied = store.migrate().await?;
+    if applied.is_empty() {
+        println!(
+            "portless control: the schema is up to date (version {})",
+            crate::store::schema_version()
+        );
+    } else {
+        let list: Vec<String> = applied.iter().map(i32::to_string).collect();
+        println!("portless control: applied migration {}", list.join(", "));
+    }
+    Ok(())
+}
+
+/// Serves the control plane until SIGTERM or SIGINT.
+pub async fn serve(config: ControlConfig) -> Result<()> {
+    let store = Store::new(&config.database, config.pool_size)?;
+    store.check_schema().await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let control = Arc::new(Control { config, store });
+    let sweeper = tokio::spawn(sweep::run(control.clone()));
+    eprintln!("portless control: serving on {addr} (plain HTTP, bearer tokens)");
+    let app = router(control).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let t = async {
+                match term.as_mut() {
+                    Some(t) => {
+                        t.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! { _ = tokio::signal::ctrl_c() => {}, () = t => {} }
+        })
+        .await?;
+    sweeper.abort();
+    eprintln!("portless control: stopped");
+    Ok(())
+}

@@ -1,0 +1,405 @@
+//! The fleet end to end: a real PostgreSQL (started by the test), a control plane
+//! (`portless control`) and three host daemons (`portless serve` with `[fleet]`), each with
+//! two VMs and real agents, driven through the control plane's API and the CLI.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::stack::{Stack, portless_binary};
+use portless_api::blocking::Client;
+use portless_api::{Endpoint, ExecRequest, ExecState, ExecutionId, ExecutionRecord, Limit, Stream};
+use sha2::Digest;
+
+const TOKEN: &str = "fleet-test-token";
+
+struct Fleet {
+    dir: PathBuf,
+    pg: pg_harness::Server,
+    control: Option<Child>,
+    addr: String,
+    hosts: Vec<Stack>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port()
+}
+
+impl Fleet {
+    fn start(name: &str) -> Self {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let pg = pg_harness::Server::start(&dir.join("pg")).expect("postgresql");
+        pg.psql("postgres", "CREATE DATABASE fleet")
+            .expect("create database");
+        let url = pg.url("fleet");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let hash = hex::encode(sha2::Sha256::digest(TOKEN.as_bytes()));
+        std::fs::write(
+            dir.join("control.toml"),
+            format!(
+                "[control]\nlisten = \"{addr}\"\ndatabase = \"{url}\"\ndelivery_timeout_s = 6\n\
+                 host_offline_after_ms = 1500\nhost_lost_after_ms = 3000\nsweep_interval_ms = 200\n\n\
+                 [[principal]]\nname = \"ops\"\ntoken_sha256 = \"{hash}\"\nvms = [\"*\"]\n\
+                 commands = [\"*\"]\naudit = true\nread_all = true\ncancel_all = true\n"
+            ),
+        )
+        .expect("control.toml");
+        let mut fleet = Self {
+            dir,
+            pg,
+            control: None,
+            addr,
+            hosts: Vec::new(),
+        };
+        // The server refuses to start on a database without the schema.
+        let out = fleet
+            .control_cmd(&["control", "--config"])
+            .output()
+            .expect("control");
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("portless control migrate"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = fleet
+            .control_cmd(&["control", "migrate", "--config"])
+            .output()
+            .expect("migrate");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        fleet.start_control();
+        for (i, labels) in [
+            (1, "role = \"web\""),
+            (2, "role = \"web\""),
+            (3, "role = \"db\""),
+        ] {
+            let host = format!("host{i}");
+            let extra = format!(
+                "\n[fleet]\ndatabase = \"{url}\"\nhost = \"{host}\"\nprincipal = \"ops\"\n\
+                 lease_ms = 1500\nheartbeat_ms = 250\nlabels = {{ {labels} }}\n"
+            );
+            let mut stack = Stack::new(&format!("{name}-{host}"), &["vm1", "vm2"], &extra);
+            stack.start_daemon();
+            stack.start_agent("vm1");
+            stack.start_agent("vm2");
+            stack.wait_ready("vm1", Duration::from_secs(20));
+            stack.wait_ready("vm2", Duration::from_secs(20));
+            fleet.hosts.push(stack);
+        }
+        fleet
+    }
+
+    fn control_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(portless_binary());
+        c.args(args).arg(self.dir.join("control.toml"));
+        c
+    }
+
+    fn start_control(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("control.log"))
+            .expect("log");
+        let child = self
+            .control_cmd(&["control", "--config"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("portless control");
+        self.control = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&self.addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the control plane never listened"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::at(Endpoint::Tcp(self.addr.clone()))
+            .expect("client")
+            .with_token(TOKEN)
+    }
+
+    /// Waits until the control plane lists `n` VMs, all ready.
+    fn wait_registered(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let vms = self.client().vms().expect("vms");
+            if vms.len() == n && vms.iter().all(|v| v.state == portless_api::VmState::Ready) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "vms never registered: {vms:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn exec(&self, target: &str, command: &str, args: &[&str]) -> portless_api::ExecResponse {
+        self.client()
+            .exec(&ExecRequest {
+                target: target.into(),
+                command: command.into(),
+                args: args.iter().map(|a| (*a).to_owned()).collect(),
+                timeout_ms: None,
+                max_concurrency: None,
+                max_errors: None,
+                idempotency_key: None,
+            })
+            .expect("exec")
+    }
+
+    fn wait_final(&self, id: ExecutionId) -> ExecutionRecord {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = self.client().wait(id, Some(5000)).expect("wait");
+            if r.state.is_final() {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "never ended: {r:?}");
+        }
+    }
+
+    fn wait_state(&self, id: ExecutionId, state: ExecState) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = self.client().execution(id).expect("execution");
+            if r.state == state {
+                return;
+            }
+            assert!(Instant::now() < deadline, "never {state}: {r:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn output(&self, id: ExecutionId) -> Vec<u8> {
+        self.client()
+            .output(id, Stream::Stdout, 0, None)
+            .expect("output")
+            .data
+    }
+
+    fn sql(&self, query: &str) -> String {
+        self.pg
+            .psql("fleet", query)
+            .expect("psql")
+            .trim()
+            .to_owned()
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.control.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Executions of the host's own records that carry out fleet invocations.
+fn local_count(stack: &Stack, command: &str) -> usize {
+    let (status, body) = stack.call(
+        "GET",
+        &format!("/v1/executions?command={command}&limit=1000"),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    body["executions"].as_array().map_or(0, Vec::len)
+}
+
+#[test]
+fn a_fleet_runs_fans_out_and_survives_its_failures() {
+    let mut fleet = Fleet::start("fleet");
+    fleet.wait_registered(6);
+    let client = fleet.client();
+    let hosts = client.as_async();
+    let _ = hosts;
+
+    // Fan-out by label across two hosts, at most 2 at once: every invocation ends, every
+    // byte arrives.
+    let answer = client
+        .exec(&ExecRequest {
+            target: "role=web".into(),
+            command: "echo".into(),
+            args: vec!["hello".into()],
+            timeout_ms: None,
+            max_concurrency: Some(Limit::Count(2)),
+            max_errors: None,
+            idempotency_key: None,
+        })
+        .expect("exec");
+    let vms: Vec<&str> = answer.executions.iter().map(|d| d.vm.as_str()).collect();
+    assert_eq!(vms, ["host1/vm1", "host1/vm2", "host2/vm1", "host2/vm2"]);
+    assert!(answer.command.is_some());
+    for d in &answer.executions {
+        let rec = fleet.wait_final(d.id.expect("id"));
+        assert_eq!(rec.state, ExecState::Succeeded, "{rec:?}");
+        assert_eq!(fleet.output(rec.id), b"hello\n");
+    }
+
+    // max_errors 0 with one at a time: the first failure stops the fan-out; the rest end
+    // cancelled, not run.
+    let answer = client
+        .exec(&ExecRequest {
+            target: "*".into(),
+            command: "bytes".into(),
+            args: vec!["3".into()],
+            timeout_ms: None,
+            max_concurrency: Some(Limit::Count(1)),
+            max_errors: Some(Limit::Percent(0)),
+            idempotency_key: None,
+        })
+        .expect("exec");
+    let ends: Vec<ExecutionRecord> = answer
+        .executions
+        .iter()
+        .map(|d| fleet.wait_final(d.id.expect("id")))
+        .collect();
+    let failed = ends.iter().filter(|r| r.state == ExecState::Failed).count();
+    let cancelled = ends
+        .iter()
+        .filter(|r| r.state == ExecState::Cancelled)
+        .count();
+    assert_eq!((failed, cancelled), (1, 5), "{ends:?}");
+    assert!(ends.iter().any(|r| {
+        r.detail
+            .as_deref()
+            .is_some_and(|d| d.contains("max_errors"))
+    }));
+    let ran: usize = fleet.hosts.iter().map(|h| local_count(h, "bytes")).sum();
+    assert_eq!(ran, 1, "only the first ran");
+
+    // The same idempotency key twice: one command, the same executions.
+    let keyed = ExecRequest {
+        target: "host3/vm1".into(),
+        command: "echo".into(),
+        args: vec!["once".into()],
+        timeout_ms: None,
+        max_concurrency: None,
+        max_errors: None,
+        idempotency_key: Some("deploy-42".into()),
+    };
+    let first = client.exec(&keyed).expect("exec");
+    let second = client.exec(&keyed).expect("exec again");
+    assert_eq!(first.command, second.command);
+    assert_eq!(first.executions[0].id, second.executions[0].id);
+    let other = client.exec(&ExecRequest {
+        args: vec!["twice".into()],
+        ..keyed.clone()
+    });
+    assert_eq!(other.err().and_then(|e| e.status()), Some(409));
+    fleet.wait_final(first.executions[0].id.expect("id"));
+    assert_eq!(local_count(&fleet.hosts[2], "echo"), 1);
+
+    // Cancel reaches the guest's process.
+    let sleeper = fleet.exec("host1/vm1", "sleep", &["600"]).executions[0]
+        .id
+        .expect("id");
+    fleet.wait_state(sleeper, ExecState::Running);
+    client.cancel(sleeper).expect("cancel");
+    let rec = fleet.wait_final(sleeper);
+    assert_eq!(rec.state, ExecState::Cancelled, "{rec:?}");
+
+    // A host killed (SIGKILL) while its invocation runs, then restarted: it runs once, and
+    // ends with its true state.
+    let slow = fleet.exec("host2/vm1", "sleep", &["3"]).executions[0]
+        .id
+        .expect("id");
+    fleet.wait_state(slow, ExecState::Running);
+    fleet.hosts[1].kill_daemon();
+    std::thread::sleep(Duration::from_millis(500));
+    fleet.hosts[1].start_daemon();
+    let rec = fleet.wait_final(slow);
+    assert_eq!(rec.state, ExecState::Succeeded, "{rec:?}");
+    assert_eq!(local_count(&fleet.hosts[1], "sleep"), 1, "ran once");
+
+    // PostgreSQL restarted while output streams: nothing lost, no chunk twice.
+    let big = fleet.exec("role=web", "bytes", &["2000000"]);
+    std::thread::sleep(Duration::from_millis(300));
+    fleet.pg.restart_immediate().expect("restart");
+    for d in &big.executions {
+        let id = d.id.expect("id");
+        let rec = fleet.wait_final(id);
+        assert_eq!(rec.exit_code, Some(2_000_000 % 7), "{rec:?}");
+        let out = fleet.output(id);
+        assert_eq!(out.len(), 2_000_000);
+        assert!(out.iter().all(|&b| b == b'p'));
+        let stored = fleet.sql(&format!(
+            "SELECT COALESCE(SUM(length(data)), 0) FROM output WHERE invocation = {id} AND stream = 0"
+        ));
+        assert_eq!(stored, "2000000", "no chunk stored twice");
+    }
+
+    // A host stopped (SIGSTOP) past its lease: the sweeper ends its invocation host_lost,
+    // and its late result is refused.
+    let stalled = fleet.exec("host3/vm2", "sleep", &["2"]).executions[0]
+        .id
+        .expect("id");
+    fleet.wait_state(stalled, ExecState::Running);
+    let pid = fleet.hosts[2].daemon_pid() as i32;
+    // SAFETY: `kill` takes plain values; the pid is a child of this test's stack.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    fleet.wait_state(stalled, ExecState::HostLost);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    std::thread::sleep(Duration::from_secs(3));
+    let rec = fleet.client().execution(stalled).expect("execution");
+    assert_eq!(
+        rec.state,
+        ExecState::HostLost,
+        "the newer outcome stands: {rec:?}"
+    );
+
+    // An offline host at submit time: delayed, then delivery_timed_out.
+    fleet.hosts[2].stop_daemon();
+    std::thread::sleep(Duration::from_secs(2));
+    let late = fleet.exec("host3/vm1", "echo", &["late"]).executions[0].clone();
+    assert_eq!(late.state, ExecState::Delayed);
+    let rec = fleet.wait_final(late.id.expect("id"));
+    assert_eq!(rec.state, ExecState::DeliveryTimedOut, "{rec:?}");
+
+    // The CLI against the control plane, unchanged.
+    let out = Command::new(portless_binary())
+        .args([
+            "--url",
+            &format!("http://{}", fleet.addr),
+            "exec",
+            "--wait",
+            "host1/vm2",
+            "echo",
+            "cli",
+        ])
+        .env("PORTLESS_TOKEN", TOKEN)
+        .output()
+        .expect("cli");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Every call is on record, and an unknown token is refused and recorded.
+    let bad = Client::at(Endpoint::Tcp(fleet.addr.clone()))
+        .expect("client")
+        .with_token("wrong");
+    assert_eq!(bad.vms().err().and_then(|e| e.status()), Some(401));
+    let denied = fleet.sql("SELECT count(*) FROM audit WHERE NOT allowed AND principal IS NULL");
+    assert!(denied.parse::<u32>().unwrap_or(0) >= 1);
+    let _ = &mut fleet;
+}
