@@ -47,6 +47,7 @@ async fn run(
             timeout_ms: None,
             max_concurrency: None,
             max_errors: None,
+            idempotency_key: None,
         })
         .await?;
 

@@ -523,3 +523,41 @@ impl ExecutionQuery {
         q
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_read_as_numbers_or_percentages() {
+        let read = |j: &str| serde_json::from_str::<Limit>(j);
+        assert_eq!(read("5").ok(), Some(Limit::Count(5)));
+        assert_eq!(read("5.0").ok(), Some(Limit::Count(5)));
+        assert_eq!(read(r#""10%""#).ok(), Some(Limit::Percent(10)));
+        assert_eq!(read(r#""7""#).ok(), Some(Limit::Count(7)));
+        for bad in [
+            r#""101%""#,
+            r#""-1%""#,
+            r#""%""#,
+            r#""x""#,
+            "1.5",
+            "-1",
+            r#""1 %""#,
+        ] {
+            assert!(read(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            serde_json::to_string(&Limit::Percent(10)).ok().as_deref(),
+            Some(r#""10%""#)
+        );
+        assert_eq!(
+            serde_json::to_string(&Limit::Count(3)).ok().as_deref(),
+            Some("3")
+        );
+        assert_eq!(Limit::Percent(10).of(55), 5);
+        assert_eq!(Limit::Percent(10).concurrency_of(5), Some(1));
+        assert_eq!(Limit::Count(0).concurrency_of(5), None);
+        assert!(ExecState::HostLost.is_error() && !ExecState::DeliveryTimedOut.is_error());
+        assert!(!ExecState::InProgress.is_final() && ExecState::DeliveryTimedOut.is_final());
+    }
+}

@@ -12,9 +12,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use portless_api::{
     AgentCounters, AuditEntry, AuditLog, AuditRecord, CancelResponse, CommandInfo, CommandList,
     ConsoleCode, CutOff, DaemonState, Dispatched, ErrorBody, ExecRequest, ExecResponse, ExecState,
-    ExecutionId, ExecutionList, ExecutionRecord, FollowLine, Metrics, MetricsResponse, OPENAPI,
-    Param, PingResponse, PushOutcome, PushResponse, Rights, Stream, StreamEvent, StreamTotals,
-    VmInfo, VmList, VmState, Whoami,
+    ExecutionId, ExecutionList, ExecutionRecord, FollowLine, Limit, Metrics, MetricsResponse,
+    OPENAPI, Param, PingResponse, PushOutcome, PushResponse, Rights, Stream, StreamEvent,
+    StreamTotals, VmInfo, VmList, VmState, Whoami,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -320,6 +320,7 @@ fn answers() -> BTreeMap<(&'static str, &'static str, &'static str), Vec<Sample>
             error: (!full).then(|| "rejected by the agent: UnknownCommand".into()),
         }],
         skipped: vec!["web2".into()],
+        command: full.then_some(7),
     };
     let push = |full: bool| PushResponse {
         vm: "web1".into(),
@@ -646,8 +647,9 @@ fn the_exec_body_matches_its_schema() {
         command: "uname".into(),
         args: vec!["-a".into()],
         timeout_ms: Some(5000),
-        max_concurrency: Some(2),
-        max_errors: Some(0),
+        max_concurrency: Some(Limit::Count(2)),
+        max_errors: Some(Limit::Percent(10)),
+        idempotency_key: Some("deploy-1".into()),
     };
     let sparse = ExecRequest {
         target: "web1".into(),
@@ -656,6 +658,7 @@ fn the_exec_body_matches_its_schema() {
         timeout_ms: None,
         max_concurrency: None,
         max_errors: None,
+        idempotency_key: None,
     };
     let mut problems = Vec::new();
     for (s, strict) in [
@@ -709,7 +712,8 @@ fn enums_list_exactly_the_variants() {
             VmState::WaitingForAgent,
             VmState::Ready,
             VmState::Unresponsive,
-            VmState::CutOff
+            VmState::CutOff,
+            VmState::HostOffline
         ])
     );
     assert_eq!(

@@ -181,34 +181,30 @@ impl Store {
                 if tx.is_closed() {
                     return;
                 }
-                match config.connect(NoTls).await {
-                    Ok((client, mut connection)) => {
-                        let (note_tx, mut note_rx) = mpsc::unbounded_channel();
-                        let driver = tokio::spawn(async move {
-                            let mut messages = futures_util::stream::poll_fn(move |cx| {
-                                connection.poll_message(cx)
-                            });
-                            use futures_util::StreamExt as _;
-                            while let Some(Ok(m)) = messages.next().await {
-                                if let tokio_postgres::AsyncMessage::Notification(_) = m {
-                                    let _ = note_tx.send(());
-                                }
-                            }
-                        });
-                        if client
-                            .batch_execute(&format!("LISTEN \"{channel}\""))
-                            .await
-                            .is_ok()
-                        {
-                            backoff = Duration::from_millis(100);
-                            let _ = tx.try_send(());
-                            while note_rx.recv().await.is_some() {
-                                let _ = tx.try_send(());
+                if let Ok((client, mut connection)) = config.connect(NoTls).await {
+                    let (note_tx, mut note_rx) = mpsc::unbounded_channel();
+                    let driver = tokio::spawn(async move {
+                        let mut messages =
+                            futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                        use futures_util::StreamExt as _;
+                        while let Some(Ok(m)) = messages.next().await {
+                            if let tokio_postgres::AsyncMessage::Notification(_) = m {
+                                let _ = note_tx.send(());
                             }
                         }
-                        driver.abort();
+                    });
+                    if client
+                        .batch_execute(&format!("LISTEN \"{channel}\""))
+                        .await
+                        .is_ok()
+                    {
+                        backoff = Duration::from_millis(100);
+                        let _ = tx.try_send(());
+                        while note_rx.recv().await.is_some() {
+                            let _ = tx.try_send(());
+                        }
                     }
-                    Err(_) => {}
+                    driver.abort();
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -200,6 +200,7 @@ fn example_file_is_as_documented() {
         records: RecordsConfig::default(),
         callers: CallersConfig::default(),
         console: host_shim::config::ConsoleConfig::default(),
+        fleet: None,
     };
     assert_eq!(config, expected);
     assert!(config.principals[1].token_sha256.is_some());

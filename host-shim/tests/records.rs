@@ -36,8 +36,8 @@ fn new_exec(vm: &str, principal: &str, at: u64) -> NewExecution {
         command: "sleep".to_owned(),
         args: vec!["5".to_owned(), "with space é".to_owned()],
         requested_at_ms: at,
+        fleet_invocation: None,
     }
-    fleet_invocation: None,
 }
 
 fn exited(code: i32, at: u64) -> Finish {

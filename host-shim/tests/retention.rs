@@ -31,8 +31,8 @@ fn new_exec(vm: &str, at: u64) -> NewExecution {
         command: "echo".into(),
         args: vec![],
         requested_at_ms: at,
+        fleet_invocation: None,
     }
-    fleet_invocation: None,
 }
 
 fn ended(at: u64) -> Finish {

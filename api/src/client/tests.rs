@@ -160,7 +160,8 @@ async fn requests_and_answers_round_trip() {
             args: vec!["5".into()],
             timeout_ms: Some(1000),
             max_concurrency: None,
-            max_errors: Some(0),
+            max_errors: Some(crate::Limit::Count(0)),
+            idempotency_key: None,
         })
         .await
         .expect("exec");

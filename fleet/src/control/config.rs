@@ -196,3 +196,39 @@ impl ControlConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_parses() {
+        let text = include_str!("../../../examples/control.toml");
+        let c = ControlConfig::parse(text).expect("examples/control.toml");
+        assert_eq!(c.principals.len(), 2);
+        assert_eq!(c.delivery_timeout, Duration::from_secs(600));
+        assert_eq!(c.principals[1].vms, ["role=web"]);
+    }
+
+    #[test]
+    fn bad_files_say_what_is_wrong() {
+        let base = "[control]\nlisten = \"127.0.0.1:1\"\ndatabase = \"host=/x\"\n";
+        let err = |extra: &str| ControlConfig::parse(&format!("{base}{extra}")).unwrap_err();
+        assert!(err("pool_size = 0\n").contains("pool_size"));
+        assert!(err("[[principal]]\nname = \"a\"\ntoken_sha256 = \"zz\"\n").contains("64 hex"));
+        assert!(
+            err("[[principal]]\nname = \"a\"\ntoken_sha256 = \"00\"\nvms = [\"web1\"]\n")
+                .contains("64 hex")
+        );
+        let hash = "00".repeat(32);
+        assert!(
+            err(&format!(
+                "[[principal]]\nname = \"a\"\ntoken_sha256 = \"{hash}\"\nvms = [\"web1\"]\n"
+            ))
+            .contains("not a fleet target")
+        );
+        assert!(err("nmae = 1\n").contains("unknown field"));
+        let open = ControlConfig::parse("[control]\nlisten = \"0.0.0.0:1\"\ndatabase = \"x\"\n");
+        assert!(open.unwrap_err().contains("insecure_plaintext"));
+    }
+}

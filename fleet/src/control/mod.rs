@@ -3,7 +3,7 @@
 //! database, a client may alternate between them, and every durable fact lives in
 //! PostgreSQL.
 //!
-//! - [`config`]: `control.toml`.
+//! - [`config`](mod@config): `control.toml`.
 //! - [`target`]: fleet-wide targets and the selectors of principals.
 //! - `routes.rs`: the handlers, by route.
 //! - `sweep.rs`: the sweeper, run by every server (its updates are conditional, so that

@@ -1280,11 +1280,19 @@ mod tests {
             assert_eq!(json, format!("\"{state}\""));
         }
         assert_eq!(ExecState::from_name("done"), None);
-        let finals: Vec<_> = ExecState::ALL
+        let open: Vec<_> = ExecState::ALL
             .into_iter()
             .filter(|s| !s.is_final())
             .collect();
-        assert_eq!(finals, [ExecState::Pending, ExecState::Running]);
+        assert_eq!(
+            open,
+            [
+                ExecState::Pending,
+                ExecState::Running,
+                ExecState::Delayed,
+                ExecState::InProgress
+            ]
+        );
     }
 
     #[test]

@@ -987,6 +987,7 @@ fn fan_out(
             timeout_ms: None,
             max_concurrency: None,
             max_errors: None,
+            idempotency_key: None,
         })?;
         if answer.executions.len() != FAN_OUT_VMS {
             bail!("fan-out reached {} VMs", answer.executions.len());

@@ -157,8 +157,11 @@ impl VmResult {
     /// A VM not dispatched to because `--max-errors` was exceeded.
     pub fn skipped(vm: &str, max_errors: Option<Limit>) -> Self {
         let reason = match max_errors {
-            Some(n) => {
-                format!("not dispatched: more than {n} of the executions failed (--max-errors)")
+            Some(Limit::Count(n)) => {
+                format!("not dispatched: more than {n} executions failed (--max-errors)")
+            }
+            Some(p) => {
+                format!("not dispatched: more than {p} of the executions failed (--max-errors)")
             }
             None => "not dispatched: too many executions failed".to_owned(),
         };

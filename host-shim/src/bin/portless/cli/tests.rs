@@ -355,7 +355,7 @@ fn refused_and_skipped_vms_count_as_not_run() {
         refused.reason_line().as_deref(),
         Some("db1: rejected: denied: ci may not run df on db1")
     );
-    let skipped = VmResult::skipped("web3", Some(1));
+    let skipped = VmResult::skipped("web3", Some(portless_api::Limit::Count(1)));
     assert_eq!(
         (skipped.exit_code, skipped.state.as_str()),
         (EXIT_NOT_RUN, "skipped")
@@ -470,7 +470,7 @@ fn the_exec_tables() {
     let results = [
         VmResult::from_record(&record("succeeded", Some(0), None, None)),
         VmResult::from_record(&record("timed_out", None, None, None)),
-        VmResult::skipped("web3", Some(0)),
+        VmResult::skipped("web3", Some(portless_api::Limit::Count(0))),
     ];
     assert_eq!(
         cli::summary_table(&results),
