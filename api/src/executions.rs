@@ -287,8 +287,26 @@ pub struct ExecRequest {
     /// On a control plane: a key that makes the request idempotent. A second request with
     /// the same key creates nothing and answers with the first one's command (or 409 if it
     /// asked for something else).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "idempotency_key"
+    )]
     pub idempotency_key: Option<String>,
+}
+
+/// The longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 200;
+
+/// An idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY`] bytes.
+fn idempotency_key<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    use serde::de::Error;
+    match Option::<String>::deserialize(d)? {
+        Some(k) if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY => Err(D::Error::custom(format!(
+            "idempotency_key: 1 to {MAX_IDEMPOTENCY_KEY} bytes"
+        ))),
+        k => Ok(k),
+    }
 }
 
 /// A limit of a fan-out (`max_concurrency`, `max_errors`): a count of VMs, or a percentage
@@ -344,10 +362,13 @@ impl std::str::FromStr for Limit {
         let digits =
             |t: &str| !t.is_empty() && t.len() <= 20 && t.bytes().all(|b| b.is_ascii_digit());
         match s.strip_suffix('%') {
-            Some(p) if digits(p) => match p.parse::<u8>() {
-                Ok(p) if p <= 100 => Ok(Self::Percent(p)),
-                _ => Err(bad()),
-            },
+            // 0 to 100, without leading zeros (the schema's pattern).
+            Some(p) if digits(p) && (p.len() == 1 || !p.starts_with('0')) => {
+                match p.parse::<u8>() {
+                    Ok(p) if p <= 100 => Ok(Self::Percent(p)),
+                    _ => Err(bad()),
+                }
+            }
             Some(_) => Err(bad()),
             None if digits(s) => s.parse().map(Self::Count).map_err(|_| bad()),
             None => Err(bad()),
@@ -375,7 +396,9 @@ impl<'de> Deserialize<'de> for Limit {
         }
         match Raw::deserialize(d)? {
             Raw::Number(n) => whole_number(n).map(Self::Count).map_err(D::Error::custom),
-            Raw::Text(t) => t.parse().map_err(D::Error::custom),
+            // In JSON a count is a number: a string is a percentage.
+            Raw::Text(t) if t.ends_with('%') => t.parse().map_err(D::Error::custom),
+            Raw::Text(t) => Err(D::Error::custom(BadLimit(t))),
         }
     }
 }
@@ -534,7 +557,7 @@ mod tests {
         assert_eq!(read("5").ok(), Some(Limit::Count(5)));
         assert_eq!(read("5.0").ok(), Some(Limit::Count(5)));
         assert_eq!(read(r#""10%""#).ok(), Some(Limit::Percent(10)));
-        assert_eq!(read(r#""7""#).ok(), Some(Limit::Count(7)));
+        assert_eq!("7".parse::<Limit>().ok(), Some(Limit::Count(7)));
         for bad in [
             r#""101%""#,
             r#""-1%""#,

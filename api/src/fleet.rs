@@ -86,3 +86,39 @@ pub struct Invocation {
     /// Its state.
     pub state: ExecState,
 }
+
+/// `POST /v1/programs`'s answer: a program stored by the control plane, by reference.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgramInfo {
+    /// Its SHA-256, in hex: its reference.
+    pub sha256: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// `POST /v1/push` on a control plane: push a program uploaded before (by its SHA-256) to
+/// every VM of a target, and run it with `run`. Each host fetches the program once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetPush {
+    /// As for `POST /v1/exec`: `host/vm`, `host/*`, `key=value`, `*` or a comma list.
+    pub target: String,
+    /// The file name in the guest.
+    pub name: String,
+    /// The program's SHA-256 (hex), from `POST /v1/programs`.
+    pub sha256: String,
+    /// Run it once stored.
+    #[serde(default)]
+    pub run: bool,
+    /// A timeout for the run, in milliseconds.
+    #[serde(default)]
+    pub timeout_ms: Option<u32>,
+    /// As for `POST /v1/exec`.
+    #[serde(default)]
+    pub max_concurrency: Option<Limit>,
+    /// As for `POST /v1/exec`.
+    #[serde(default)]
+    pub max_errors: Option<Limit>,
+    /// As for `POST /v1/exec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}

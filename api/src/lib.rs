@@ -42,12 +42,13 @@ pub use client::{
 };
 pub use daemon::DaemonState;
 pub use events::{FollowEvent, FollowLine, MAX_FOLLOW_LINE, parse_follow_line};
+pub use executions::MAX_IDEMPOTENCY_KEY;
 pub use executions::{
     BadLimit, CancelResponse, Dispatched, ExecRequest, ExecResponse, ExecState, ExecutionId,
     ExecutionList, ExecutionQuery, ExecutionRecord, Limit, OutputChunk, Stream, StreamTotals,
     WAIT_POLL_MS,
 };
-pub use fleet::{FleetCommand, HostInfo, HostList, Invocation};
+pub use fleet::{FleetCommand, FleetPush, HostInfo, HostList, Invocation, ProgramInfo};
 pub use session::{ConsoleCode, Rights, Whoami};
 pub use stream::{Cursor, EventsRequest, OutputEvent, Position, StreamEvent};
 pub use vms::{

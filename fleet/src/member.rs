@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use portless_api::{CommandList, ExecState, ExecutionRecord, Stream, VmInfo};
+use sha2::Digest as _;
 use tokio::sync::{mpsc, watch};
 
 use crate::store::{Store, StoreError, host_channel, retry};
@@ -104,6 +105,21 @@ pub struct Claimed {
     pub args: Vec<String>,
     /// A timeout that overrides the command's.
     pub timeout_ms: Option<u32>,
+    /// For a push: the program, fetched from the fleet once per host.
+    pub push: Option<Push>,
+}
+
+/// A push by reference, claimed: the program and where it goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Push {
+    /// The file name in the guest.
+    pub name: String,
+    /// The program's SHA-256 (hex).
+    pub sha256: String,
+    /// Run it once stored.
+    pub run: bool,
+    /// The program.
+    pub program: Arc<Vec<u8>>,
 }
 
 /// What became of a claimed invocation at the host.
@@ -170,6 +186,8 @@ pub struct MemberStats {
     pub claims: std::sync::atomic::AtomicU64,
     /// Total time of claim transactions, in microseconds.
     pub claim_us: std::sync::atomic::AtomicU64,
+    /// The time of each claim that took something, in microseconds (the first 100,000).
+    pub claim_times_us: std::sync::Mutex<Vec<u32>>,
 }
 
 /// A host's membership in the fleet, running until `stop` turns true.
@@ -186,7 +204,12 @@ pub struct Member<R> {
     last_error: Option<Instant>,
     /// Invocations the runner refused, to report as final.
     refused: Vec<(i64, i32, ExecState, String)>,
+    /// Programs fetched for pushes, by SHA-256, with when they were last used.
+    programs: HashMap<String, (Arc<Vec<u8>>, Instant)>,
 }
+
+/// How long a fetched program is kept for more pushes of it.
+const PROGRAM_KEEP: Duration = Duration::from_secs(600);
 
 /// One invocation's part of a report.
 struct Update {
@@ -211,12 +234,19 @@ impl<R: Runner> Member<R> {
             stats: Arc::new(MemberStats::default()),
             last_error: None,
             refused: Vec::new(),
+            programs: HashMap::new(),
         }
     }
 
     /// Its counters.
     pub fn stats(&self) -> Arc<MemberStats> {
         self.stats.clone()
+    }
+
+    /// The same membership, counting into `stats` (shared by simulated hosts).
+    pub fn with_stats(mut self, stats: Arc<MemberStats>) -> Self {
+        self.stats = stats;
+        self
     }
 
     /// Takes part until `stop` turns true.
@@ -544,14 +574,49 @@ impl<R: Runner> Member<R> {
                    ELSE state END \
                  WHERE id = ANY($1) \
                  RETURNING id, attempt, command_id, vm, principal, command, args, timeout_ms, \
-                   state, stdout_stored, stderr_stored",
+                   state, stdout_stored, stderr_stored, program, program_name, run",
                 &[&take, &lease_ms],
             )
             .await?
         };
         tx.commit().await?;
+        let wanted: Vec<String> = rows
+            .iter()
+            .filter_map(|r| r.get::<_, Option<String>>(11))
+            .collect();
+        let fetch_failed = match self.fetch_programs(wanted).await {
+            Ok(()) => false,
+            Err(e) => {
+                // Those pushes are claimed again once their lease passes.
+                self.complain("program fetch", &e);
+                true
+            }
+        };
         let mut claimed = Vec::with_capacity(rows.len());
         for row in rows {
+            let sha: Option<String> = row.get(11);
+            let push = match sha {
+                None => None,
+                Some(sha) => match self.programs.get(&sha) {
+                    Some((program, _)) => Some(Push {
+                        name: row.get::<_, Option<String>>(12).unwrap_or_default(),
+                        sha256: sha,
+                        run: row.get(13),
+                        program: program.clone(),
+                    }),
+                    None => {
+                        if !fetch_failed {
+                            self.refused.push((
+                                row.get(0),
+                                row.get(1),
+                                ExecState::Rejected,
+                                "the program's bytes in the fleet do not match its SHA-256".into(),
+                            ));
+                        }
+                        continue;
+                    }
+                },
+            };
             let id: i64 = row.get(0);
             let attempt: i32 = row.get(1);
             let args: serde_json::Value = row.get(6);
@@ -566,6 +631,7 @@ impl<R: Runner> Member<R> {
                 command: row.get(5),
                 args: serde_json::from_value(args).unwrap_or_default(),
                 timeout_ms: timeout.and_then(|t| u32::try_from(t).ok()),
+                push,
             };
             self.held.insert(
                 id,
@@ -588,11 +654,59 @@ impl<R: Runner> Member<R> {
         self.stats
             .claims
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.stats.claim_us.fetch_add(
-            u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        let took = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.stats
+            .claim_us
+            .fetch_add(took, std::sync::atomic::Ordering::Relaxed);
+        if !claimed.is_empty() {
+            let mut times = self
+                .stats
+                .claim_times_us
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if times.len() < 100_000 {
+                times.push(u32::try_from(took).unwrap_or(u32::MAX));
+            }
+        }
         Ok(claimed)
+    }
+
+    /// Fetches the programs of `wanted` this host does not hold yet (once each, recorded in
+    /// `program_fetches`), checking each one's SHA-256; forgets those unused for
+    /// [`PROGRAM_KEEP`].
+    async fn fetch_programs(&mut self, wanted: Vec<String>) -> Result<(), StoreError> {
+        let now = Instant::now();
+        self.programs.retain(|sha, (_, used)| {
+            wanted.contains(sha) || now.duration_since(*used) < PROGRAM_KEEP
+        });
+        for sha in wanted {
+            if let Some(entry) = self.programs.get_mut(&sha) {
+                entry.1 = now;
+                continue;
+            }
+            let client = self.store.client().await?;
+            let row = client
+                .query_opt("SELECT data FROM programs WHERE sha256 = $1", &[&sha])
+                .await?;
+            let Some(row) = row else {
+                continue;
+            };
+            let data: Vec<u8> = row.get(0);
+            if hex::encode(sha2::Sha256::digest(&data)) != sha {
+                eprintln!(
+                    "portless: fleet program {sha}: its bytes do not match their SHA-256; not pushed"
+                );
+                continue;
+            }
+            client
+                .execute(
+                    "INSERT INTO program_fetches (host, sha256) VALUES ($1, $2)",
+                    &[&self.config.host, &sha],
+                )
+                .await?;
+            self.programs.insert(sha, (Arc::new(data), now));
+        }
+        Ok(())
     }
 
     /// Writes what changed of the invocations held: states, output, ends; and the

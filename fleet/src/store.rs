@@ -1,7 +1,9 @@
 //! The fleet's database: a pool of connections to PostgreSQL, the schema's migrations, the
 //! wake-up channels of hosts, and retries of transactions PostgreSQL aborted.
 
+use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -62,6 +64,7 @@ impl StoreError {
 pub struct Store {
     pool: Pool,
     config: tokio_postgres::Config,
+    listener: Arc<OnceLock<Listener>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -105,7 +108,11 @@ impl Store {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Url(e.to_string()))?;
-        Ok(Self { pool, config })
+        Ok(Self {
+            pool,
+            config,
+            listener: Arc::new(OnceLock::new()),
+        })
     }
 
     /// A connection from the pool.
@@ -169,49 +176,106 @@ impl Store {
         }
     }
 
-    /// Wake-ups on `channel` (`LISTEN`), over a connection of their own that is opened
-    /// again whenever it is lost. A wake-up is also sent each time the connection is
-    /// (re)established, since notifications sent while it was down are lost.
+    /// Wake-ups on `channel` (`LISTEN`). Every channel of a store shares one connection of
+    /// its own, opened again whenever it is lost; each subscriber is also woken each time
+    /// it is (re)established, since notifications sent while it was down are lost.
     pub fn listen(&self, channel: String) -> mpsc::Receiver<()> {
         let (tx, rx) = mpsc::channel(1);
-        let config = self.config.clone();
+        let listener = self
+            .listener
+            .get_or_init(|| Listener::start(self.config.clone()));
+        let _ = listener.subscribe.send((channel, tx));
+        rx
+    }
+}
+
+/// The connection that `LISTEN`s for every channel of a store.
+struct Listener {
+    subscribe: mpsc::UnboundedSender<(String, mpsc::Sender<()>)>,
+}
+
+impl Listener {
+    fn start(config: tokio_postgres::Config) -> Self {
+        let (subscribe, mut requests) = mpsc::unbounded_channel::<(String, mpsc::Sender<()>)>();
         tokio::spawn(async move {
+            let mut subs: HashMap<String, Vec<mpsc::Sender<()>>> = HashMap::new();
             let mut backoff = Duration::from_millis(100);
             loop {
-                if tx.is_closed() {
-                    return;
-                }
-                if let Ok((client, mut connection)) = config.connect(NoTls).await {
-                    let (note_tx, mut note_rx) = mpsc::unbounded_channel();
-                    let driver = tokio::spawn(async move {
-                        let mut messages =
-                            futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-                        use futures_util::StreamExt as _;
-                        while let Some(Ok(m)) = messages.next().await {
-                            if let tokio_postgres::AsyncMessage::Notification(_) = m {
-                                let _ = note_tx.send(());
-                            }
-                        }
-                    });
-                    if client
-                        .batch_execute(&format!("LISTEN \"{channel}\""))
-                        .await
-                        .is_ok()
-                    {
-                        backoff = Duration::from_millis(100);
-                        let _ = tx.try_send(());
-                        while note_rx.recv().await.is_some() {
-                            let _ = tx.try_send(());
+                let Ok((client, mut connection)) = config.connect(NoTls).await else {
+                    // Subscriptions wait in the queue meanwhile.
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                };
+                let (note_tx, mut notes) = mpsc::unbounded_channel::<String>();
+                let driver = tokio::spawn(async move {
+                    use futures_util::StreamExt as _;
+                    let mut messages =
+                        futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(Ok(m)) = messages.next().await {
+                        if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                            let _ = note_tx.send(n.channel().to_owned());
                         }
                     }
-                    driver.abort();
+                });
+                let mut ok = true;
+                for channel in subs.keys() {
+                    if client.batch_execute(&listen_sql(channel)).await.is_err() {
+                        ok = false;
+                        break;
+                    }
                 }
+                if ok {
+                    backoff = Duration::from_millis(100);
+                    for tx in subs.values().flatten() {
+                        let _ = tx.try_send(());
+                    }
+                }
+                while ok {
+                    tokio::select! {
+                        note = notes.recv() => match note {
+                            Some(channel) => {
+                                if let Some(list) = subs.get_mut(&channel) {
+                                    list.retain(|tx| !tx.is_closed());
+                                    for tx in list.iter() {
+                                        let _ = tx.try_send(());
+                                    }
+                                }
+                            }
+                            None => ok = false,
+                        },
+                        request = requests.recv() => match request {
+                            Some((channel, tx)) => {
+                                let new = !subs.contains_key(&channel);
+                                let _ = tx.try_send(());
+                                subs.entry(channel.clone()).or_default().push(tx);
+                                if new && client.batch_execute(&listen_sql(&channel)).await.is_err() {
+                                    ok = false;
+                                }
+                            }
+                            None => {
+                                driver.abort();
+                                return;
+                            }
+                        },
+                    }
+                }
+                driver.abort();
+                subs.retain(|_, list| {
+                    list.retain(|tx| !tx.is_closed());
+                    !list.is_empty()
+                });
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         });
-        rx
+        Self { subscribe }
     }
+}
+
+/// `LISTEN` for a channel name made by [`host_channel`] (or any name without a `"`).
+fn listen_sql(channel: &str) -> String {
+    format!("LISTEN \"{}\"", channel.replace('"', ""))
 }
 
 /// The `LISTEN` channel of host `host`: a hash of its name, so that any name fits

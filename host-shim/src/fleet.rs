@@ -17,8 +17,8 @@ use tokio::sync::{oneshot, watch};
 use crate::config::FleetConfig;
 use crate::http::App;
 use crate::http::policy::Action;
-use crate::records::Op;
-use crate::vm::Request;
+use crate::records::{Finish, NewExecution, Op};
+use crate::vm::{Program, Request};
 
 /// The daemon's side of its membership.
 pub struct HostRunner {
@@ -52,6 +52,141 @@ impl HostRunner {
             reason,
             count: 1,
         })
+    }
+
+    /// A push by reference: checked as a local push, recorded (with the invocation's id)
+    /// before the guest sees it, and ended in the records here when it is only stored.
+    async fn push(&self, c: Claimed) -> Started {
+        let Some(push) = c.push.clone() else {
+            return Started::Refused {
+                state: ExecState::Rejected,
+                detail: "not a push".into(),
+            };
+        };
+        let app = &self.app;
+        let refuse = |detail: String| Started::Refused {
+            state: ExecState::Rejected,
+            detail,
+        };
+        let decision = match (app.policy.principal(&self.principal), app.config.vm(&c.vm)) {
+            (None, _) => Err(format!(
+                "the fleet principal {:?} is not configured",
+                self.principal
+            )),
+            (_, None) => Err(format!("the host has no vm {:?}", c.vm)),
+            (Some(p), Some(vm)) => app
+                .policy
+                .authorize(p, &Action::Push, Some(vm))
+                .map_err(|d| d.to_string()),
+        };
+        let audit = |allowed: bool, reason: Option<String>| {
+            let mut op = self.audit(&c, allowed, reason);
+            if let Op::Audit(e) = &mut op {
+                e.action = "push".into();
+                e.target = Some(format!("{}:{}", c.vm, push.name));
+            }
+            op
+        };
+        if let Err(reason) = decision {
+            let _ = app
+                .writer
+                .run(vec![audit(false, Some(reason.clone()))])
+                .await;
+            return refuse(format!("refused by the host's policy: {reason}"));
+        }
+        if app.writer.run(vec![audit(true, None)]).await.is_err() {
+            return refuse("the host could not write its audit log".into());
+        }
+        let new = NewExecution {
+            principal: c.principal.clone(),
+            vm: c.vm.clone(),
+            command: format!("push:{}", push.name),
+            args: Vec::new(),
+            requested_at_ms: crate::records::now_ms(),
+            fleet_invocation: Some(c.id),
+        };
+        let local = match app.writer.run(vec![Op::Create(new)]).await {
+            Ok(mut r) => match r.pop() {
+                Some(Ok(crate::records::Done::Created(id))) => id,
+                other => return refuse(format!("not recorded: {other:?}")),
+            },
+            Err(e) => return refuse(format!("not recorded: {e}")),
+        };
+        let end = |state: ExecState, detail: String| Op::Finish {
+            id: local,
+            end: Finish {
+                state,
+                exit_code: None,
+                signal: None,
+                finished_at_ms: crate::records::now_ms(),
+                duration_ms: None,
+                detail: Some(detail),
+            },
+        };
+        let Some(handle) = app.vms.get(&c.vm) else {
+            let _ = app
+                .writer
+                .run(vec![end(ExecState::Undeliverable, "no driver".into())])
+                .await;
+            return Started::Local(local.0);
+        };
+        let program = match Program::from_bytes(&push.program) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = app
+                    .writer
+                    .run(vec![end(ExecState::Rejected, format!("the program: {e}"))])
+                    .await;
+                return Started::Local(local.0);
+            }
+        };
+        // Ordering: Relaxed: a counter that only has to be unique.
+        let ticket = app
+            .tickets
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        let sent = handle.request(Request::Push {
+            name: push.name.clone(),
+            program,
+            run: push.run.then_some(local),
+            timeout_ms: c.timeout_ms,
+            ticket,
+            reply,
+        });
+        let limit = app.config.daemon.delivery_timeout + Duration::from_secs(5);
+        let answer = match sent {
+            Ok(()) => tokio::time::timeout(limit, rx).await.ok(),
+            Err(e) => Some(Ok(Err(e))),
+        };
+        let ended = match answer {
+            None => {
+                let _ = handle.request(Request::WithdrawPush { ticket });
+                Some(end(
+                    ExecState::Undeliverable,
+                    "the agent did not confirm the push in time; it was withdrawn".into(),
+                ))
+            }
+            Some(Err(_)) => Some(end(
+                ExecState::Undeliverable,
+                "the daemon is stopping".into(),
+            )),
+            Some(Ok(Err(e))) => Some(end(ExecState::Undeliverable, e.to_string())),
+            Some(Ok(Ok(outcome))) => match outcome {
+                ring_protocol::message::PushOutcome::Stored => Some(end(
+                    ExecState::Succeeded,
+                    format!("stored in the guest as {} ({})", push.name, push.sha256),
+                )),
+                // The driver reports the run as the execution it is.
+                ring_protocol::message::PushOutcome::Started(_) => None,
+                ring_protocol::message::PushOutcome::Failed(r) => {
+                    Some(end(ExecState::Rejected, crate::vm::rejection_text(&r)))
+                }
+            },
+        };
+        if let Some(op) = ended {
+            let _ = app.writer.run(vec![op]).await;
+        }
+        Started::Local(local.0)
     }
 
     async fn read<T: Send + 'static>(
@@ -123,6 +258,9 @@ impl Runner for HostRunner {
         if let Some(Ok(Some(local))) = self.read(move |r| r.find_by_fleet_invocation(id)).await {
             // Started by an earlier attempt: report it, do not run it again.
             return Started::Local(local.0);
+        }
+        if c.push.is_some() {
+            return self.push(c).await;
         }
         let refuse = |detail: String| Started::Refused {
             state: ExecState::Rejected,

@@ -19,8 +19,11 @@ const TOKEN: &str = "fleet-test-token";
 struct Fleet {
     dir: PathBuf,
     pg: pg_harness::Server,
-    control: Option<Child>,
-    addr: String,
+    /// Two control-plane servers on one database, and their addresses.
+    controls: Vec<Child>,
+    addrs: Vec<String>,
+    /// Which server the next client talks to: they alternate.
+    turn: std::cell::Cell<usize>,
     hosts: Vec<Stack>,
 }
 
@@ -41,28 +44,33 @@ impl Fleet {
         pg.psql("postgres", "CREATE DATABASE fleet")
             .expect("create database");
         let url = pg.url("fleet");
-        let addr = format!("127.0.0.1:{}", free_port());
         let hash = hex::encode(sha2::Sha256::digest(TOKEN.as_bytes()));
-        std::fs::write(
-            dir.join("control.toml"),
-            format!(
-                "[control]\nlisten = \"{addr}\"\ndatabase = \"{url}\"\ndelivery_timeout_s = 6\n\
-                 host_offline_after_ms = 1500\nhost_lost_after_ms = 3000\nsweep_interval_ms = 200\n\n\
-                 [[principal]]\nname = \"ops\"\ntoken_sha256 = \"{hash}\"\nvms = [\"*\"]\n\
-                 commands = [\"*\"]\naudit = true\nread_all = true\ncancel_all = true\n"
-            ),
-        )
-        .expect("control.toml");
+        let addrs: Vec<String> = (0..2)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        for (i, addr) in addrs.iter().enumerate() {
+            std::fs::write(
+                dir.join(format!("control{i}.toml")),
+                format!(
+                    "[control]\nlisten = \"{addr}\"\ndatabase = \"{url}\"\ndelivery_timeout_s = 6\n\
+                     host_offline_after_ms = 1500\nhost_lost_after_ms = 3000\nsweep_interval_ms = 200\n\n\
+                     [[principal]]\nname = \"ops\"\ntoken_sha256 = \"{hash}\"\nvms = [\"*\"]\n\
+                     commands = [\"*\"]\npush = true\naudit = true\nread_all = true\ncancel_all = true\n"
+                ),
+            )
+            .expect("control.toml");
+        }
         let mut fleet = Self {
             dir,
             pg,
-            control: None,
-            addr,
+            controls: Vec::new(),
+            addrs,
+            turn: std::cell::Cell::new(0),
             hosts: Vec::new(),
         };
-        // The server refuses to start on a database without the schema.
+        // A server refuses to start on a database without the schema.
         let out = fleet
-            .control_cmd(&["control", "--config"])
+            .control_cmd(0, &["control", "--config"])
             .output()
             .expect("control");
         assert!(!out.status.success());
@@ -72,7 +80,7 @@ impl Fleet {
             String::from_utf8_lossy(&out.stderr)
         );
         let out = fleet
-            .control_cmd(&["control", "migrate", "--config"])
+            .control_cmd(0, &["control", "migrate", "--config"])
             .output()
             .expect("migrate");
         assert!(
@@ -80,7 +88,14 @@ impl Fleet {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        fleet.start_control();
+        // Migrating again applies nothing.
+        let out = fleet
+            .control_cmd(1, &["control", "migrate", "--config"])
+            .output()
+            .expect("migrate");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("up to date"));
+        fleet.start_control(0);
+        fleet.start_control(1);
         for (i, labels) in [
             (1, "role = \"web\""),
             (2, "role = \"web\""),
@@ -92,6 +107,17 @@ impl Fleet {
                  lease_ms = 1500\nheartbeat_ms = 250\nlabels = {{ {labels} }}\n"
             );
             let mut stack = Stack::new(&format!("{name}-{host}"), &["vm1", "vm2"], &extra);
+            // Guests that take pushes.
+            let guest = stack.dir.join("guest-push");
+            std::fs::write(
+                stack.dir.join("agent.toml"),
+                format!(
+                    "[push]\nenabled = true\ndir = \"{}\"\n{}",
+                    guest.display(),
+                    common::stack::AGENT_CONFIG
+                ),
+            )
+            .expect("agent.toml");
             stack.start_daemon();
             stack.start_agent("vm1");
             stack.start_agent("vm2");
@@ -102,27 +128,27 @@ impl Fleet {
         fleet
     }
 
-    fn control_cmd(&self, args: &[&str]) -> Command {
+    fn control_cmd(&self, i: usize, args: &[&str]) -> Command {
         let mut c = Command::new(portless_binary());
-        c.args(args).arg(self.dir.join("control.toml"));
+        c.args(args).arg(self.dir.join(format!("control{i}.toml")));
         c
     }
 
-    fn start_control(&mut self) {
+    fn start_control(&mut self, i: usize) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join("control.log"))
+            .open(self.dir.join(format!("control{i}.log")))
             .expect("log");
         let child = self
-            .control_cmd(&["control", "--config"])
+            .control_cmd(i, &["control", "--config"])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("portless control");
-        self.control = Some(child);
+        self.controls.push(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&self.addr).is_err() {
+        while std::net::TcpStream::connect(&self.addrs[i]).is_err() {
             assert!(
                 Instant::now() < deadline,
                 "the control plane never listened"
@@ -131,8 +157,11 @@ impl Fleet {
         }
     }
 
+    /// A client of one of the two servers, the other one next time.
     fn client(&self) -> Client {
-        Client::at(Endpoint::Tcp(self.addr.clone()))
+        let i = self.turn.get();
+        self.turn.set(i + 1);
+        Client::at(Endpoint::Tcp(self.addrs[i % 2].clone()))
             .expect("client")
             .with_token(TOKEN)
     }
@@ -205,7 +234,7 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        if let Some(mut c) = self.control.take() {
+        for c in &mut self.controls {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -228,8 +257,19 @@ fn a_fleet_runs_fans_out_and_survives_its_failures() {
     let mut fleet = Fleet::start("fleet");
     fleet.wait_registered(6);
     let client = fleet.client();
-    let hosts = client.as_async();
-    let _ = hosts;
+    let hosts = fleet.client().as_async().clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let list = runtime.block_on(hosts.raw("GET", "/v1/hosts", &[], Vec::new()));
+    let list: portless_api::HostList =
+        serde_json::from_slice(&list.expect("hosts").body).expect("host list");
+    let names: Vec<&str> = list.hosts.iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(names, ["host1", "host2", "host3"]);
+    assert!(list.hosts.iter().all(|h| h.online && h.vms == 2));
+    let commands = fleet.client().commands("host2/vm1").expect("commands");
+    assert!(commands.commands.iter().any(|c| c.name == "sleep"));
 
     // Fan-out by label across two hosts, at most 2 at once: every invocation ends, every
     // byte arrives.
@@ -295,8 +335,9 @@ fn a_fleet_runs_fans_out_and_survives_its_failures() {
         max_errors: None,
         idempotency_key: Some("deploy-42".into()),
     };
-    let first = client.exec(&keyed).expect("exec");
-    let second = client.exec(&keyed).expect("exec again");
+    let first = fleet.client().exec(&keyed).expect("exec");
+    // The same key on the other server: the database decides, not the server.
+    let second = fleet.client().exec(&keyed).expect("exec again");
     assert_eq!(first.command, second.command);
     assert_eq!(first.executions[0].id, second.executions[0].id);
     let other = client.exec(&ExecRequest {
@@ -315,6 +356,98 @@ fn a_fleet_runs_fans_out_and_survives_its_failures() {
     client.cancel(sleeper).expect("cancel");
     let rec = fleet.wait_final(sleeper);
     assert_eq!(rec.state, ExecState::Cancelled, "{rec:?}");
+
+    // Push by reference: uploaded once, fetched once by each host, run on every VM.
+    let script = b"#!/bin/sh\necho pushed-by-reference\n".to_vec();
+    let up = client
+        .raw("POST", "/v1/programs", &[], script.clone())
+        .expect("upload");
+    assert_eq!(up.status, 201, "{}", String::from_utf8_lossy(&up.body));
+    let program: portless_api::ProgramInfo = serde_json::from_slice(&up.body).expect("info");
+    let push = portless_api::FleetPush {
+        target: "*".into(),
+        name: "fix.sh".into(),
+        sha256: program.sha256.clone(),
+        run: true,
+        timeout_ms: None,
+        // One at a time: the two agents of a stack share one push directory here, where
+        // guests of real VMs each have their own.
+        max_concurrency: Some(Limit::Count(1)),
+        max_errors: None,
+        idempotency_key: None,
+    };
+    let pushed = fleet
+        .client()
+        .raw(
+            "POST",
+            "/v1/push",
+            &[("content-type", "application/json")],
+            serde_json::to_vec(&push).expect("json"),
+        )
+        .expect("push");
+    assert_eq!(
+        pushed.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&pushed.body)
+    );
+    let pushed: portless_api::ExecResponse = serde_json::from_slice(&pushed.body).expect("answer");
+    assert_eq!(pushed.executions.len(), 6);
+    for d in &pushed.executions {
+        let rec = fleet.wait_final(d.id.expect("id"));
+        assert_eq!(rec.state, ExecState::Succeeded, "{rec:?}");
+        assert_eq!(fleet.output(rec.id), b"pushed-by-reference\n");
+    }
+    let fetches = fleet.sql(&format!(
+        "SELECT string_agg(host || '=' || n, ',' ORDER BY host) FROM \
+         (SELECT host, count(*) AS n FROM program_fetches WHERE sha256 = '{}' GROUP BY host) f",
+        program.sha256
+    ));
+    assert_eq!(
+        fetches, "host1=1,host2=1,host3=1",
+        "each host fetched the program once"
+    );
+    // A push without run is stored, and ends succeeded.
+    let stored = fleet
+        .client()
+        .raw(
+            "POST",
+            "/v1/push",
+            &[("content-type", "application/json")],
+            serde_json::to_vec(&portless_api::FleetPush {
+                target: "host1/vm1".into(),
+                run: false,
+                name: "kept.sh".into(),
+                ..push.clone()
+            })
+            .expect("json"),
+        )
+        .expect("push");
+    let stored: portless_api::ExecResponse = serde_json::from_slice(&stored.body).expect("answer");
+    let rec = fleet.wait_final(stored.executions[0].id.expect("id"));
+    assert_eq!(rec.state, ExecState::Succeeded, "{rec:?}");
+    assert!(fleet.hosts[0].dir.join("guest-push/kept.sh").exists());
+    // `portless push` through the control plane, as to a daemon.
+    let file = fleet.dir.join("cli.sh");
+    std::fs::write(&file, "#!/bin/sh\necho from-the-cli\n").expect("script");
+    let out = Command::new(portless_binary())
+        .args([
+            "--url",
+            &format!("http://{}", fleet.addrs[0]),
+            "push",
+            "--run",
+            "host2/vm2",
+        ])
+        .arg(&file)
+        .env("PORTLESS_TOKEN", TOKEN)
+        .output()
+        .expect("cli push");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A host killed (SIGKILL) while its invocation runs, then restarted: it runs once, and
     // ends with its true state.
@@ -378,7 +511,7 @@ fn a_fleet_runs_fans_out_and_survives_its_failures() {
     let out = Command::new(portless_binary())
         .args([
             "--url",
-            &format!("http://{}", fleet.addr),
+            &format!("http://{}", fleet.addrs[1]),
             "exec",
             "--wait",
             "host1/vm2",
@@ -395,7 +528,7 @@ fn a_fleet_runs_fans_out_and_survives_its_failures() {
     );
 
     // Every call is on record, and an unknown token is refused and recorded.
-    let bad = Client::at(Endpoint::Tcp(fleet.addr.clone()))
+    let bad = Client::at(Endpoint::Tcp(fleet.addrs[0].clone()))
         .expect("client")
         .with_token("wrong");
     assert_eq!(bad.vms().err().and_then(|e| e.status()), Some(401));

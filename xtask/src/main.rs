@@ -41,6 +41,11 @@ commands:
                          the web console in headless Chromium with two loopback agents:
                          click to output beside `portless exec --follow`, first-load bytes,
                          long tasks while 16 MiB streams; writes target/bench/console.json
+  fleet-sim [--hosts N] [--vms N] [--output-bytes N]
+                         the fleet at scale: a real PostgreSQL, the control plane, and N
+                         simulated hosts (the real host side, drivers that answer at once;
+                         default 1000 x 50), one fan-out to every VM; writes
+                         target/fleet-sim/summary.json; see BENCHMARKS.md
   image [--bench]        build the VM test image (kernel and initramfs) into target/vm;
                          --bench builds the benchmark's image, which adds the QEMU guest
                          agent (qemu-ga) and its virtio-serial port, into target/vm-bench
@@ -63,6 +68,16 @@ fn main() -> Result<()> {
         "test" => test::run(&sh, &test::Options::parse(&rest)?),
         "fuzz" => fuzz::run(&sh, parse_seconds(&rest, 30)?),
         "footprint" => footprint::run(&sh),
+        "fleet-sim" => {
+            xshell::cmd!(
+                sh,
+                "cargo build --locked --release -p benches --bin fleet-sim"
+            )
+            .run()?;
+            let bin = project_root().join("target/release/fleet-sim");
+            xshell::cmd!(sh, "{bin} {rest...}").run()?;
+            Ok(())
+        }
         "schemathesis" => schemathesis::run(&sh),
         "api-example" => api_example::run(&sh),
         "image" => match rest.as_slice() {

@@ -43,6 +43,8 @@ pub struct ControlPrincipal {
     pub vms: Vec<String>,
     /// The commands it may run: `*` or names.
     pub commands: Vec<String>,
+    /// Whether it may upload and push programs.
+    pub push: bool,
     /// Whether it may read the audit log.
     pub audit: bool,
     /// Whether it may read the executions of others.
@@ -87,6 +89,8 @@ struct PrincipalTable {
     vms: Vec<String>,
     #[serde(default)]
     commands: Vec<String>,
+    #[serde(default)]
+    push: bool,
     #[serde(default)]
     audit: bool,
     #[serde(default)]
@@ -178,6 +182,7 @@ impl ControlConfig {
                 token_sha256: hash,
                 vms: p.vms,
                 commands: p.commands,
+                push: p.push,
                 audit: p.audit,
                 read_all: p.read_all,
                 cancel_all: p.cancel_all,

@@ -163,32 +163,52 @@ async fn run_migrations(config: ControlConfig) -> Result<()> {
 
 /// Serves the control plane until SIGTERM or SIGINT.
 pub async fn serve(config: ControlConfig) -> Result<()> {
-    let store = Store::new(&config.database, config.pool_size)?;
-    store.check_schema().await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    let addr = listener.local_addr()?;
-    let control = Arc::new(Control { config, store });
-    let sweeper = tokio::spawn(sweep::run(control.clone()));
-    eprintln!("portless control: serving on {addr} (plain HTTP, bearer tokens)");
-    let app = router(control).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            let t = async {
-                match term.as_mut() {
-                    Some(t) => {
-                        t.recv().await;
-                    }
-                    None => std::future::pending().await,
+    let control = Arc::new(Control::open(config).await?);
+    eprintln!(
+        "portless control: serving on {} (plain HTTP, bearer tokens)",
+        listener.local_addr()?
+    );
+    serve_on(control, listener, async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let t = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
                 }
-            };
-            tokio::select! { _ = tokio::signal::ctrl_c() => {}, () = t => {} }
-        })
-        .await?;
-    sweeper.abort();
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! { _ = tokio::signal::ctrl_c() => {}, () = t => {} }
+    })
+    .await?;
     eprintln!("portless control: stopped");
     Ok(())
+}
+
+impl Control {
+    /// The control plane of `config`: its pool, once the database's schema is checked.
+    pub async fn open(config: ControlConfig) -> Result<Self> {
+        let store = Store::new(&config.database, config.pool_size)?;
+        store.check_schema().await?;
+        Ok(Self { config, store })
+    }
+}
+
+/// Serves `control` on `listener`, with its sweeper, until `shutdown` completes.
+pub async fn serve_on(
+    control: Arc<Control>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let sweeper = tokio::spawn(sweep::run(control.clone()));
+    let app = router(control).into_make_service_with_connect_info::<SocketAddr>();
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    sweeper.abort();
+    Ok(served?)
 }

@@ -9,16 +9,16 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use portless_api::events::FOLLOW_CHUNK;
 use portless_api::{
     AuditEntry, AuditLog, AuditRecord, CancelResponse, CommandList, Dispatched, ExecRequest,
-    ExecResponse, ExecState, ExecutionId, ExecutionList, ExecutionRecord, FleetCommand, FollowLine,
-    HostInfo, HostList, Invocation, Limit, Rights, Stream, StreamTotals, VmInfo, VmList, VmState,
-    Whoami, output_headers,
+    ExecResponse, ExecState, ExecutionId, ExecutionList, ExecutionRecord, FleetCommand, FleetPush,
+    FollowLine, HostInfo, HostList, Invocation, Limit, ProgramInfo, PushOutcome, PushResponse,
+    Rights, Stream, StreamTotals, VmInfo, VmList, VmState, Whoami, output_headers,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -34,6 +34,8 @@ const MAX_ARGS: usize = 64;
 const MAX_ARG_LEN: usize = 4096;
 /// Longest idempotency key.
 const MAX_KEY_LEN: usize = 200;
+/// Largest program a control plane stores (as a daemon takes).
+const MAX_PROGRAM: usize = 64 << 20;
 
 pub(super) fn router(control: Arc<Control>) -> axum::Router {
     axum::Router::new()
@@ -41,6 +43,15 @@ pub(super) fn router(control: Arc<Control>) -> axum::Router {
         .route("/v1/vms", get(vms))
         .route("/v1/vms/{vm}/commands", get(commands))
         .route("/v1/exec", post(exec))
+        .route(
+            "/v1/programs",
+            post(upload).layer(DefaultBodyLimit::max(MAX_PROGRAM + 1)),
+        )
+        .route("/v1/push", post(push))
+        .route(
+            "/v1/vms/{vm}/push",
+            post(push_one).layer(DefaultBodyLimit::max(MAX_PROGRAM + 1)),
+        )
         .route("/v1/commands/{id}", get(command))
         .route("/v1/executions", get(list_executions))
         .route("/v1/executions/{id}", get(execution))
@@ -345,7 +356,7 @@ async fn whoami(
         principal: p.name.clone(),
         caller: format!("token from {}", caller.peer),
         rights: Rights {
-            push: false,
+            push: p.push,
             audit: p.audit,
             read_all: p.read_all,
             cancel_all: p.cancel_all,
@@ -543,10 +554,9 @@ async fn exec(
         )))
         .await);
     }
-    let target = match Target::parse(&body.target) {
-        Ok(t) => t,
-        Err(e) => return Err(deny(ApiError::bad(format!("target: {e}"))).await),
-    };
+    if let Err(e) = Target::parse(&body.target) {
+        return Err(deny(ApiError::bad(format!("target: {e}"))).await);
+    }
     if !caller.principal.may_run(&body.command) {
         return Err(deny(ApiError::forbidden(format!(
             "principal {:?} may not run {:?}",
@@ -554,6 +564,35 @@ async fn exec(
         )))
         .await);
     }
+    submit(&c, &caller, "exec", &audit_target, &body, None)
+        .await
+        .map(Json)
+}
+
+/// A push's program, by reference: its SHA-256 (stored in `programs`), the file name in the
+/// guest, and whether to run it.
+struct ProgramRef<'a> {
+    sha256: &'a str,
+    name: &'a str,
+    run: bool,
+}
+
+/// Creates a command and its invocations (one per VM of the target the caller may use),
+/// and wakes their hosts; or, for an idempotency key used before by the same request, the
+/// first command's invocations.
+async fn submit(
+    c: &Control,
+    caller: &Caller<'_>,
+    action: &str,
+    audit_target: &str,
+    body: &ExecRequest,
+    program: Option<ProgramRef<'_>>,
+) -> ApiResult<ExecResponse> {
+    let deny = |e: ApiError| c.deny(caller, action, Some(audit_target), e);
+    let target = match Target::parse(&body.target) {
+        Ok(t) => t,
+        Err(e) => return Err(deny(ApiError::bad(format!("target: {e}"))).await),
+    };
     let all = c.fleet_vms().await?;
     let visible: Vec<FleetVm> = all
         .iter()
@@ -578,7 +617,14 @@ async fn exec(
     let max_errors = body
         .max_errors
         .map(|l| i32::try_from(l.of(total)).unwrap_or(i32::MAX));
-    let hash = fingerprint(&body);
+    let hash = match &program {
+        Some(p) => fingerprint(body) + &format!(":{}:{}:{}", p.sha256, p.name, p.run),
+        None => fingerprint(body),
+    };
+    let (sha, name, run) = match &program {
+        Some(p) => (Some(p.sha256), Some(p.name), p.run),
+        None => (None, None, false),
+    };
     let deliver_ms = ms(c.config.delivery_timeout);
     let args = serde_json::to_value(&body.args).unwrap_or_default();
     let timeout = body.timeout_ms.map(i64::from);
@@ -602,9 +648,10 @@ async fn exec(
     let created = tx
         .query_opt(
             "INSERT INTO commands (idempotency_key, request_sha256, principal, target, command, \
-               args, timeout_ms, max_concurrency, max_errors, deliver_by, invocations) \
+               args, timeout_ms, max_concurrency, max_errors, deliver_by, invocations, \
+               program, program_name, run) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
-               now() + $10::bigint * interval '1 millisecond', $11) \
+               now() + $10::bigint * interval '1 millisecond', $11, $12, $13, $14) \
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
             &[
                 &body.idempotency_key,
@@ -618,6 +665,9 @@ async fn exec(
                 &max_errors,
                 &deliver_ms,
                 &i32::try_from(total).unwrap_or(i32::MAX),
+                &sha,
+                &name,
+                &run,
             ],
         )
         .await?;
@@ -642,18 +692,18 @@ async fn exec(
                 ))
                 .await);
             }
-            c.allowed(&caller, "exec", Some(&audit_target)).await;
+            c.allowed(caller, action, Some(audit_target)).await;
             let invocations = c.invocations(id).await?;
-            return Ok(Json(exec_response(id, invocations)));
+            return Ok(exec_response(id, invocations));
         }
     };
     let rows = tx
         .query(
             "INSERT INTO invocations (command_id, host, vm, principal, command, args, \
-               timeout_ms, state, requested_at_ms, deliver_by) \
+               timeout_ms, state, requested_at_ms, deliver_by, program, program_name, run) \
              SELECT $1, h, v, $2, $3, $4, $5, s, \
                (extract(epoch FROM now()) * 1000)::bigint, \
-               now() + $6::bigint * interval '1 millisecond' \
+               now() + $6::bigint * interval '1 millisecond', $10, $11, $12 \
              FROM unnest($7::text[], $8::text[], $9::text[]) WITH ORDINALITY AS u(h, v, s, n) \
              ORDER BY n RETURNING id, host, vm, state",
             &[
@@ -666,6 +716,9 @@ async fn exec(
                 &hosts,
                 &names,
                 &states,
+                &sha,
+                &name,
+                &run,
             ],
         )
         .await?;
@@ -678,7 +731,7 @@ async fn exec(
     )
     .await?;
     tx.commit().await?;
-    c.allowed(&caller, "exec", Some(&audit_target)).await;
+    c.allowed(caller, action, Some(audit_target)).await;
     let invocations = rows
         .iter()
         .map(|r| {
@@ -690,7 +743,7 @@ async fn exec(
             }
         })
         .collect();
-    Ok(Json(exec_response(command_id, invocations)))
+    Ok(exec_response(command_id, invocations))
 }
 
 fn exec_response(command: i64, invocations: Vec<Invocation>) -> ExecResponse {
@@ -1252,4 +1305,203 @@ async fn audit(
         })
         .collect();
     Ok(Json(AuditLog { entries }))
+}
+
+/// A file name in the guest: not empty, no `/`, not hidden, at most 255 bytes.
+fn check_program_name(name: &str) -> ApiResult<()> {
+    if name.is_empty() || name.len() > 255 || name.contains('/') || name.starts_with('.') {
+        return Err(ApiError::bad(format!(
+            "bad program name {name:?}: a file name, not a path"
+        )));
+    }
+    Ok(())
+}
+
+/// Stores a program by its SHA-256 (once, however often it is uploaded).
+async fn store_program(c: &Control, data: &[u8]) -> ApiResult<ProgramInfo> {
+    let sha256 = hex::encode(Sha256::digest(data));
+    let size = i64::try_from(data.len()).unwrap_or(i64::MAX);
+    let client = c.store.client().await?;
+    client
+        .execute(
+            "INSERT INTO programs (sha256, size, data) VALUES ($1, $2, $3) \
+             ON CONFLICT (sha256) DO NOTHING",
+            &[&sha256, &size, &data],
+        )
+        .await?;
+    Ok(ProgramInfo {
+        sha256,
+        size: data.len() as u64,
+    })
+}
+
+impl Control {
+    async fn may_push(&self, caller: &Caller<'_>, action: &str, target: &str) -> ApiResult<()> {
+        if caller.principal.push {
+            return Ok(());
+        }
+        Err(self
+            .deny(
+                caller,
+                action,
+                Some(target),
+                ApiError::forbidden(format!(
+                    "principal {:?} may not push programs",
+                    caller.principal.name
+                )),
+            )
+            .await)
+    }
+}
+
+async fn upload(
+    State(c): State<Arc<Control>>,
+    ConnectInfo(peer): Peer,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let caller = c.identify(peer, &headers, "upload_program").await?;
+    c.may_push(&caller, "upload_program", "-").await?;
+    let info = store_program(&c, &body).await?;
+    c.allowed(&caller, "upload_program", Some(&info.sha256))
+        .await;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+async fn push(
+    State(c): State<Arc<Control>>,
+    ConnectInfo(peer): Peer,
+    headers: HeaderMap,
+    Json(body): Json<FleetPush>,
+) -> ApiResult<Json<ExecResponse>> {
+    let caller = c.identify(peer, &headers, "push").await?;
+    let audit_target = format!("{}:{}", body.target, body.name);
+    c.may_push(&caller, "push", &audit_target).await?;
+    if let Err(e) = check_program_name(&body.name) {
+        return Err(c.deny(&caller, "push", Some(&audit_target), e).await);
+    }
+    let client = c.store.client().await?;
+    let known = client
+        .query_opt("SELECT 1 FROM programs WHERE sha256 = $1", &[&body.sha256])
+        .await?;
+    drop(client);
+    if known.is_none() {
+        let e = ApiError::not_found(format!(
+            "no program {:?}: upload it first (POST /v1/programs)",
+            body.sha256
+        ));
+        return Err(c.deny(&caller, "push", Some(&audit_target), e).await);
+    }
+    let request = ExecRequest {
+        target: body.target.clone(),
+        command: format!("push:{}", body.name),
+        args: Vec::new(),
+        timeout_ms: body.timeout_ms,
+        max_concurrency: body.max_concurrency,
+        max_errors: body.max_errors,
+        idempotency_key: body.idempotency_key.clone(),
+    };
+    let program = ProgramRef {
+        sha256: &body.sha256,
+        name: &body.name,
+        run: body.run,
+    };
+    submit(&c, &caller, "push", &audit_target, &request, Some(program))
+        .await
+        .map(Json)
+}
+
+#[derive(Deserialize)]
+pub(super) struct PushQuery {
+    name: String,
+    #[serde(default)]
+    run: bool,
+    timeout_ms: Option<u32>,
+}
+
+/// The host API's push to one VM (what `portless push` sends): the program is stored by
+/// reference and pushed as a one-VM push; the answer comes once the guest stored it (or
+/// started it, with `run`), as a daemon's does.
+async fn push_one(
+    State(c): State<Arc<Control>>,
+    ConnectInfo(peer): Peer,
+    headers: HeaderMap,
+    Path(vm): Path<String>,
+    Query(q): Query<PushQuery>,
+    body: Bytes,
+) -> ApiResult<Json<PushResponse>> {
+    let caller = c.identify(peer, &headers, "push").await?;
+    let audit_target = format!("{vm}:{}", q.name);
+    c.may_push(&caller, "push", &audit_target).await?;
+    if let Err(e) = check_program_name(&q.name).and(split_vm(&vm).map(drop)) {
+        return Err(c.deny(&caller, "push", Some(&audit_target), e).await);
+    }
+    let info = store_program(&c, &body).await?;
+    let request = ExecRequest {
+        target: vm.clone(),
+        command: format!("push:{}", q.name),
+        args: Vec::new(),
+        timeout_ms: q.timeout_ms,
+        max_concurrency: None,
+        max_errors: None,
+        idempotency_key: None,
+    };
+    let program = ProgramRef {
+        sha256: &info.sha256,
+        name: &q.name,
+        run: q.run,
+    };
+    let answer = submit(&c, &caller, "push", &audit_target, &request, Some(program)).await?;
+    let id = answer
+        .executions
+        .first()
+        .and_then(|d| d.id)
+        .ok_or_else(|| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "no invocation".into()))?;
+    // Until the guest has it: stored (final), or started (running or final).
+    let deadline = tokio::time::Instant::now() + c.config.delivery_timeout;
+    let rec = loop {
+        let rec = c
+            .record(id.0)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("no execution {id}")))?;
+        let started = q.run && rec.state == ExecState::Running;
+        if rec.state.is_final() || started {
+            break rec;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ApiError(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "execution {id}: its host has not delivered the push yet ({})",
+                    rec.state
+                ),
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    let failed = matches!(
+        rec.state,
+        ExecState::Rejected
+            | ExecState::Undeliverable
+            | ExecState::AgentLost
+            | ExecState::DeliveryTimedOut
+            | ExecState::HostLost
+            | ExecState::Cancelled
+    ) || (!q.run && rec.state != ExecState::Succeeded);
+    let outcome = if failed {
+        PushOutcome::Failed
+    } else if q.run {
+        PushOutcome::Started
+    } else {
+        PushOutcome::Stored
+    };
+    Ok(Json(PushResponse {
+        vm,
+        name: q.name,
+        size: info.size,
+        sha256: info.sha256,
+        outcome,
+        execution: (q.run && !failed).then_some(id),
+        error: failed.then(|| rec.detail.unwrap_or_else(|| rec.state.to_string())),
+    }))
 }
