@@ -186,8 +186,9 @@ pub struct MemberStats {
     pub claims: std::sync::atomic::AtomicU64,
     /// Total time of claim transactions, in microseconds.
     pub claim_us: std::sync::atomic::AtomicU64,
-    /// The time of each claim that took something, in microseconds (the first 100,000).
-    pub claim_times_us: std::sync::Mutex<Vec<u32>>,
+    /// Each claim that took something (the first 100,000), in microseconds: its whole time
+    /// (waiting for a connection included) and its transaction's.
+    pub claim_times_us: std::sync::Mutex<Vec<(u32, u32)>>,
 }
 
 /// A host's membership in the fleet, running until `stop` turns true.
@@ -519,6 +520,7 @@ impl<R: Runner> Member<R> {
         }
         let lease_ms = i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX);
         let mut client = self.store.client().await?;
+        let waited = t0.elapsed();
         let tx = client.transaction().await?;
         // The commands with limits are locked first, in id order, so that claims and
         // reports of one command take their locks in the same order.
@@ -665,7 +667,11 @@ impl<R: Runner> Member<R> {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if times.len() < 100_000 {
-                times.push(u32::try_from(took).unwrap_or(u32::MAX));
+                let waited = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+                times.push((
+                    u32::try_from(took).unwrap_or(u32::MAX),
+                    u32::try_from(took.saturating_sub(waited)).unwrap_or(u32::MAX),
+                ));
             }
         }
         Ok(claimed)

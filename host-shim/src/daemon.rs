@@ -316,7 +316,7 @@ pub async fn serve(config: HostConfig) -> Result<()> {
             let tls = d
                 .tls
                 .as_ref()
-                .map(crate::http::tls::server_config)
+                .map(|f| portless_tls::server_config(&f.cert, &f.key))
                 .transpose()?;
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
@@ -327,7 +327,7 @@ pub async fn serve(config: HostConfig) -> Result<()> {
                 Some(config) => {
                     eprintln!("portless: also serving on {addr} (TLS, bearer tokens)");
                     tokio::spawn(async move {
-                        crate::http::tls::serve(listener, config, router, rx).await;
+                        portless_tls::serve(listener, config, router, rx, Peer::Tcp).await;
                         Ok(())
                     })
                 }

@@ -8,7 +8,7 @@
 //!   commits them in groups; retention. Knows nothing of VMs or HTTP.
 //! - [`http`]: the HTTP layer: routes and handlers, who is calling ([`http::identify`]),
 //!   what the policy allows ([`http::policy`]), the audit entry of every call, what callers
-//!   may make the daemon spend ([`http::callers`]), TLS on the TCP listener ([`http::tls`]).
+//!   may make the daemon spend ([`http::callers`]), TLS on the TCP listener (`portless-tls`).
 //!   Its JSON is `portless-api`'s types, defined once for every server and client.
 //! - [`config`]: `host.toml`, the daemon's configuration, and the budgets' defaults.
 //! - [`sys`]: the daemon's private files, and free disk space.

@@ -536,3 +536,72 @@ fn a_fleet_runs_fans_out_and_survives_its_failures() {
     assert!(denied.parse::<u32>().unwrap_or(0) >= 1);
     let _ = &mut fleet;
 }
+
+#[test]
+fn a_control_plane_serves_tls_and_refuses_a_database_without_its_schema() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("fleet-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let pg = pg_harness::Server::start(&dir.join("pg")).expect("postgresql");
+    pg.psql("postgres", "CREATE DATABASE fleet")
+        .expect("create database");
+    let ca = common::tls::certificates(&dir);
+    let port = free_port();
+    let hash = hex::encode(sha2::Sha256::digest(TOKEN.as_bytes()));
+    let config = dir.join("control.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[control]\nlisten = \"127.0.0.1:{port}\"\ndatabase = \"{}\"\n\
+             tls_cert = \"{}\"\ntls_key = \"{}\"\n\n\
+             [[principal]]\nname = \"ops\"\ntoken_sha256 = \"{hash}\"\nvms = [\"*\"]\n",
+            pg.url("fleet"),
+            dir.join("cert.pem").display(),
+            dir.join("key.pem").display()
+        ),
+    )
+    .expect("control.toml");
+    let run = |args: &[&str]| {
+        Command::new(portless_binary())
+            .args(args)
+            .arg(&config)
+            .output()
+            .expect("portless control")
+    };
+    let refused = run(&["control", "--config"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no Portless schema"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(run(&["control", "migrate", "--config"]).status.success());
+    let mut server = Command::new(portless_binary())
+        .args(["control", "--config"])
+        .arg(&config)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("portless control");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let answer = loop {
+        match common::tls::tls_get(addr, &ca, "/v1/whoami", TOKEN) {
+            Ok(a) => break a,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no TLS answer: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    assert_eq!(answer.0, 200, "{}", answer.1);
+    assert!(answer.1.contains("\"principal\":\"ops\""), "{}", answer.1);
+    // Plain HTTP gets no answer from a TLS listener.
+    let plain = Client::at(Endpoint::Tcp(addr.to_string()))
+        .expect("client")
+        .with_token(TOKEN)
+        .whoami();
+    assert!(plain.is_err());
+    let _ = server.kill();
+    let _ = server.wait();
+}

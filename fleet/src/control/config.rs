@@ -2,7 +2,7 @@
 //! principals.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -12,6 +12,9 @@ use serde::Deserialize;
 pub struct ControlConfig {
     /// The API's TCP address.
     pub listen: SocketAddr,
+    /// The listener's TLS certificate chain and key (PEM files); `None`: plain HTTP, which
+    /// only a loopback address or `insecure_plaintext` allows.
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// Plain HTTP on an address that is not loopback: only when this says so.
     pub insecure_plaintext: bool,
     /// The database (a libpq connection string or a `postgresql://` URL).
@@ -65,6 +68,8 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct ControlTable {
     listen: SocketAddr,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     #[serde(default)]
     insecure_plaintext: bool,
     database: String,
@@ -126,11 +131,20 @@ impl ControlConfig {
     pub fn parse(text: &str) -> Result<Self, String> {
         let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
         let c = file.control;
-        if !c.listen.ip().is_loopback() && !c.insecure_plaintext {
+        let tls = match (c.tls_cert, c.tls_key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                return Err(
+                    "[control] tls_cert and tls_key go together: set both or neither".into(),
+                );
+            }
+        };
+        if tls.is_none() && !c.listen.ip().is_loopback() && !c.insecure_plaintext {
             return Err(format!(
-                "[control] listen = \"{}\" is not a loopback address: the control plane \
-                 speaks plain HTTP, so put a TLS-terminating proxy in front of it and listen \
-                 on loopback, or set insecure_plaintext = true",
+                "[control] listen = \"{}\" is not a loopback address: set tls_cert and \
+                 tls_key, or set insecure_plaintext = true (bearer tokens would cross the \
+                 network in clear text)",
                 c.listen
             ));
         }
@@ -190,6 +204,7 @@ impl ControlConfig {
         }
         Ok(Self {
             listen: c.listen,
+            tls,
             insecure_plaintext: c.insecure_plaintext,
             database: c.database,
             pool_size: c.pool_size,
@@ -235,5 +250,11 @@ mod tests {
         assert!(err("nmae = 1\n").contains("unknown field"));
         let open = ControlConfig::parse("[control]\nlisten = \"0.0.0.0:1\"\ndatabase = \"x\"\n");
         assert!(open.unwrap_err().contains("insecure_plaintext"));
+        let half = "[control]\nlisten = \"0.0.0.0:1\"\ndatabase = \"x\"\ntls_cert = \"/c.pem\"\n";
+        assert!(
+            ControlConfig::parse(half)
+                .unwrap_err()
+                .contains("go together")
+        );
     }
 }

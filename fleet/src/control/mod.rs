@@ -163,15 +163,19 @@ async fn run_migrations(config: ControlConfig) -> Result<()> {
 
 /// Serves the control plane until SIGTERM or SIGINT.
 pub async fn serve(config: ControlConfig) -> Result<()> {
+    // The certificate is read before the port is taken: a bad file stops the start.
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|(cert, key)| portless_tls::server_config(cert, key))
+        .transpose()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
     let control = Arc::new(Control::open(config).await?);
-    eprintln!(
-        "portless control: serving on {} (plain HTTP, bearer tokens)",
-        listener.local_addr()?
-    );
-    serve_on(control, listener, async {
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let signals = tokio::spawn(async move {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         let t = async {
@@ -183,8 +187,31 @@ pub async fn serve(config: ControlConfig) -> Result<()> {
             }
         };
         tokio::select! { _ = tokio::signal::ctrl_c() => {}, () = t => {} }
-    })
-    .await?;
+        let _ = stop_tx.send(true);
+    });
+    match tls {
+        Some(tls) => {
+            eprintln!("portless control: serving on {addr} (TLS, bearer tokens)");
+            let sweeper = tokio::spawn(sweep::run(control.clone()));
+            portless_tls::serve(listener, tls, router(control), stop, std::convert::identity).await;
+            sweeper.abort();
+        }
+        None => {
+            if !addr.ip().is_loopback() {
+                eprintln!(
+                    "portless control: WARNING: serving {addr} in plain HTTP \
+                     (insecure_plaintext): bearer tokens cross the network in clear text"
+                );
+            }
+            eprintln!("portless control: serving on {addr} (plain HTTP, bearer tokens)");
+            let mut stop = stop;
+            serve_on(control, listener, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await?;
+        }
+    }
+    signals.abort();
     eprintln!("portless control: stopped");
     Ok(())
 }

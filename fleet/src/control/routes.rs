@@ -700,10 +700,11 @@ async fn submit(
     let rows = tx
         .query(
             "INSERT INTO invocations (command_id, host, vm, principal, command, args, \
-               timeout_ms, state, requested_at_ms, deliver_by, program, program_name, run) \
+               timeout_ms, state, requested_at_ms, deliver_by, program, program_name, run, \
+               limited) \
              SELECT $1, h, v, $2, $3, $4, $5, s, \
                (extract(epoch FROM now()) * 1000)::bigint, \
-               now() + $6::bigint * interval '1 millisecond', $10, $11, $12 \
+               now() + $6::bigint * interval '1 millisecond', $10, $11, $12, $13 \
              FROM unnest($7::text[], $8::text[], $9::text[]) WITH ORDINALITY AS u(h, v, s, n) \
              ORDER BY n RETURNING id, host, vm, state",
             &[
@@ -719,6 +720,7 @@ async fn submit(
                 &sha,
                 &name,
                 &run,
+                &(max_concurrency.is_some() || max_errors.is_some()),
             ],
         )
         .await?;
@@ -800,7 +802,7 @@ async fn command(
                 .query_opt(
                     "SELECT id, principal, target, command, args, \
                        (extract(epoch FROM created_at) * 1000)::bigint, max_concurrency, \
-                       max_errors, active, errors FROM commands WHERE id = $1",
+                       max_errors FROM commands WHERE id = $1",
                     &[&id],
                 )
                 .await?
@@ -839,8 +841,13 @@ async fn command(
         created_at_ms: u64::try_from(row.get::<_, i64>(5)).unwrap_or(0),
         max_concurrency: limit(6),
         max_errors: limit(7),
-        active: u64::try_from(row.get::<_, i32>(8)).unwrap_or(0),
-        errors: u64::try_from(row.get::<_, i32>(9)).unwrap_or(0),
+        // Counted from the invocations: the command's own counters are kept only for its
+        // limits.
+        active: invocations
+            .iter()
+            .filter(|i| matches!(i.state, ExecState::InProgress | ExecState::Running))
+            .count() as u64,
+        errors: invocations.iter().filter(|i| i.state.is_error()).count() as u64,
         invocations,
         states,
     }))

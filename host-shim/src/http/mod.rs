@@ -7,7 +7,6 @@
 //! - [`identify`]: who is calling, what the policy says, and the audit entry of the call;
 //! - [`policy`]: principals and their rights;
 //! - [`callers`]: what callers may make the daemon spend (follows, pushes, denied calls);
-//! - [`tls`]: TLS on the TCP listener;
 //! - `vms.rs`, `executions.rs`, `push.rs`, `audit.rs`, `events.rs`: the handlers, by route;
 //! - `console.rs`: the web console mounted beside the API, its sessions as callers, and
 //!   `GET /v1/whoami` and `POST /v1/console/codes`.
@@ -20,7 +19,6 @@ mod executions;
 pub mod identify;
 pub mod policy;
 mod push;
-pub mod tls;
 mod vms;
 
 pub(crate) use executions::dispatch;

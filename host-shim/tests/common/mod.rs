@@ -6,6 +6,7 @@
 pub mod hostile;
 pub mod proxy;
 pub mod stack;
+pub mod tls;
 pub mod webdriver;
 
 use std::os::unix::net::UnixStream;

@@ -1,7 +1,8 @@
-//! TLS on the TCP listener: the certificate chain and key that `host.toml` names
-//! (`[daemon] tls_cert`, `tls_key`), served with rustls's safe defaults (TLS 1.2 and 1.3,
-//! forward-secret suites only), and the accept loop that hands each connection to the API
-//! once its handshake is done.
+//! TLS for Portless's HTTP servers (a daemon's TCP listener, `[daemon] tls_cert` and
+//! `tls_key`; a control plane's, `[control] tls_cert` and `tls_key`): the certificate chain
+//! and key of PEM files, served with rustls's safe defaults (TLS 1.2 and 1.3, forward-secret
+//! suites only), and the accept loop that hands each connection to a router once its
+//! handshake is done.
 //!
 //! A handshake gets [`HANDSHAKE_TIMEOUT`] and runs in a task of its own, so a client that
 //! never finishes one holds up nobody else. A plaintext client is refused by the handshake
@@ -20,19 +21,17 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::TlsFiles;
-use crate::http::Peer;
-
 /// Longest a client has to complete its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The server's TLS configuration from the PEM files in `files`; errors name the file.
-pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>> {
-    let certs = read_certs(&files.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&files.key).with_context(|| {
+/// The server's TLS configuration from the PEM files `cert` (the chain, the server's
+/// first) and `key`; errors name the file.
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>> {
+    let certs = read_certs(cert)?;
+    let key_der = PrivateKeyDer::from_pem_file(key).with_context(|| {
         format!(
             "tls_key {}: no private key (PKCS#8, PKCS#1 or SEC1 PEM) could be read",
-            files.key.display()
+            key.display()
         )
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -40,12 +39,12 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>> {
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
+        .with_single_cert(certs, key_der)
         .with_context(|| {
             format!(
                 "tls_cert {} and tls_key {} do not make a usable pair",
-                files.cert.display(),
-                files.key.display()
+                cert.display(),
+                key.display()
             )
         })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -64,12 +63,14 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 }
 
 /// Serves `router` over TLS on `listener` until `stop` turns true; then stops accepting,
-/// lets the requests in progress finish, and returns.
-pub async fn serve(
+/// lets the requests in progress finish, and returns. Each request carries
+/// `ConnectInfo(peer(address))`, the router's notion of the peer.
+pub async fn serve<P: Clone + Send + Sync + 'static>(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
     router: axum::Router,
     mut stop: watch::Receiver<bool>,
+    peer: fn(SocketAddr) -> P,
 ) {
     let acceptor = TlsAcceptor::from(config);
     let mut connections = tokio::task::JoinSet::new();
@@ -89,7 +90,7 @@ pub async fn serve(
         while connections.try_join_next().is_some() {}
         connections.spawn(connection(
             tcp,
-            addr,
+            peer(addr),
             acceptor.clone(),
             router.clone(),
             stop.clone(),
@@ -104,21 +105,22 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 /// One connection: the handshake, then HTTP/1.1 until the client or the daemon is done.
-async fn connection(
+async fn connection<P: Clone + Send + Sync + 'static>(
     tcp: tokio::net::TcpStream,
-    addr: SocketAddr,
+    peer: P,
     acceptor: TlsAcceptor,
     router: axum::Router,
     mut stop: watch::Receiver<bool>,
 ) {
-    // Small writes (answers, events) leave at once; see `NoDelay`.
+    // Small writes (answers, events) leave at once, not after the peer's delayed
+    // acknowledgement.
     let _ = tcp.set_nodelay(true);
     let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await else {
         // No handshake (plaintext, another protocol, too slow): nothing to answer.
         return;
     };
     let service = hyper_util::service::TowerToHyperService::new(
-        router.layer(axum::Extension(ConnectInfo(Peer::Tcp(addr)))),
+        router.layer(axum::Extension(ConnectInfo(peer))),
     );
     let conn = hyper::server::conn::http1::Builder::new()
         .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
@@ -141,18 +143,17 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("portless-tls-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
-        let files = TlsFiles {
-            cert: dir.join("missing.pem"),
-            key: dir.join("key.pem"),
-        };
-        let err = format!("{:#}", server_config(&files).expect_err("missing cert"));
+        let err = format!(
+            "{:#}",
+            server_config(&dir.join("missing.pem"), &dir.join("key.pem"))
+                .expect_err("missing cert")
+        );
         assert!(err.contains("missing.pem"), "{err}");
         std::fs::write(dir.join("cert.pem"), "not a certificate\n").expect("write");
-        let files = TlsFiles {
-            cert: dir.join("cert.pem"),
-            key: dir.join("key.pem"),
-        };
-        let err = format!("{:#}", server_config(&files).expect_err("no cert"));
+        let err = format!(
+            "{:#}",
+            server_config(&dir.join("cert.pem"), &dir.join("key.pem")).expect_err("no cert")
+        );
         assert!(err.contains("no certificate in it"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
