@@ -36,6 +36,15 @@ impl std::str::FromStr for ExecutionId {
     }
 }
 
+/// Whether `name` can be an allow-list command's name: 1 to 64 of `A-Z a-z 0-9 . _ -` (the
+/// agent's rule). Servers check it before anything is sent to a guest.
+pub fn is_command_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// Where an execution is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -42,12 +42,12 @@ pub use client::{
 };
 pub use daemon::DaemonState;
 pub use events::{FollowEvent, FollowLine, MAX_FOLLOW_LINE, parse_follow_line};
-pub use executions::MAX_IDEMPOTENCY_KEY;
 pub use executions::{
     BadLimit, CancelResponse, Dispatched, ExecRequest, ExecResponse, ExecState, ExecutionId,
     ExecutionList, ExecutionQuery, ExecutionRecord, Limit, OutputChunk, Stream, StreamTotals,
     WAIT_POLL_MS,
 };
+pub use executions::{MAX_IDEMPOTENCY_KEY, is_command_name};
 pub use fleet::{FleetCommand, FleetPush, HostInfo, HostList, Invocation, ProgramInfo};
 pub use session::{ConsoleCode, Rights, Whoami};
 pub use stream::{Cursor, EventsRequest, OutputEvent, Position, StreamEvent};
@@ -75,4 +75,13 @@ pub mod output_headers {
     pub const STORED_LEN: &str = "x-portless-stored-len";
     /// `true` when bytes were dropped for the cap.
     pub const TRUNCATED: &str = "x-portless-truncated";
+
+    /// The three headers of a stream with these totals: `(name, value)`.
+    pub fn of(totals: &crate::StreamTotals) -> [(&'static str, String); 3] {
+        [
+            (TOTAL_LEN, totals.total_len.to_string()),
+            (STORED_LEN, totals.stored_len.to_string()),
+            (TRUNCATED, totals.truncated.to_string()),
+        ]
+    }
 }

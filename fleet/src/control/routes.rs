@@ -18,7 +18,7 @@ use portless_api::{
     AuditEntry, AuditLog, AuditRecord, CancelResponse, CommandList, Dispatched, ExecRequest,
     ExecResponse, ExecState, ExecutionId, ExecutionList, ExecutionRecord, FleetCommand, FleetPush,
     FollowLine, HostInfo, HostList, Invocation, Limit, ProgramInfo, PushOutcome, PushResponse,
-    Rights, Stream, StreamTotals, VmInfo, VmList, VmState, Whoami, output_headers,
+    Rights, Stream, StreamTotals, VmInfo, VmList, VmState, Whoami, is_command_name, output_headers,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -500,13 +500,6 @@ async fn commands(
             .saturating_add(list.age_ms),
         ..list
     }))
-}
-
-fn is_command_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// The request's fingerprint, to tell a repeated request from another under the same key.
@@ -1077,25 +1070,15 @@ async fn output(
         totals.stored_len,
     )
     .await?;
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-            (
-                header::HeaderName::from_static(output_headers::TOTAL_LEN),
-                totals.total_len.to_string(),
-            ),
-            (
-                header::HeaderName::from_static(output_headers::STORED_LEN),
-                totals.stored_len.to_string(),
-            ),
-            (
-                header::HeaderName::from_static(output_headers::TRUNCATED),
-                totals.truncated.to_string(),
-            ),
-        ],
-        data,
-    )
-        .into_response())
+    let mut response = ([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response();
+    for (name, value) in output_headers::of(&totals) {
+        if let Ok(value) = header::HeaderValue::from_str(&value) {
+            response
+                .headers_mut()
+                .insert(header::HeaderName::from_static(name), value);
+        }
+    }
+    Ok(response)
 }
 
 async fn follow(

@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use portless_api::{
     CancelResponse, Dispatched, ExecRequest, ExecResponse, ExecutionList, FollowLine,
-    events::FOLLOW_CHUNK, output_headers,
+    events::FOLLOW_CHUNK, is_command_name, output_headers,
 };
 use serde::Deserialize;
 use tokio::sync::{Semaphore, broadcast, oneshot};
@@ -25,15 +25,6 @@ use super::{
 use crate::config::{Target, VmConfig};
 use crate::records::{Done, ExecState, ExecutionId, ExecutionRecord, NewExecution, Op, Stream};
 use crate::vm::{Request, VmEvent};
-
-/// Whether `name` can be an allow-list command's name: 1 to 64 of `A-Z a-z 0-9 . _ -`
-/// (the agent's rule), so that nothing else is sent to a guest.
-pub(super) fn is_command_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
 
 pub(super) async fn exec(
     State(app): State<Arc<App>>,
@@ -410,25 +401,25 @@ pub(super) async fn output(
         r.read_output(ExecutionId(id), stream, offset, limit)
     })
     .await?;
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-            (
-                header::HeaderName::from_static(output_headers::TOTAL_LEN),
-                slice.total_len.to_string(),
-            ),
-            (
-                header::HeaderName::from_static(output_headers::STORED_LEN),
-                slice.stored_len.to_string(),
-            ),
-            (
-                header::HeaderName::from_static(output_headers::TRUNCATED),
-                slice.truncated.to_string(),
-            ),
-        ],
-        slice.data,
-    )
-        .into_response())
+    let totals = portless_api::StreamTotals {
+        stored_len: slice.stored_len,
+        total_len: slice.total_len,
+        truncated: slice.truncated,
+    };
+    Ok(output_response(&totals, slice.data))
+}
+
+/// `GET .../output`'s answer: the bytes, with the stream's totals in headers.
+pub(crate) fn output_response(totals: &portless_api::StreamTotals, data: Vec<u8>) -> Response {
+    let mut response = ([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response();
+    for (name, value) in output_headers::of(totals) {
+        if let Ok(value) = header::HeaderValue::from_str(&value) {
+            response
+                .headers_mut()
+                .insert(header::HeaderName::from_static(name), value);
+        }
+    }
+    response
 }
 
 pub(super) async fn follow(
