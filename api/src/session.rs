@@ -29,6 +29,10 @@ pub struct Whoami {
     /// Its rights.
     #[serde(default)]
     pub rights: Rights,
+    /// The server is a fleet's control plane: VMs are named `host/vm`, and a VM's ping
+    /// and metrics are its host daemon's.
+    #[serde(default)]
+    pub fleet: bool,
 }
 
 /// `POST /v1/console/codes`: a one-time login code for the web console, for the calling

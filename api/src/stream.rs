@@ -238,6 +238,63 @@ pub struct EventsRequest {
 }
 
 impl EventsRequest {
+    /// The request of a query string (`vms=true&execution=3&cursor=...`), or what is
+    /// wrong with it.
+    pub fn from_query(query: &str) -> Result<Self, String> {
+        let pairs: Vec<(String, String)> =
+            serde_urlencoded::from_str(query).map_err(|e| format!("query: {e}"))?;
+        let mut ask = Self::default();
+        for (key, value) in pairs {
+            match key.as_str() {
+                "vms" => {
+                    ask.vms = match value.as_str() {
+                        "true" => true,
+                        "false" => false,
+                        _ => return Err(format!("vms is true or false, not {value:?}")),
+                    };
+                }
+                "execution" => {
+                    let id = value
+                        .parse::<u64>()
+                        .map_err(|_| format!("execution {value:?} is not an id"))?;
+                    if !ask.executions.contains(&ExecutionId(id)) {
+                        ask.executions.push(ExecutionId(id));
+                    }
+                }
+                "cursor" => {
+                    ask.cursor = Some(Cursor::parse(&value).map_err(|e| format!("cursor: {e}"))?);
+                }
+                other => {
+                    return Err(format!(
+                        "unknown parameter {other:?} (vms, execution, cursor)"
+                    ));
+                }
+            }
+        }
+        if ask.executions.len() > MAX_STREAM_EXECUTIONS {
+            return Err(format!(
+                "at most {MAX_STREAM_EXECUTIONS} executions per stream, not {}",
+                ask.executions.len()
+            ));
+        }
+        Ok(ask)
+    }
+
+    /// Where the stream starts: the `Last-Event-ID` header's cursor when there is one
+    /// (a reconnecting `EventSource`), else the query's, else the beginning.
+    pub fn start(&self, last_event_id: Option<&str>) -> Result<Cursor, String> {
+        let cursor = match last_event_id {
+            Some(id) => Cursor::parse(id).map_err(|e| format!("cursor: {e}"))?,
+            None => self.cursor.clone().unwrap_or_default(),
+        };
+        Ok(Cursor(
+            self.executions
+                .iter()
+                .map(|id| (*id, cursor.position(*id)))
+                .collect(),
+        ))
+    }
+
     /// The route with its query string.
     pub fn path(&self) -> String {
         let mut q = Vec::new();
@@ -350,6 +407,38 @@ impl SseDecoder {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn events_queries_parse_or_say_what_is_wrong() {
+        use super::*;
+        let a =
+            EventsRequest::from_query("vms=true&execution=3&execution=4&execution=3").expect("ok");
+        assert!(a.vms);
+        assert_eq!(a.executions, vec![ExecutionId(3), ExecutionId(4)]);
+        let a = EventsRequest::from_query("execution=3&cursor=3%3A10%3A0").expect("ok");
+        assert_eq!(
+            a.start(None)
+                .expect("start")
+                .position(ExecutionId(3))
+                .offset(Stream::Stdout),
+            10
+        );
+        assert!(EventsRequest::from_query("").is_ok());
+        for bad in [
+            "vms=yes",
+            "execution=x",
+            "execution=-1",
+            "what=1",
+            "cursor=!",
+        ] {
+            assert!(EventsRequest::from_query(bad).is_err(), "{bad}");
+        }
+        let many = (0..=MAX_STREAM_EXECUTIONS)
+            .map(|i| format!("execution={i}"))
+            .collect::<Vec<_>>()
+            .join("&");
+        assert!(EventsRequest::from_query(&many).is_err());
+    }
+
     use super::*;
 
     #[test]

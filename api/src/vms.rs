@@ -89,6 +89,27 @@ pub struct VmInfo {
     pub violations: u64,
 }
 
+impl VmInfo {
+    /// A VM named `name` of which nothing is known (state `unknown`, no labels).
+    pub fn unknown(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            labels: BTreeMap::new(),
+            channel: String::new(),
+            state: VmState::Unknown,
+            agent_generation: None,
+            agent_software: None,
+            config_revision: None,
+            heartbeat_age_ms: None,
+            agent_restarts: 0,
+            running: 0,
+            cutoffs: 0,
+            last_cutoff: None,
+            violations: 0,
+        }
+    }
+}
+
 /// A cut-off of a guest that exceeded a budget.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CutOff {

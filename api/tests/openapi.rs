@@ -478,6 +478,7 @@ fn answers() -> BTreeMap<(&'static str, &'static str, &'static str), Vec<Sample>
                         read_all: true,
                         cancel_all: false,
                     },
+                    fleet: false,
                 },
                 true,
             )],

@@ -1489,8 +1489,10 @@ function metricsFacts(m) {
   ], { 'data-test': 'metrics' });
 }
 
-async function vmPage(name) {
+async function vmPage(name, who) {
   setTitle(name);
+  // On a fleet's control plane, ping and metrics are the VM's host daemon's.
+  const local = !who?.fleet;
   const head = h('div', { class: 'vm-facts' }, h('p', null, 'Loading…'));
   const commands = h('div', { class: 'commands' }, h('p', null, 'Loading the commands…'));
   const metricsOut = h('div', { class: 'metrics', 'aria-live': 'polite' }, h('p', { class: 'muted' }, 'Not fetched yet: press Refresh.'));
@@ -1502,10 +1504,12 @@ async function vmPage(name) {
   fill(main,
     h('h1', null, name),
     head,
-    h('p', { class: 'actions' }, ping, ' ', pingOut, ' ', h('a', { class: 'button', href: `/console/run?vm=${enc(name)}` }, 'Run page'),
+    h('p', { class: 'actions' }, local ? [ping, ' ', pingOut, ' '] : null, h('a', { class: 'button', href: `/console/run?vm=${enc(name)}` }, 'Run page'),
       ' ', h('a', { class: 'button', href: `/console/executions?vm=${enc(name)}` }, 'History')),
     h('section', { 'aria-labelledby': 'commands-title' }, h('h2', { id: 'commands-title' }, 'Commands ', listedAge), commands),
-    h('section', { 'aria-labelledby': 'metrics-title' }, h('h2', { id: 'metrics-title' }, 'Metrics'), h('p', null, refresh), metricsOut));
+    local
+      ? h('section', { 'aria-labelledby': 'metrics-title' }, h('h2', { id: 'metrics-title' }, 'Metrics'), h('p', null, refresh), metricsOut)
+      : h('p', { class: 'muted', 'data-test': 'fleet-note' }, `Ping and metrics are answered by the VM's host: ask its daemon (portless ping ${name.split('/').pop()} on ${name.split('/')[0]}).`));
 
   ping.addEventListener('click', async () => {
     ping.disabled = true;
@@ -2228,7 +2232,7 @@ function route(path, who) {
   };
   if (path === '/console/' || path === '/console') return ['instances', instancesPage];
   let arg = one(/^\/console\/vms\/([^/]+)\/?$/);
-  if (arg != null) return ['instances', () => vmPage(arg)];
+  if (arg != null) return ['instances', () => vmPage(arg, who)];
   if (/^\/console\/run\/?$/.test(path)) return ['run', runPage];
   if (/^\/console\/watch\/?$/.test(path)) return ['run', watchPage];
   if (/^\/console\/executions\/?$/.test(path)) return ['history', historyPage];

@@ -21,10 +21,10 @@
 pub mod assets;
 pub mod pages;
 pub mod sessions;
+pub mod store;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::extract::{ConnectInfo, Form, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -34,6 +34,7 @@ use serde::Deserialize;
 
 pub use pages::LoginNotice;
 pub use sessions::{Active, Opened, Sessions, Settings};
+pub use store::{SessionStore, StoreFuture};
 
 /// The name of the session cookie.
 pub const COOKIE: &str = "portless_session";
@@ -81,7 +82,7 @@ pub struct AuditEvent {
 
 /// The console of one server: its sessions.
 pub struct Console {
-    sessions: Sessions,
+    sessions: Arc<dyn SessionStore>,
     secure: bool,
 }
 
@@ -94,36 +95,46 @@ pub enum SessionCaller {
     Active(Active),
     /// A cookie of no live session (logged out, expired, or never was).
     Expired,
+    /// The session store could not be asked: why.
+    Unavailable(String),
 }
 
 impl Console {
     /// A console with `settings`; `secure` when it is served over TLS only (the cookie is
     /// then `Secure`).
+    /// A console with `settings` whose sessions are kept in memory; `secure` when it is
+    /// served over TLS only (the cookie is then `Secure`).
     pub fn new(settings: Settings, secure: bool) -> Self {
+        Self::with_store(Arc::new(Sessions::new(settings)), secure)
+    }
+
+    /// A console whose sessions are kept in `store`.
+    pub fn with_store(store: Arc<dyn SessionStore>, secure: bool) -> Self {
         Self {
-            sessions: Sessions::new(settings),
+            sessions: store,
             secure,
         }
     }
 
     /// Its sessions.
-    pub fn sessions(&self) -> &Sessions {
-        &self.sessions
+    pub fn sessions(&self) -> &dyn SessionStore {
+        &*self.sessions
     }
 
     /// A one-time login code for `principal`, and how long it lasts in seconds.
-    pub fn issue_code(&self, principal: &str) -> (String, u64) {
-        let code = self.sessions.issue_code(principal, Instant::now());
-        (code, self.sessions.settings().code_lifetime.as_secs())
+    pub async fn issue_code(&self, principal: &str) -> Result<(String, u64), String> {
+        let code = self.sessions.issue_code(principal).await?;
+        Ok((code, self.sessions.settings().code_lifetime.as_secs()))
     }
 
     /// The session a request's cookie names.
-    pub fn caller(&self, headers: &HeaderMap) -> SessionCaller {
+    pub async fn caller(&self, headers: &HeaderMap) -> SessionCaller {
         match session_cookie(headers) {
             None => SessionCaller::None,
-            Some(id) => match self.sessions.active(id, Instant::now()) {
-                Some(a) => SessionCaller::Active(a),
-                None => SessionCaller::Expired,
+            Some(id) => match self.sessions.active(id).await {
+                Ok(Some(a)) => SessionCaller::Active(a),
+                Ok(None) => SessionCaller::Expired,
+                Err(e) => SessionCaller::Unavailable(e),
             },
         }
     }
@@ -175,6 +186,17 @@ pub fn check_origin(headers: &HeaderMap) -> Result<(), String> {
             host.unwrap_or("no Host header")
         )),
     }
+}
+
+/// `url` as the base of the console's links (`https://ops.example:7433`, no trailing
+/// slash), if it is an `http://` or `https://` URL.
+pub fn base_url(url: &str) -> Option<String> {
+    let u = url.trim_end_matches('/');
+    let ok = (u.starts_with("http://") || u.starts_with("https://"))
+        && !u.contains(char::is_whitespace)
+        && u.split_once("://")
+            .is_some_and(|(_, rest)| !rest.is_empty());
+    ok.then(|| u.to_owned())
 }
 
 /// The session id of the request's cookie, if it has one.
@@ -256,8 +278,14 @@ fn see_other(to: &str) -> Response {
 }
 
 async fn shell<H: Host>(State(m): State<Mounted<H>>, headers: HeaderMap) -> Response {
-    match m.console.caller(&headers) {
+    match m.console.caller(&headers).await {
         SessionCaller::Active(a) => html(StatusCode::OK, pages::shell(&a.principal, &a.csrf)),
+        SessionCaller::Unavailable(e) => html(
+            StatusCode::SERVICE_UNAVAILABLE,
+            pages::login(&LoginNotice::Problem(format!(
+                "The sessions cannot be read just now ({e}): try again shortly."
+            ))),
+        ),
         _ => see_other("/console/login"),
     }
 }
@@ -270,11 +298,14 @@ struct LoginQuery {
 
 async fn login_page<H: Host>(State(m): State<Mounted<H>>, Query(q): Query<LoginQuery>) -> Response {
     let notice = match (q.code, q.ended.as_deref()) {
-        (Some(code), _) => match m.console.sessions.peek_code(&code, Instant::now()) {
-            Some(principal) => LoginNotice::Confirm { code, principal },
-            None => LoginNotice::Problem(
+        (Some(code), _) => match m.console.sessions.peek_code(&code).await {
+            Ok(Some(principal)) => LoginNotice::Confirm { code, principal },
+            Ok(None) => LoginNotice::Problem(
                 "This login code is unknown, used or expired: run `portless console` again.".into(),
             ),
+            Err(e) => LoginNotice::Problem(format!(
+                "The login codes cannot be read just now ({e}): try again shortly."
+            )),
         },
         (None, Some("logout")) => LoginNotice::LoggedOut,
         (None, _) => LoginNotice::None,
@@ -307,14 +338,13 @@ async fn login<H: Host>(
         let _ = m.host.audit(&peer, event).await;
         return refuse(StatusCode::FORBIDDEN, e);
     }
-    let now = Instant::now();
     let code = form.code.filter(|c| !c.trim().is_empty());
     let token = form.token.filter(|t| !t.is_empty());
     let (principal, how) = match (code, token) {
-        (Some(code), _) => (
-            m.console.sessions.redeem_code(code.trim(), now),
-            "a one-time code",
-        ),
+        (Some(code), _) => match m.console.sessions.redeem_code(code.trim()).await {
+            Ok(p) => (p, "a one-time code"),
+            Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, e),
+        },
         (None, Some(token)) => (m.host.principal_for_token(&token), "a bearer token"),
         (None, None) => {
             return refuse(
@@ -345,7 +375,10 @@ async fn login<H: Host>(
         };
         return refuse(StatusCode::FORBIDDEN, problem);
     };
-    let opened = m.console.sessions.open(&principal, now);
+    let opened = match m.console.sessions.open(&principal).await {
+        Ok(o) => o,
+        Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, e),
+    };
     let event = AuditEvent {
         principal: Some(principal),
         session: Some(opened.tag.clone()),
@@ -354,7 +387,9 @@ async fn login<H: Host>(
         reason: Some(format!("with {how}")),
     };
     if let Err(e) = m.host.audit(&peer, event).await {
-        m.console.sessions.close(&opened.id, now);
+        // Not on record, so not open; should the store be away too, the session is
+        // unknown to the browser (no cookie is sent) and lapses by itself.
+        let _ = m.console.sessions.close(&opened.id).await;
         return refuse(StatusCode::SERVICE_UNAVAILABLE, e);
     }
     let max_age = m.console.sessions.settings().max.as_secs();
@@ -376,13 +411,21 @@ async fn logout<H: Host>(
     mut headers: HeaderMap,
     Form(form): Form<LogoutForm>,
 ) -> Response {
-    let now = Instant::now();
-    let SessionCaller::Active(active) = m.console.caller(&headers) else {
-        let mut response = see_other("/console/login");
-        response
-            .headers_mut()
-            .insert(header::SET_COOKIE, m.console.cookie("", 0));
-        return response;
+    let active = match m.console.caller(&headers).await {
+        SessionCaller::Active(a) => a,
+        SessionCaller::Unavailable(e) => {
+            return html(
+                StatusCode::SERVICE_UNAVAILABLE,
+                pages::login(&LoginNotice::Problem(e)),
+            );
+        }
+        _ => {
+            let mut response = see_other("/console/login");
+            response
+                .headers_mut()
+                .insert(header::SET_COOKIE, m.console.cookie("", 0));
+            return response;
+        }
     };
     // The form carries the token in a field: check it as if it were the header.
     if let Some(csrf) = form.csrf.and_then(|c| HeaderValue::from_str(&c).ok()) {
@@ -402,8 +445,15 @@ async fn logout<H: Host>(
             pages::login(&LoginNotice::Problem(e)),
         );
     }
-    if let Some(id) = session_cookie(&headers) {
-        m.console.sessions.close(id, now);
+    if let Some(id) = session_cookie(&headers)
+        && let Err(e) = m.console.sessions.close(id).await
+    {
+        return html(
+            StatusCode::SERVICE_UNAVAILABLE,
+            pages::login(&LoginNotice::Problem(format!(
+                "The session could not be ended just now ({e}): try again."
+            ))),
+        );
     }
     let event = AuditEvent {
         principal: Some(active.principal),

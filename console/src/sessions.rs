@@ -115,12 +115,13 @@ fn make_room<V>(map: &mut HashMap<[u8; 32], V>, cap: usize, order: impl Fn(&V) -
     }
 }
 
-fn digest(secret: &str) -> [u8; 32] {
+/// The SHA-256 of a secret: how a store keeps it.
+pub fn digest(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
-/// 32 random bytes from the operating system, in hex.
-fn random_secret() -> String {
+/// 32 random bytes from the operating system, in hex: a new session id, CSRF token or code.
+pub fn random_secret() -> String {
     let mut bytes = [0u8; 32];
     // The kernel's random source does not fail once the system has booted; if it ever
     // did, a secret of zeros would be guessable, so stop rather than hand one out.
@@ -196,7 +197,7 @@ impl Sessions {
         let id = random_secret();
         let csrf = random_secret();
         let key = digest(&id);
-        let tag = hex::encode(&key[..4]);
+        let tag = tag_of(&key);
         let mut inner = self.lock();
         inner.sessions.retain(|_, s| self.live(s, now));
         make_room(&mut inner.sessions, self.settings.max_sessions, |s| {
@@ -253,6 +254,11 @@ impl Sessions {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The public name of the session whose id has SHA-256 `key`, for the audit log.
+pub fn tag_of(key: &[u8; 32]) -> String {
+    hex::encode(&key[..4])
 }
 
 /// Compares two secrets in time that depends on their lengths only.

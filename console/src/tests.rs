@@ -2,7 +2,7 @@
 //! security headers, CSRF and `Origin` on logout, expiry.
 
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::connect_info::MockConnectInfo;
@@ -36,12 +36,14 @@ impl Host for FakeHost {
 
 struct Fixture {
     console: Arc<Console>,
+    sessions: Arc<Sessions>,
     host: Arc<FakeHost>,
     router: axum::Router,
 }
 
 fn fixture(settings: Settings, secure: bool, refuse_audit: bool) -> Fixture {
-    let console = Arc::new(Console::new(settings, secure));
+    let sessions = Arc::new(Sessions::new(settings));
+    let console = Arc::new(Console::with_store(sessions.clone(), secure));
     let host = Arc::new(FakeHost {
         refuse_audit,
         ..FakeHost::default()
@@ -49,6 +51,7 @@ fn fixture(settings: Settings, secure: bool, refuse_audit: bool) -> Fixture {
     let router = router(console.clone(), host.clone()).layer(MockConnectInfo("peer"));
     Fixture {
         console,
+        sessions,
         host,
         router,
     }
@@ -113,7 +116,7 @@ async fn text(r: Response) -> String {
 #[tokio::test]
 async fn a_code_logs_in_once_with_a_strict_http_only_cookie() {
     let f = fixture(Settings::default(), false, false);
-    let (code, lifetime) = f.console.issue_code("ops");
+    let (code, lifetime) = f.console.issue_code("ops").await.expect("code");
     assert_eq!(lifetime, 120);
 
     // The link shows whom it logs in as, and does not use the code up.
@@ -160,14 +163,18 @@ async fn a_code_logs_in_once_with_a_strict_http_only_cookie() {
     // The cookie opens the shell, which carries the session's CSRF token.
     let shell = send(&f.router, get("/console/vms/vm1", Some(&id))).await;
     assert_eq!(shell.status(), StatusCode::OK);
-    let csrf = match f.console.caller(&{
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::COOKIE,
-            HeaderValue::from_str(&format!("{COOKIE}={id}")).expect("v"),
-        );
-        h
-    }) {
+    let csrf = match f
+        .console
+        .caller(&{
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::COOKIE,
+                HeaderValue::from_str(&format!("{COOKIE}={id}")).expect("v"),
+            );
+            h
+        })
+        .await
+    {
         SessionCaller::Active(a) => a.csrf,
         other => panic!("{other:?}"),
     };
@@ -212,17 +219,12 @@ async fn a_login_from_another_origin_or_none_is_refused() {
         Some("null"),
         Some("http://127.0.0.1:7434"),
     ] {
-        let (code, _) = f.console.issue_code("ops");
+        let (code, _) = f.console.issue_code("ops").await.expect("code");
         let r = login(&f.router, &format!("code={code}"), origin).await;
         assert_eq!(r.status(), StatusCode::FORBIDDEN, "{origin:?}");
         assert!(set_cookie(&r).is_empty());
         // The code was not used up by the refused attempt.
-        assert!(
-            f.console
-                .sessions()
-                .peek_code(&code, Instant::now())
-                .is_some()
-        );
+        assert!(f.sessions.peek_code(&code, Instant::now()).is_some());
     }
     assert_eq!(f.host.events.lock().expect("lock").len(), 4);
 }
@@ -233,7 +235,7 @@ async fn no_session_is_opened_when_the_audit_log_cannot_be_written() {
     let r = login(&f.router, "token=secret-token", Some(ORIGIN)).await;
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(set_cookie(&r).is_empty());
-    assert!(f.console.sessions().is_empty());
+    assert!(f.sessions.is_empty());
 }
 
 async fn logged_in(f: &Fixture) -> (String, String) {
@@ -244,7 +246,7 @@ async fn logged_in(f: &Fixture) -> (String, String) {
         header::COOKIE,
         HeaderValue::from_str(&format!("{COOKIE}={id}")).expect("v"),
     );
-    match f.console.caller(&h) {
+    match f.console.caller(&h).await {
         SessionCaller::Active(a) => (id, a.csrf),
         other => panic!("{other:?}"),
     }
@@ -266,7 +268,7 @@ async fn logout_needs_the_csrf_token_and_the_origin() {
         )
         .await;
         assert_eq!(r.status(), StatusCode::FORBIDDEN, "{body} {origin:?}");
-        assert_eq!(f.console.sessions().len(), 1, "the session is still there");
+        assert_eq!(f.sessions.len(), 1, "the session is still there");
     }
     let r = send(
         &f.router,

@@ -33,6 +33,11 @@ pub struct ControlConfig {
     pub sweep_interval: Duration,
     /// Who may do what.
     pub principals: Vec<ControlPrincipal>,
+    /// The base URL of the console's login links, when browsers reach the control plane
+    /// by another name than a request's `Host` (`[console] url`).
+    pub console_url: Option<String>,
+    /// The console's sessions and codes (`[console]`; kept in the database).
+    pub console: portless_console::Settings,
 }
 
 /// A `[[principal]]` of `control.toml`.
@@ -62,6 +67,52 @@ struct File {
     control: ControlTable,
     #[serde(default)]
     principal: Vec<PrincipalTable>,
+    #[serde(default)]
+    console: ConsoleTable,
+}
+
+/// `[console]`: as in `host.toml`, without `listen` (the console is served on the control
+/// plane's own listener).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ConsoleTable {
+    url: Option<String>,
+    session_idle_s: Option<u64>,
+    session_max_s: Option<u64>,
+    login_code_s: Option<u64>,
+    max_sessions: Option<usize>,
+}
+
+impl ConsoleTable {
+    fn check(self) -> Result<(Option<String>, portless_console::Settings), String> {
+        let url = match self.url {
+            None => None,
+            Some(u) => Some(portless_console::base_url(&u).ok_or_else(|| {
+                format!("[console] url = {u:?} is not an http:// or https:// URL")
+            })?),
+        };
+        let d = portless_console::Settings::default();
+        let secs = |v: Option<u64>, key: &str, default: Duration| match v {
+            None => Ok(default),
+            Some(0) => Err(format!("[console] {key} must be at least 1")),
+            Some(s) => Ok(Duration::from_secs(s)),
+        };
+        let max_sessions = match self.max_sessions {
+            None => d.max_sessions,
+            Some(0) => return Err("[console] max_sessions must be at least 1".into()),
+            Some(n) => n,
+        };
+        Ok((
+            url,
+            portless_console::Settings {
+                idle: secs(self.session_idle_s, "session_idle_s", d.idle)?,
+                max: secs(self.session_max_s, "session_max_s", d.max)?,
+                code_lifetime: secs(self.login_code_s, "login_code_s", d.code_lifetime)?,
+                max_sessions,
+                max_codes: d.max_codes,
+            },
+        ))
+    }
 }
 
 #[derive(Deserialize)]
@@ -131,6 +182,7 @@ impl ControlConfig {
     pub fn parse(text: &str) -> Result<Self, String> {
         let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
         let c = file.control;
+        let (console_url, console) = file.console.check()?;
         let tls = match (c.tls_cert, c.tls_key) {
             (Some(cert), Some(key)) => Some((cert, key)),
             (None, None) => None,
@@ -213,6 +265,8 @@ impl ControlConfig {
             host_lost_after: Duration::from_millis(c.host_lost_after_ms),
             sweep_interval: Duration::from_millis(c.sweep_interval_ms),
             principals,
+            console_url,
+            console,
         })
     }
 }
@@ -248,6 +302,14 @@ mod tests {
             .contains("not a fleet target")
         );
         assert!(err("nmae = 1\n").contains("unknown field"));
+        assert!(err("[console]\nurl = \"ftp://x\"\n").contains("http://"));
+        assert!(err("[console]\nsession_idle_s = 0\n").contains("session_idle_s"));
+        let c = ControlConfig::parse(&format!(
+            "{base}[console]\nurl = \"https://ops.example/\"\nsession_idle_s = 60\n"
+        ))
+        .expect("console");
+        assert_eq!(c.console_url.as_deref(), Some("https://ops.example"));
+        assert_eq!(c.console.idle, Duration::from_secs(60));
         let open = ControlConfig::parse("[control]\nlisten = \"0.0.0.0:1\"\ndatabase = \"x\"\n");
         assert!(open.unwrap_err().contains("insecure_plaintext"));
         let half = "[control]\nlisten = \"0.0.0.0:1\"\ndatabase = \"x\"\ntls_cert = \"/c.pem\"\n";

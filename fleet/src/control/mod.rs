@@ -12,7 +12,10 @@
 //!   host stopped reporting them for `host_lost_after` past their lease `host_lost`.
 
 pub mod config;
+mod console;
+mod events;
 mod routes;
+pub mod sessions;
 mod sweep;
 pub mod target;
 
@@ -41,6 +44,61 @@ pub struct Control {
     pub config: ControlConfig,
     /// The database.
     pub store: Store,
+    /// The web console, its sessions in the database.
+    pub console: Arc<portless_console::Console>,
+    /// The long-lived streams (follow, events) each principal holds open on this server.
+    streams: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// Long-lived streams (`follow`, `events`) one principal may hold open on one server: each
+/// costs the database a query per poll.
+pub const MAX_STREAMS_PER_PRINCIPAL: usize = 32;
+
+/// One of a principal's stream slots, given back when dropped.
+struct StreamSlot {
+    control: Arc<Control>,
+    principal: String,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut streams = self
+            .control
+            .streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = streams.get_mut(&self.principal) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                streams.remove(&self.principal);
+            }
+        }
+    }
+}
+
+impl Control {
+    /// A stream slot of `principal`, or 429 when it holds [`MAX_STREAMS_PER_PRINCIPAL`].
+    fn stream_slot(self: &Arc<Self>, principal: &str) -> Result<StreamSlot, ApiError> {
+        let mut streams = self
+            .streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = streams.entry(principal.to_owned()).or_insert(0);
+        if *n >= MAX_STREAMS_PER_PRINCIPAL {
+            return Err(ApiError(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "principal {principal:?} has {MAX_STREAMS_PER_PRINCIPAL} streams open on \
+                     this server (follow, events): close one first"
+                ),
+            ));
+        }
+        *n += 1;
+        Ok(StreamSlot {
+            control: self.clone(),
+            principal: principal.to_owned(),
+        })
+    }
 }
 
 /// An API error: a status and a message for the `error` field.
@@ -82,9 +140,20 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The router of the control plane's API.
+/// The router of the control plane: the API, and the web console beside it.
 pub fn router(control: Arc<Control>) -> axum::Router {
+    let console = portless_console::router(
+        control.console.clone(),
+        Arc::new(console::ConsoleHost(control.clone())),
+    );
     routes::router(control)
+        .merge(console)
+        .layer(axum::middleware::map_response(
+            |mut response: Response| async move {
+                portless_console::security_headers(response.headers_mut());
+                response
+            },
+        ))
 }
 
 /// `portless control [migrate] [--config PATH]`.
@@ -221,7 +290,15 @@ impl Control {
     pub async fn open(config: ControlConfig) -> Result<Self> {
         let store = Store::new(&config.database, config.pool_size)?;
         store.check_schema().await?;
-        Ok(Self { config, store })
+        let sessions = sessions::DbSessions::new(store.clone(), config.console);
+        let console =
+            portless_console::Console::with_store(Arc::new(sessions), config.tls.is_some());
+        Ok(Self {
+            config,
+            store,
+            console: Arc::new(console),
+            streams: std::sync::Mutex::default(),
+        })
     }
 }
 

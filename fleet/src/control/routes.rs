@@ -20,6 +20,7 @@ use portless_api::{
     FollowLine, HostInfo, HostList, Invocation, Limit, ProgramInfo, PushOutcome, PushResponse,
     Rights, Stream, StreamTotals, VmInfo, VmList, VmState, Whoami, is_command_name, output_headers,
 };
+use portless_console::SessionCaller;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -60,17 +61,25 @@ pub(super) fn router(control: Arc<Control>) -> axum::Router {
         .route("/v1/executions/{id}/follow", get(follow))
         .route("/v1/executions/{id}/cancel", post(cancel))
         .route("/v1/audit", get(audit))
+        .route("/v1/events", get(super::events::events))
         .route("/v1/whoami", get(whoami))
+        .route("/v1/console/codes", post(super::console::console_code))
         .fallback(|| async {
             ApiError::not_found("no such endpoint on a control plane (see openapi.json)")
         })
+        .layer(axum::middleware::from_fn_with_state(
+            control.clone(),
+            super::console::guard,
+        ))
         .with_state(control)
 }
 
 /// A caller, identified.
-struct Caller<'a> {
-    principal: &'a ControlPrincipal,
-    peer: String,
+pub(super) struct Caller<'a> {
+    pub(super) principal: &'a ControlPrincipal,
+    /// Where it called from, and how it was identified, as the audit log names it:
+    /// `127.0.0.1:40000` (a token) or `127.0.0.1:40000 console session 1a2b3c4d`.
+    pub(super) peer: String,
 }
 
 impl ControlPrincipal {
@@ -95,9 +104,10 @@ impl ControlPrincipal {
 }
 
 impl Control {
-    /// Who is calling: the principal whose token the request bears. An unknown or absent
-    /// token is refused (401) and audited.
-    async fn identify(
+    /// Who is calling: the principal whose token the request bears, else the principal of
+    /// the console session its cookie names. A caller neither identifies is refused (401)
+    /// and audited.
+    pub(super) async fn identify(
         &self,
         peer: SocketAddr,
         headers: &HeaderMap,
@@ -108,29 +118,59 @@ impl Control {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        let found = token.and_then(|t| {
-            let hash: [u8; 32] = Sha256::digest(t.as_bytes()).into();
-            self.config
-                .principals
-                .iter()
-                .find(|p| constant_eq(&p.token_sha256, &hash))
-        });
-        match found {
-            Some(principal) => Ok(Caller { principal, peer }),
-            None => {
-                let reason = if token.is_some() {
-                    "unknown bearer token"
-                } else {
-                    "no bearer token"
-                };
-                self.audit(None, &peer, action, None, false, Some(reason))
-                    .await;
-                Err(ApiError(
-                    StatusCode::UNAUTHORIZED,
-                    format!("{reason}: a control plane takes `Authorization: Bearer <token>`"),
-                ))
-            }
-        }
+        let refused = match token {
+            Some(t) => match self.principal_for_token(t) {
+                Some(principal) => return Ok(Caller { principal, peer }),
+                None => "unknown bearer token".to_owned(),
+            },
+            None => match self.console.caller(headers).await {
+                SessionCaller::Active(a) => {
+                    let peer = format!("{peer} console session {}", a.tag);
+                    match self
+                        .config
+                        .principals
+                        .iter()
+                        .find(|p| p.name == a.principal)
+                    {
+                        Some(principal) => return Ok(Caller { principal, peer }),
+                        None => {
+                            let reason = format!(
+                                "the console session's principal {:?} is no longer configured",
+                                a.principal
+                            );
+                            self.audit(None, &peer, action, None, false, Some(&reason))
+                                .await;
+                            return Err(ApiError(StatusCode::UNAUTHORIZED, reason));
+                        }
+                    }
+                }
+                SessionCaller::Expired => {
+                    "the console session has ended (logged out or expired): log in again".to_owned()
+                }
+                SessionCaller::Unavailable(e) => {
+                    return Err(ApiError(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("the console's sessions cannot be read: {e}"),
+                    ));
+                }
+                SessionCaller::None => "no bearer token".to_owned(),
+            },
+        };
+        self.audit(None, &peer, action, None, false, Some(&refused))
+            .await;
+        Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            format!("{refused}: a control plane takes `Authorization: Bearer <token>`"),
+        ))
+    }
+
+    /// The principal whose token is `token`.
+    pub(super) fn principal_for_token(&self, token: &str) -> Option<&ControlPrincipal> {
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        self.config
+            .principals
+            .iter()
+            .find(|p| constant_eq(&p.token_sha256, &hash))
     }
 
     /// Writes an audit entry; a failure is reported on stderr (the call goes on: the
@@ -144,24 +184,36 @@ impl Control {
         allowed: bool,
         detail: Option<&str>,
     ) {
-        let result = async {
-            let client = self.store.client().await?;
-            client
-                .execute(
-                    "INSERT INTO audit (principal, peer, action, target, allowed, detail) \
-                     VALUES ($1, $2, $3, $4, $5, $6)",
-                    &[&principal, &peer, &action, &target, &allowed, &detail],
-                )
-                .await?;
-            Ok::<_, crate::store::StoreError>(())
-        }
-        .await;
-        if let Err(e) = result {
+        if let Err(e) = self
+            .try_audit(principal, peer, action, target, allowed, detail)
+            .await
+        {
             eprintln!("portless control: audit entry not written: {e}");
         }
     }
 
-    async fn allowed(&self, caller: &Caller<'_>, action: &str, target: Option<&str>) {
+    /// Writes an audit entry, or says why it could not.
+    pub(super) async fn try_audit(
+        &self,
+        principal: Option<&str>,
+        peer: &str,
+        action: &str,
+        target: Option<&str>,
+        allowed: bool,
+        detail: Option<&str>,
+    ) -> Result<(), crate::store::StoreError> {
+        let client = self.store.client().await?;
+        client
+            .execute(
+                "INSERT INTO audit (principal, peer, action, target, allowed, detail) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&principal, &peer, &action, &target, &allowed, &detail],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn allowed(&self, caller: &Caller<'_>, action: &str, target: Option<&str>) {
         self.audit(
             Some(&caller.principal.name),
             &caller.peer,
@@ -174,7 +226,7 @@ impl Control {
     }
 
     /// Audits a denial and returns its error.
-    async fn deny(
+    pub(super) async fn deny(
         &self,
         caller: &Caller<'_>,
         action: &str,
@@ -218,6 +270,26 @@ impl Control {
             .collect())
     }
 
+    /// The VMs `principal` may see, as `GET /v1/vms` shows them.
+    pub(super) async fn visible_vms(&self, principal: &ControlPrincipal) -> ApiResult<Vec<VmInfo>> {
+        Ok(self
+            .fleet_vms()
+            .await?
+            .into_iter()
+            .filter(|(vm, _, _)| principal.may_access(vm))
+            .map(|(vm, offline, info)| {
+                let mut info: VmInfo =
+                    serde_json::from_value(info).unwrap_or_else(|_| VmInfo::unknown(""));
+                info.name = vm.full_name();
+                info.labels = vm.labels;
+                if offline {
+                    info.state = VmState::HostOffline;
+                }
+                info
+            })
+            .collect())
+    }
+
     /// One VM as a selector sees it (its labels over its host's); a VM no longer registered
     /// has no labels.
     async fn fleet_vm(&self, host: &str, name: &str) -> ApiResult<FleetVm> {
@@ -240,7 +312,7 @@ impl Control {
 
     /// The record of an invocation the caller may read (404 for one it may not: a denied
     /// call learns nothing).
-    async fn readable(
+    pub(super) async fn readable(
         &self,
         caller: &Caller<'_>,
         action: &str,
@@ -272,7 +344,7 @@ impl Control {
         }
     }
 
-    async fn record(&self, id: u64) -> ApiResult<Option<ExecutionRecord>> {
+    pub(super) async fn record(&self, id: u64) -> ApiResult<Option<ExecutionRecord>> {
         let Ok(id) = i64::try_from(id) else {
             return Ok(None);
         };
@@ -354,13 +426,14 @@ async fn whoami(
     let p = caller.principal;
     Ok(Json(Whoami {
         principal: p.name.clone(),
-        caller: format!("token from {}", caller.peer),
+        caller: caller.peer.clone(),
         rights: Rights {
             push: p.push,
             audit: p.audit,
             read_all: p.read_all,
             cancel_all: p.cancel_all,
         },
+        fleet: true,
     }))
 }
 
@@ -414,35 +487,7 @@ async fn vms(
     headers: HeaderMap,
 ) -> ApiResult<Json<VmList>> {
     let caller = c.identify(peer, &headers, "list_vms").await?;
-    let list = c
-        .fleet_vms()
-        .await?
-        .into_iter()
-        .filter(|(vm, _, _)| caller.principal.may_access(vm))
-        .map(|(vm, offline, info)| {
-            let mut info: VmInfo = serde_json::from_value(info).unwrap_or(VmInfo {
-                name: String::new(),
-                labels: BTreeMap::new(),
-                channel: String::new(),
-                state: VmState::Unknown,
-                agent_generation: None,
-                agent_software: None,
-                config_revision: None,
-                heartbeat_age_ms: None,
-                agent_restarts: 0,
-                running: 0,
-                cutoffs: 0,
-                last_cutoff: None,
-                violations: 0,
-            });
-            info.name = vm.full_name();
-            info.labels = vm.labels;
-            if offline {
-                info.state = VmState::HostOffline;
-            }
-            info
-        })
-        .collect();
+    let list = c.visible_vms(caller.principal).await?;
     c.allowed(&caller, "list_vms", None).await;
     Ok(Json(VmList { vms: list }))
 }
@@ -955,7 +1000,7 @@ pub(super) struct WaitQuery {
 }
 
 /// How often a wait or follow looks at the database.
-const POLL: Duration = Duration::from_millis(100);
+pub(super) const POLL: Duration = Duration::from_millis(100);
 
 async fn wait(
     State(c): State<Arc<Control>>,
@@ -997,7 +1042,7 @@ fn stream_of(s: Option<&str>) -> ApiResult<Stream> {
 
 /// Up to `max` bytes of a stream from `offset`, as far as the database holds it
 /// (`stored`).
-async fn read_output(
+pub(super) async fn read_output(
     c: &Control,
     id: u64,
     stream: Stream,
@@ -1089,8 +1134,10 @@ async fn follow(
 ) -> ApiResult<Response> {
     let caller = c.identify(peer, &headers, "read_execution").await?;
     c.readable(&caller, "read_execution", id).await?;
+    let slot = c.stream_slot(&caller.principal.name)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
+        let _slot = slot;
         let mut offsets = [0u64; 2];
         loop {
             // The state before the output, so that output that came with the end is sent

@@ -78,22 +78,9 @@ impl RawConsole {
         };
         let url = match self.url {
             None => None,
-            Some(v) => {
-                let u = v.get_ref().trim_end_matches('/');
-                let ok = (u.starts_with("http://") || u.starts_with("https://"))
-                    && !u.contains(char::is_whitespace)
-                    && u.split_once("://")
-                        .is_some_and(|(_, rest)| !rest.is_empty());
-                if !ok {
-                    return Err(table_error(
-                        T,
-                        v.span(),
-                        "url",
-                        "is not an http:// or https:// URL",
-                    ));
-                }
-                Some(u.to_owned())
-            }
+            Some(v) => Some(portless_console::base_url(v.get_ref()).ok_or_else(|| {
+                table_error(T, v.span(), "url", "is not an http:// or https:// URL")
+            })?),
         };
         let s = d.sessions;
         let secs = |v: Option<Spanned<u64>>, field, default: Duration| {

@@ -75,7 +75,7 @@ pub(super) async fn guard(
     if safe || bearer {
         return next.run(request).await;
     }
-    let SessionCaller::Active(session) = app.console.caller(request.headers()) else {
+    let SessionCaller::Active(session) = app.console.caller(request.headers()).await else {
         return next.run(request).await;
     };
     let Err(reason) = Console::check_unsafe(&session, request.headers()) else {
@@ -115,6 +115,7 @@ pub(super) async fn whoami(
         .await?;
     let c = principal.config();
     let how = caller(&app.console, &peer, &headers)
+        .await
         .map(|c| c.to_string())
         .unwrap_or_default();
     Ok(Json(Whoami {
@@ -126,6 +127,7 @@ pub(super) async fn whoami(
             read_all: c.read_all,
             cancel_all: c.cancel_all,
         },
+        fleet: false,
     }))
 }
 
@@ -141,7 +143,11 @@ pub(super) async fn console_code(
         .authorize(&peer, &headers, &Action::ConsoleCode, None, None)
         .await?;
     let base = console_base(&app).await?;
-    let (code, lifetime_s) = app.console.issue_code(principal.name());
+    let (code, lifetime_s) = app
+        .console
+        .issue_code(principal.name())
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e))?;
     let answer = ConsoleCode {
         url: format!("{base}/console/login?code={code}"),
         code,

@@ -19,8 +19,10 @@ use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use portless_api::events::FOLLOW_CHUNK;
-use portless_api::stream::{KEEP_ALIVE_S, MAX_STREAM_EXECUTIONS, RETRY_MS};
-use portless_api::{Cursor, ExecState, ExecutionId, Position, Stream, StreamEvent, VmInfo};
+use portless_api::stream::{KEEP_ALIVE_S, RETRY_MS};
+use portless_api::{
+    Cursor, EventsRequest, ExecState, ExecutionId, Position, Stream, StreamEvent, VmInfo,
+};
 use tokio::sync::{broadcast, mpsc};
 
 use super::identify::Peer;
@@ -32,59 +34,6 @@ use crate::vm::VmEvent;
 /// own state-change events (the running count and the agent's version change without
 /// one).
 const VM_RESCAN: Duration = Duration::from_secs(1);
-
-/// What the request asks for.
-struct Ask {
-    vms: bool,
-    executions: Vec<ExecutionId>,
-    cursor: Option<String>,
-}
-
-fn parse_query(query: Option<&str>) -> ApiResult<Ask> {
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
-        .map_err(|e| ApiError::bad(format!("query: {e}")))?;
-    let mut ask = Ask {
-        vms: false,
-        executions: Vec::new(),
-        cursor: None,
-    };
-    for (key, value) in pairs {
-        match key.as_str() {
-            "vms" => {
-                ask.vms = match value.as_str() {
-                    "true" => true,
-                    "false" => false,
-                    _ => {
-                        return Err(ApiError::bad(format!(
-                            "vms is true or false, not {value:?}"
-                        )));
-                    }
-                };
-            }
-            "execution" => {
-                let id = value
-                    .parse::<u64>()
-                    .map_err(|_| ApiError::bad(format!("execution {value:?} is not an id")))?;
-                if !ask.executions.contains(&ExecutionId(id)) {
-                    ask.executions.push(ExecutionId(id));
-                }
-            }
-            "cursor" => ask.cursor = Some(value),
-            other => {
-                return Err(ApiError::bad(format!(
-                    "unknown parameter {other:?} (vms, execution, cursor)"
-                )));
-            }
-        }
-    }
-    if ask.executions.len() > MAX_STREAM_EXECUTIONS {
-        return Err(ApiError::bad(format!(
-            "at most {MAX_STREAM_EXECUTIONS} executions per stream, not {}",
-            ask.executions.len()
-        )));
-    }
-    Ok(ask)
-}
 
 pub(super) async fn events(
     State(app): State<Arc<App>>,
@@ -102,20 +51,17 @@ pub(super) async fn events(
             Some("events".into()),
         )
         .await?;
-    let ask = parse_query(query.as_deref())?;
+    let ask = EventsRequest::from_query(query.as_deref().unwrap_or("")).map_err(ApiError::bad)?;
     for id in &ask.executions {
         app.authorize_execution(&peer, &headers, &Action::ReadExecution, id.0)
             .await?;
     }
     let last_id = headers
         .get("last-event-id")
-        .map(|v| v.to_str().map(str::to_owned))
+        .map(|v| v.to_str())
         .transpose()
         .map_err(|_| ApiError::bad("Last-Event-ID is not text"))?;
-    let cursor = match last_id.or(ask.cursor.clone()) {
-        Some(c) => Cursor::parse(&c).map_err(|e| ApiError::bad(format!("cursor: {e}")))?,
-        None => Cursor::default(),
-    };
+    let cursor = ask.start(last_id).map_err(ApiError::bad)?;
     let slot = app.follow_slot(principal)?;
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let principal = principal.clone();
@@ -128,12 +74,7 @@ pub(super) async fn events(
             tx: &tx,
             vms: ask.vms,
             sent_vms: BTreeMap::new(),
-            cursor: Cursor(
-                ask.executions
-                    .iter()
-                    .map(|id| (*id, cursor.position(*id)))
-                    .collect(),
-            ),
+            cursor,
             states: BTreeMap::new(),
         };
         let _ = feed.run().await;
@@ -332,28 +273,5 @@ impl Feed<'_> {
             }
         }
         Ok(following)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn queries_parse_or_say_what_is_wrong() {
-        let a = parse_query(Some("vms=true&execution=3&execution=4&execution=3")).expect("ok");
-        assert!(a.vms);
-        assert_eq!(a.executions, vec![ExecutionId(3), ExecutionId(4)]);
-        let a = parse_query(Some("cursor=3%3A10%3A0")).expect("ok");
-        assert_eq!(a.cursor.as_deref(), Some("3:10:0"));
-        assert!(parse_query(None).is_ok());
-        for bad in ["vms=yes", "execution=x", "execution=-1", "what=1"] {
-            assert!(parse_query(Some(bad)).is_err(), "{bad}");
-        }
-        let many = (0..=MAX_STREAM_EXECUTIONS)
-            .map(|i| format!("execution={i}"))
-            .collect::<Vec<_>>()
-            .join("&");
-        assert!(parse_query(Some(&many)).is_err());
     }
 }

@@ -77,7 +77,7 @@ pub(super) fn peer_key(peer: &Peer) -> String {
 /// The caller of a request, from the `Authorization` header, the console's session cookie
 /// and the connection, in that order. On failure: how to name the caller in the audit log,
 /// and why it was refused.
-pub(super) fn caller(
+pub(super) async fn caller(
     console: &portless_console::Console,
     peer: &Peer,
     headers: &HeaderMap,
@@ -90,7 +90,7 @@ pub(super) fn caller(
     if let Some(token) = bearer {
         return Ok(Caller::Token(token));
     }
-    match console.caller(headers) {
+    match console.caller(headers).await {
         SessionCaller::Active(a) => {
             return Ok(Caller::Session {
                 principal: a.principal,
@@ -101,6 +101,12 @@ pub(super) fn caller(
             return Err((
                 format!("{} (ended console session)", peer_key(peer)),
                 "the console session has ended (logged out or expired): log in again".into(),
+            ));
+        }
+        SessionCaller::Unavailable(e) => {
+            return Err((
+                format!("{} (console session)", peer_key(peer)),
+                format!("the console's sessions cannot be read: {e}"),
             ));
         }
         SessionCaller::None => {}
@@ -181,7 +187,7 @@ impl App {
         owner: Option<(&str, u64)>,
         target: Option<String>,
     ) -> ApiResult<&Principal> {
-        let caller = caller(&self.console, peer, headers);
+        let caller = caller(&self.console, peer, headers).await;
         let mut hidden = false;
         let (principal, result) = match &caller {
             Ok(c) => match self.policy.check(c, action, vm) {
@@ -233,7 +239,7 @@ impl App {
         action: &Action<'_>,
         target: &str,
     ) -> ApiResult<&Principal> {
-        if let Ok(c) = caller(&self.console, peer, headers)
+        if let Ok(c) = caller(&self.console, peer, headers).await
             && let Some(p) = self.policy.identify(&c)
         {
             return Ok(p);
@@ -253,7 +259,7 @@ impl App {
         target: &str,
         reason: &str,
     ) -> ApiResult<()> {
-        let caller = caller(&self.console, peer, headers);
+        let caller = caller(&self.console, peer, headers).await;
         let principal = caller.as_ref().ok().and_then(|c| self.policy.identify(c));
         let result = Err(reason.to_owned());
         self.record(

@@ -3,6 +3,7 @@
 //! itself), and CPU time from /proc.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod fleet;
 pub mod hostile;
 pub mod proxy;
 pub mod stack;
