@@ -37,23 +37,28 @@ const PARALLEL_PUSHES = 2;
 /** A partial line longer than this goes into the merged view without waiting for its end. */
 const MERGED_LINE_MAX = 4096;
 
-/** Execution states (ExecState), in the daemon's order; all but the first two are final. */
+/** Execution states (ExecState), in the daemon's order; those of a fleet's control plane
+ * last. All but the ACTIVE ones are final. */
 const EXEC_STATES = [
   'pending', 'running', 'succeeded', 'failed', 'timed_out', 'cancelled', 'agent_lost',
-  'undeliverable', 'rejected', 'failed_to_start',
+  'undeliverable', 'rejected', 'failed_to_start', 'delayed', 'in_progress',
+  'delivery_timed_out', 'host_lost',
 ];
+/** The states that are not final: waiting for a VM or a host, or running. */
+const ACTIVE_STATES = new Set(['pending', 'running', 'delayed', 'in_progress']);
 /** VM agent states (VmState) and how the page names them. */
 const VM_STATES = {
   waiting_for_agent: 'waiting',
   ready: 'ready',
   unresponsive: 'unresponsive',
   cut_off: 'cut off',
+  host_offline: 'host offline',
 };
 /** Audit actions the daemon records, offered as suggestions in the audit filter. */
 const AUDIT_ACTIONS = [
   'list_vms', 'list_commands', 'exec', 'read_execution', 'cancel', 'push', 'ping', 'metrics',
   'read_audit', 'read_daemon', 'whoami', 'console_code', 'console_request', 'console_login',
-  'console_logout',
+  'console_logout', 'list_hosts', 'list_executions', 'read_command', 'upload_program',
 ];
 
 const CSRF = document.querySelector('meta[name="portless-csrf"]')?.content ?? '';
@@ -237,7 +242,7 @@ function fmtSeconds(ms) {
 const humanState = (state) => String(state ?? 'unknown').replaceAll('_', ' ');
 
 /** Whether an execution state is final (anything but pending and running). */
-const isFinal = (state) => state !== 'pending' && state !== 'running';
+const isFinal = (state) => !ACTIVE_STATES.has(state);
 
 /** Arguments as a shell would show them: plain words bare, anything else quoted. */
 function fmtArgs(args) {

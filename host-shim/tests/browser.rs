@@ -599,3 +599,110 @@ fn instances_filter_by_label_and_state_and_a_label_or_a_selection_runs() {
         (u.contains("vm=vm1") && u.contains("vm=vm2")).then_some(())
     });
 }
+
+#[test]
+#[ignore = "needs chromium and chromium-driver; run by cargo xtask test"]
+fn the_console_shows_the_fleet() {
+    let mut fleet = common::fleet::Fleet::start("browser-fleet");
+    fleet.wait_registered(6);
+    let b = Browser::start(&fleet.dir, 1280, 800);
+    // A login link from one control-plane server; the browser stays on it, the session
+    // lives in the database.
+    let code =
+        portless_api::blocking::Client::at(portless_api::Endpoint::Tcp(fleet.addrs[0].clone()))
+            .expect("client")
+            .with_token(common::fleet::TOKEN)
+            .console_code()
+            .expect("code");
+    assert_eq!(b.log_in_with(&code.url), "ops");
+    let row = |vm: &str| format!("[data-test=vm-row][data-vm=\"{vm}\"]");
+    let rows = b.wait(Duration::from_secs(10), "the fleet's six VMs", || {
+        let rows = b.all("[data-test=vm-row]");
+        (rows.len() == 6).then_some(rows)
+    });
+    assert_eq!(rows.len(), 6);
+    for host in ["host1", "host2", "host3"] {
+        for vm in ["vm1", "vm2"] {
+            assert!(
+                b.text(&row(&format!("{host}/{vm}"))).contains("ready"),
+                "{host}/{vm}"
+            );
+        }
+    }
+    // Host labels are the VMs' labels.
+    assert!(b.text(&row("host3/vm1")).contains("role=db"));
+    b.screenshot(&shots().join("fleet-instances-desktop.png"));
+
+    // Run on a label across two hosts: four panes, each with its VM's output.
+    let filter = b.find("[data-test=filter-label]", Duration::from_secs(5));
+    b.type_into(&filter, "role=web");
+    let run_label = b.find("[data-test=run-label]", Duration::from_secs(5));
+    b.wait(Duration::from_secs(5), "a link to run on the label", || {
+        b.text("[data-test=run-label]")
+            .contains("role=web")
+            .then_some(())
+    });
+    b.click(&run_label);
+    let select = b.find("[data-test=command-select]", Duration::from_secs(10));
+    b.choose(&select, "echo");
+    b.run_form(&[("word", "fleetwide")]);
+    b.wait(Duration::from_secs(30), "four panes succeeded", || {
+        let states = b.run(
+            "return [...document.querySelectorAll('[data-test=pane] [data-test=pane-state]')]\
+               .map((e) => e.textContent);",
+            &[],
+        );
+        let states = states.as_array().cloned().unwrap_or_default();
+        (states.len() == 4
+            && states
+                .iter()
+                .all(|s| s.as_str().is_some_and(|s| s.contains("succeeded"))))
+        .then_some(())
+    });
+    for vm in ["host1/vm1", "host1/vm2", "host2/vm1", "host2/vm2"] {
+        let pane = b.text(&format!("[data-test=pane][data-vm=\"{vm}\"]"));
+        assert!(pane.contains("fleetwide"), "{vm}: {pane}");
+    }
+    b.screenshot(&shots().join("fleet-run-desktop.png"));
+
+    // A VM's page: its commands from the registered cache; ping and metrics are its
+    // host's.
+    let base = b.url().split("/console").next().unwrap_or("").to_owned();
+    b.go(&format!("{base}/console/vms/host3%2Fvm1"));
+    b.find("[data-test=fleet-note]", Duration::from_secs(10));
+    b.find(
+        "[data-test=command-form][data-command=sleep]",
+        Duration::from_secs(10),
+    );
+    assert!(b.all("[data-test=ping]").is_empty());
+
+    // A host that goes away shows as such, live.
+    b.go(&format!("{base}/console/"));
+    b.find(&row("host3/vm1"), Duration::from_secs(10));
+    fleet.hosts[2].kill_daemon();
+    b.wait(Duration::from_secs(20), "host3's VMs offline", || {
+        let (a, c) = (b.text(&row("host3/vm1")), b.text(&row("host3/vm2")));
+        (a.contains("host offline") && c.contains("host offline")).then_some(())
+    });
+    assert!(b.text(&row("host1/vm1")).contains("ready"));
+    b.screenshot(&shots().join("fleet-offline-desktop.png"));
+
+    // The history and the audit log are the fleet's.
+    b.go(&format!("{base}/console/executions"));
+    b.wait(
+        Duration::from_secs(10),
+        "the four runs in the history",
+        || {
+            (b.text("table").matches("fleetwide").count() >= 4
+                || b.text("table").matches("echo").count() >= 4)
+                .then_some(())
+        },
+    );
+    b.go(&format!("{base}/console/audit"));
+    b.wait(Duration::from_secs(10), "audit rows", || {
+        let t = b.text("table");
+        (t.contains("console_login") && t.contains("exec")).then_some(())
+    });
+    let severe = b.severe_logs();
+    assert!(severe.is_empty(), "{severe:?}");
+}

@@ -8,10 +8,14 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::fleet::{Fleet, TOKEN, free_port, local_count};
+use common::fleet::{Fleet, TOKEN, VIEWER_TOKEN, free_port, local_count};
 use common::stack::portless_binary;
 use portless_api::blocking::Client;
-use portless_api::{Endpoint, ExecRequest, ExecState, ExecutionRecord, Limit};
+use portless_api::{
+    Endpoint, EventsRequest, ExecRequest, ExecState, ExecutionId, ExecutionRecord, Limit,
+    StreamEvent,
+};
+use serde_json::{Value, json};
 use sha2::Digest;
 
 #[test]
@@ -366,4 +370,330 @@ fn a_control_plane_serves_tls_and_refuses_a_database_without_its_schema() {
     assert!(plain.is_err());
     let _ = server.kill();
     let _ = server.wait();
+}
+
+/// A browser's side of a control plane without a browser: its cookie, and the server it
+/// talks to.
+struct Session {
+    client: Client,
+    origin: String,
+    cookie: String,
+}
+
+impl Session {
+    fn send(&self, method: &str, path: &str, extra: &[(&str, &str)], body: &str) -> (u16, Value) {
+        let mut headers = vec![("cookie", self.cookie.as_str())];
+        headers.extend_from_slice(extra);
+        let r = self
+            .client
+            .raw(method, path, &headers, body.as_bytes().to_vec())
+            .expect("request");
+        (
+            r.status,
+            serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+        )
+    }
+
+    /// The same session through the other server.
+    fn on(&self, fleet: &Fleet, i: usize) -> Self {
+        Self {
+            client: Client::at(Endpoint::Tcp(fleet.addrs[i].clone())).expect("client"),
+            origin: format!("http://{}", fleet.addrs[i]),
+            cookie: self.cookie.clone(),
+        }
+    }
+
+    /// The CSRF token the shell page carries.
+    fn csrf(&self) -> String {
+        let r = self
+            .client
+            .raw("GET", "/console/", &[("cookie", &self.cookie)], Vec::new())
+            .expect("shell");
+        assert_eq!(r.status, 200);
+        let page = String::from_utf8_lossy(&r.body).into_owned();
+        let at = page
+            .find("name=\"portless-csrf\" content=\"")
+            .expect("csrf meta")
+            + 30;
+        page[at..at + 64].to_owned()
+    }
+}
+
+/// Logs in on server `i` with `form` (`code=...` or `token=...`).
+fn console_login(fleet: &Fleet, i: usize, form: &str) -> Result<Session, u16> {
+    let client = Client::at(Endpoint::Tcp(fleet.addrs[i].clone())).expect("client");
+    let origin = format!("http://{}", fleet.addrs[i]);
+    let r = client
+        .raw(
+            "POST",
+            "/console/login",
+            &[
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("origin", &origin),
+            ],
+            form.as_bytes().to_vec(),
+        )
+        .expect("login");
+    if r.status != 303 {
+        return Err(r.status);
+    }
+    let set = r.header("set-cookie").expect("a cookie").to_owned();
+    for flag in ["HttpOnly", "SameSite=Strict"] {
+        assert!(set.contains(flag), "{set}");
+    }
+    Ok(Session {
+        client,
+        origin,
+        cookie: set.split(';').next().expect("pair").to_owned(),
+    })
+}
+
+#[test]
+fn the_console_works_through_either_control_plane_server() {
+    let fleet = Fleet::start("fleet-console");
+    fleet.wait_registered(6);
+    let ops = |i: usize| {
+        Client::at(Endpoint::Tcp(fleet.addrs[i].clone()))
+            .expect("client")
+            .with_token(TOKEN)
+    };
+
+    // A code asked of one server by token, used on the other, once.
+    let code = ops(0).console_code().expect("code");
+    assert!(
+        code.url
+            .starts_with(&format!("http://{}/console/login?code=", fleet.addrs[0])),
+        "{}",
+        code.url
+    );
+    let page = Client::at(Endpoint::Tcp(fleet.addrs[1].clone()))
+        .expect("client")
+        .raw(
+            "GET",
+            &format!("/console/login?code={}", code.code),
+            &[],
+            Vec::new(),
+        )
+        .expect("login page");
+    assert!(String::from_utf8_lossy(&page.body).contains("data-test=\"login-principal\">ops<"));
+    let b = console_login(&fleet, 1, &format!("code={}", code.code)).expect("login");
+    assert_eq!(
+        console_login(&fleet, 0, &format!("code={}", code.code)).err(),
+        Some(403),
+        "a code works once"
+    );
+
+    // The session acts for its principal on both servers, as a fleet.
+    let (status, me) = b.on(&fleet, 0).send("GET", "/v1/whoami", &[], "");
+    assert_eq!(status, 200, "{me}");
+    assert_eq!(
+        (me["principal"].as_str(), me["fleet"].as_bool()),
+        (Some("ops"), Some(true))
+    );
+    assert!(
+        me["caller"]
+            .as_str()
+            .is_some_and(|c| c.contains("console session ")),
+        "{me}"
+    );
+    let (status, vms) = b.send("GET", "/v1/vms", &[], "");
+    assert_eq!(status, 200);
+    let names: Vec<&str> = vms["vms"]
+        .as_array()
+        .expect("vms")
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "host1/vm1",
+            "host1/vm2",
+            "host2/vm1",
+            "host2/vm2",
+            "host3/vm1",
+            "host3/vm2"
+        ]
+    );
+
+    // A request that changes something needs the CSRF token and the server's Origin; a
+    // refused one is audited and runs nothing.
+    let exec =
+        json!({"target": "role=web", "command": "echo", "args": ["fromconsole"]}).to_string();
+    let json_type = ("content-type", "application/json");
+    let csrf = b.csrf();
+    for headers in [
+        vec![json_type, ("origin", b.origin.as_str())],
+        vec![
+            json_type,
+            ("origin", "http://evil.example"),
+            ("x-csrf-token", csrf.as_str()),
+        ],
+        vec![
+            json_type,
+            ("origin", b.origin.as_str()),
+            ("x-csrf-token", "0"),
+        ],
+    ] {
+        let (status, body) = b.send("POST", "/v1/exec", &headers, &exec);
+        assert_eq!(status, 403, "{body}");
+    }
+    assert_eq!(fleet.sql("SELECT count(*) FROM invocations"), "0");
+    assert_eq!(
+        fleet.sql("SELECT count(*) FROM audit WHERE action = 'console_request' AND NOT allowed"),
+        "3"
+    );
+    // With both, it runs; the other server takes the same token (one session).
+    let other = b.on(&fleet, 0);
+    let (status, answer) = other.send(
+        "POST",
+        "/v1/exec",
+        &[
+            json_type,
+            ("origin", other.origin.as_str()),
+            ("x-csrf-token", csrf.as_str()),
+        ],
+        &exec,
+    );
+    assert!(status == 200 || status == 201, "{status} {answer}");
+    let ids: Vec<ExecutionId> = answer["executions"]
+        .as_array()
+        .expect("executions")
+        .iter()
+        .map(|d| ExecutionId(d["id"].as_u64().expect("id")))
+        .collect();
+    assert_eq!(ids.len(), 4);
+
+    // The event stream: every VM once, then each execution's output and end, with cursors
+    // that resume on the other server with nothing lost or twice.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let request = EventsRequest {
+        vms: true,
+        executions: ids.clone(),
+        cursor: None,
+    };
+    let (one, other) = (ops(1), ops(0));
+    let (vm_events, first, cursor) = runtime.block_on(async {
+        let client = &one;
+        let mut events = client.as_async().events(&request).await.expect("events");
+        let mut vms = std::collections::BTreeSet::new();
+        let mut first = None;
+        while first.is_none() || vms.len() < 6 {
+            match tokio::time::timeout(Duration::from_secs(20), events.next()).await {
+                Ok(Ok(Some((StreamEvent::Vm(vm), _)))) => {
+                    vms.insert(vm.name.clone());
+                }
+                Ok(Ok(Some((
+                    StreamEvent::Output {
+                        execution, data, ..
+                    },
+                    Some(c),
+                )))) => {
+                    if first.is_none() {
+                        first = Some((execution, data, c));
+                    }
+                }
+                Ok(Ok(Some(_))) => {}
+                other => panic!("the stream ended early: {other:?}"),
+            }
+        }
+        let (id, data, cursor) = first.expect("output");
+        (vms, (id, data), cursor)
+    });
+    assert_eq!(vm_events.len(), 6);
+    assert_eq!(first.1, b"fromconsole\n");
+    let rest = runtime.block_on(async {
+        let client = &other;
+        let resumed = EventsRequest {
+            cursor: Some(cursor),
+            vms: false,
+            ..request.clone()
+        };
+        let mut events = client.as_async().events(&resumed).await.expect("events");
+        let mut outputs = Vec::new();
+        let mut ends = Vec::new();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), events.next()).await {
+                Ok(Ok(Some((
+                    StreamEvent::Output {
+                        execution, data, ..
+                    },
+                    _,
+                )))) => {
+                    outputs.push((execution, data));
+                }
+                Ok(Ok(Some((StreamEvent::End(rec), _)))) => ends.push(rec),
+                Ok(Ok(Some(_))) => {}
+                Ok(Ok(None)) => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        (outputs, ends)
+    });
+    assert_eq!(
+        rest.0.len(),
+        3,
+        "the other three outputs, not the first again: {:?}",
+        rest.0
+    );
+    assert!(
+        rest.0
+            .iter()
+            .all(|(id, d)| *id != first.0 && d == b"fromconsole\n")
+    );
+    assert_eq!(rest.1.len(), 4);
+    assert!(rest.1.iter().all(|r| r.state == ExecState::Succeeded));
+
+    // A lesser principal by token: its VMs only, no audit log.
+    let viewer = console_login(&fleet, 0, &format!("token={VIEWER_TOKEN}")).expect("viewer");
+    let (_, vms) = viewer.send("GET", "/v1/vms", &[], "");
+    let names: Vec<&str> = vms["vms"]
+        .as_array()
+        .expect("vms")
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(names, ["host3/vm1", "host3/vm2"]);
+    let (status, _) = viewer.send("GET", "/v1/audit", &[], "");
+    assert_eq!(status, 403);
+    let (status, _) = viewer.send("GET", &format!("/v1/executions/{}", ids[0]), &[], "");
+    assert_eq!(status, 404, "another's execution on a VM it may not see");
+    assert_eq!(console_login(&fleet, 1, "token=wrong").err(), Some(403));
+
+    // Logged out on one server, ended on both.
+    let (status, _) = {
+        let r = b
+            .client
+            .raw(
+                "POST",
+                "/console/logout",
+                &[
+                    ("cookie", &b.cookie),
+                    ("content-type", "application/x-www-form-urlencoded"),
+                    ("origin", &b.origin),
+                ],
+                format!("csrf={csrf}").into_bytes(),
+            )
+            .expect("logout");
+        (r.status, ())
+    };
+    assert_eq!(status, 303);
+    let (status, body) = b.on(&fleet, 0).send("GET", "/v1/vms", &[], "");
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["error"].as_str().is_some_and(|e| e.contains("ended")),
+        "{body}"
+    );
+    let logins = fleet.sql(
+        "SELECT string_agg(action || ':' || allowed, ',' ORDER BY id) FROM audit \
+         WHERE action LIKE 'console_log%'",
+    );
+    assert_eq!(
+        logins,
+        "console_login:true,console_login:false,console_login:true,console_login:false,\
+         console_logout:true"
+    );
 }
