@@ -64,6 +64,12 @@ impl Client {
         self
     }
 
+    /// [`crate::Client::with_ca_pem`].
+    pub fn with_ca_pem(mut self, pem: &[u8]) -> Result<Self, String> {
+        self.inner = self.inner.with_ca_pem(pem)?;
+        Ok(self)
+    }
+
     /// The async client it drives.
     pub fn as_async(&self) -> &crate::Client {
         &self.inner

@@ -343,12 +343,14 @@ fn a_control_plane_serves_tls_and_refuses_a_database_without_its_schema() {
         String::from_utf8_lossy(&refused.stderr)
     );
     assert!(run(&["control", "migrate", "--config"]).status.success());
-    let mut server = Command::new(portless_binary())
-        .args(["control", "--config"])
-        .arg(&config)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("portless control");
+    let mut server = KillOnDrop(
+        Command::new(portless_binary())
+            .args(["control", "--config"])
+            .arg(&config)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("portless control"),
+    );
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let deadline = Instant::now() + Duration::from_secs(20);
     let answer = loop {
@@ -368,8 +370,62 @@ fn a_control_plane_serves_tls_and_refuses_a_database_without_its_schema() {
         .with_token(TOKEN)
         .whoami();
     assert!(plain.is_err());
-    let _ = server.kill();
-    let _ = server.wait();
+    // The API's client and the CLI over https, trusting the CA they are given.
+    let https = Endpoint::Https(format!("127.0.0.1:{port}"));
+    let ca_pem = std::fs::read(dir.join("ca.pem")).expect("ca.pem");
+    let me = Client::at(https.clone())
+        .expect("client")
+        .with_token(TOKEN)
+        .with_ca_pem(&ca_pem)
+        .expect("CA")
+        .whoami()
+        .expect("whoami over TLS");
+    assert!(me.fleet && me.principal == "ops", "{me:?}");
+    let untrusted = Client::at(https)
+        .expect("client")
+        .with_token(TOKEN)
+        .whoami()
+        .expect_err("a certificate of an unknown CA");
+    assert!(untrusted.to_string().contains("certificate"), "{untrusted}");
+    let url = format!("https://127.0.0.1:{port}");
+    let cli = |ca: Option<&std::path::Path>| {
+        let mut c = Command::new(portless_binary());
+        c.args(["--url", &url, "--json", "vms"])
+            .env("PORTLESS_TOKEN", TOKEN);
+        if let Some(ca) = ca {
+            c.arg("--ca").arg(ca);
+        }
+        c.output().expect("portless")
+    };
+    let listed = cli(Some(&dir.join("ca.pem")));
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&listed.stdout).expect("JSON");
+    assert_eq!(listed, json!({"vms": []}));
+    let refused = cli(None);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--ca"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let bad = cli(Some(&dir.join("control.toml")));
+    assert_eq!(bad.status.code(), Some(2));
+    let _ = server.0.kill();
+    let _ = server.0.wait();
+}
+
+/// A child process killed when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A browser's side of a control plane without a browser: its cookie, and the server it

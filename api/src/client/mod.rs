@@ -12,6 +12,7 @@
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -41,6 +42,10 @@ pub enum Endpoint {
     /// Its TCP listener, as `host:port` (callers present a bearer token). Plain HTTP: for
     /// a listener on loopback, or one reached through a TLS-terminating tunnel.
     Tcp(String),
+    /// Its TCP listener over TLS, as `host:port`: a daemon with `tls_cert`, or a control
+    /// plane. The server's certificate must name `host` and chain to a root of the
+    /// system's store or to a CA given to the client ([`Client::with_ca_pem`]).
+    Https(String),
 }
 
 impl fmt::Display for Endpoint {
@@ -48,6 +53,7 @@ impl fmt::Display for Endpoint {
         match self {
             Self::Unix(path) => write!(f, "{}", path.display()),
             Self::Tcp(addr) => write!(f, "http://{addr}"),
+            Self::Https(addr) => write!(f, "https://{addr}"),
         }
     }
 }
@@ -107,6 +113,10 @@ fn connect_hint(endpoint: &Endpoint) -> &'static str {
             "; `portless serve` must be running (or pass --socket PATH, or set PORTLESS_SOCKET)"
         }
         Endpoint::Tcp(_) => "; the daemon's `tcp_listen` must be set and reachable",
+        Endpoint::Https(_) => {
+            "; the server must be reachable, and its certificate name the host and chain to a \
+             trusted root (the system's, or --ca FILE / PORTLESS_CA)"
+        }
     }
 }
 
@@ -151,10 +161,12 @@ impl RawResponse {
 }
 
 /// A client of one daemon. Cheap to clone; holds no connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Client {
     endpoint: Endpoint,
     token: Option<String>,
+    /// The TLS configuration of an [`Endpoint::Https`]; `None`: the system's roots.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Client {
@@ -168,7 +180,30 @@ impl Client {
         Self {
             endpoint,
             token: None,
+            tls: None,
         }
+    }
+
+    /// The same client, trusting the CA certificates of `pem` (PEM text) as well as the
+    /// system's roots, for an [`Endpoint::Https`] whose certificate a private CA signed
+    /// (or that is self-signed). An error says what is wrong with the text.
+    pub fn with_ca_pem(mut self, pem: &[u8]) -> Result<Self, String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject as _;
+        let certs = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("not PEM certificates: {e}"))?;
+        if certs.is_empty() {
+            return Err("no certificate in it".into());
+        }
+        let mut roots = system_roots();
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| format!("not a usable CA certificate: {e}"))?;
+        }
+        self.tls = Some(tls_config(roots));
+        Ok(self)
     }
 
     /// The same client, presenting `token` as `Authorization: Bearer <token>` (what the TCP
@@ -482,6 +517,24 @@ impl Client {
                 let _ = stream.set_nodelay(true);
                 (handshake(stream).await.map_err(http)?, addr.as_str())
             }
+            Endpoint::Https(addr) => {
+                let stream = tokio::net::TcpStream::connect(addr.as_str())
+                    .await
+                    .map_err(connect)?;
+                let _ = stream.set_nodelay(true);
+                let name = server_name(addr).map_err(connect)?;
+                let config = match &self.tls {
+                    Some(c) => c.clone(),
+                    None => SYSTEM_TLS
+                        .get_or_init(|| tls_config(system_roots()))
+                        .clone(),
+                };
+                let stream = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, stream)
+                    .await
+                    .map_err(connect)?;
+                (handshake(stream).await.map_err(http)?, addr.as_str())
+            }
         };
         let bad = |detail: String| ClientError::Protocol {
             request: format!("{method} {path}"),
@@ -516,6 +569,45 @@ impl Client {
         let response = sender.send_request(request).await.map_err(http)?;
         Ok((response, sender))
     }
+}
+
+/// The client TLS configuration of the system's roots, made once.
+static SYSTEM_TLS: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+
+/// The roots of the system's certificate store (none if it cannot be read: a server is
+/// then trusted only through a CA given to the client).
+fn system_roots() -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    let _ = roots.add_parsable_certificates(found.certs);
+    roots
+}
+
+/// rustls's safe defaults (TLS 1.2 and 1.3) with `roots`, speaking HTTP/1.1.
+fn tls_config(roots: rustls::RootCertStore) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|_| {
+            // The ring provider supports the default versions; this is never reached.
+            rustls::ClientConfig::builder_with_protocol_versions(rustls::DEFAULT_VERSIONS)
+        });
+    let mut config = builder.with_root_certificates(roots).with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// The name the server's certificate must carry: the host of `host:port` (a DNS name or an
+/// IP address, `[v6]` without its brackets).
+fn server_name(addr: &str) -> Result<rustls::pki_types::ServerName<'static>, io::Error> {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{host:?} is not a host name: {e}"),
+        )
+    })
 }
 
 /// The HTTP/1.1 handshake on a new connection, whose task then drives it.

@@ -6,8 +6,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-/// A CA and a server certificate for 127.0.0.1 it signed, as PEM files in `dir`; the CA
-/// certificate's DER, for clients to trust.
+/// A CA and a server certificate for 127.0.0.1 it signed, as PEM files in `dir`
+/// (`ca.pem`, `cert.pem`, `key.pem`); the CA certificate's DER, for clients to trust.
 pub fn certificates(dir: &std::path::Path) -> Vec<u8> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
     let ca_key = KeyPair::generate().expect("CA key");
@@ -23,6 +23,7 @@ pub fn certificates(dir: &std::path::Path) -> Vec<u8> {
     let cert = server.signed_by(&key, &issuer).expect("server certificate");
     std::fs::write(dir.join("cert.pem"), cert.pem()).expect("cert.pem");
     std::fs::write(dir.join("key.pem"), key.serialize_pem()).expect("key.pem");
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).expect("ca.pem");
     ca_cert.der().to_vec()
 }
 

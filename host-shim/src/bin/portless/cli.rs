@@ -59,6 +59,8 @@ pub const SOCKET_ENV: &str = "PORTLESS_SOCKET";
 pub const URL_ENV: &str = "PORTLESS_URL";
 /// The environment variable that holds the bearer token for `--url`.
 pub const TOKEN_ENV: &str = "PORTLESS_TOKEN";
+/// The environment variable that names the CA file for an `https://` `--url`.
+pub const CA_ENV: &str = "PORTLESS_CA";
 
 /// Exit code for errors of Portless or of the caller that are not about a remote program.
 pub const EXIT_ERROR: u8 = 1;
@@ -119,10 +121,30 @@ where
         std::env::var_os(name)
     }) {
         Ok((endpoint, token)) => {
-            let client = Client::at(endpoint);
-            match token {
-                Some(token) => client.with_token(token),
-                None => client,
+            let ca = cli.ca.clone().or_else(|| {
+                std::env::var_os(CA_ENV)
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            });
+            let https = matches!(endpoint, portless_api::Endpoint::Https(_));
+            let mut client = Client::at(endpoint);
+            if let Some(token) = token {
+                client = client.with_token(token);
+            }
+            match ca {
+                Some(path) if https => {
+                    match std::fs::read(&path)
+                        .map_err(|e| e.to_string())
+                        .and_then(|pem| client.with_ca_pem(&pem))
+                    {
+                        Ok(c) => c,
+                        Err(e) => {
+                            eprintln!("portless: --ca {}: {e}", path.display());
+                            return ExitCode::from(EXIT_USAGE);
+                        }
+                    }
+                }
+                _ => client,
             }
         }
         Err(e) => {

@@ -11,16 +11,23 @@ use super::*;
     after_help = "The daemon's socket is --socket PATH, else $PORTLESS_SOCKET, else \
                   /run/portless/portless.sock. With --url (or $PORTLESS_URL) the CLI talks \
                   to a daemon's TCP listener or to a control plane instead, presenting the \
-                  bearer token in $PORTLESS_TOKEN."
+                  bearer token in $PORTLESS_TOKEN; an https:// URL's certificate must chain to \
+                  a root of the system's store or to --ca FILE (or $PORTLESS_CA)."
 )]
 pub struct Cli {
     /// The daemon's API socket [default: $PORTLESS_SOCKET, else /run/portless/portless.sock].
     #[arg(long, global = true, value_name = "PATH", conflicts_with = "url")]
     pub socket: Option<PathBuf>,
-    /// A daemon's TCP listener or a control plane, as `http://HOST:PORT` [default:
-    /// $PORTLESS_URL]; the bearer token comes from $PORTLESS_TOKEN.
+    /// A daemon's TCP listener or a control plane, as `http://HOST:PORT` or
+    /// `https://HOST:PORT` [default: $PORTLESS_URL]; the bearer token comes from
+    /// $PORTLESS_TOKEN.
     #[arg(long, global = true, value_name = "URL")]
     pub url: Option<String>,
+    /// PEM file of the CA that signed an https:// server's certificate (or the
+    /// certificate itself, if self-signed), trusted beside the system's roots [default:
+    /// $PORTLESS_CA].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
     /// Print JSON for scripts instead of tables for people.
     #[arg(long, global = true)]
     pub json: bool,
@@ -279,20 +286,23 @@ pub fn resolve_endpoint(
             None,
         ));
     };
-    let addr = match url.strip_prefix("http://") {
-        Some(rest) => rest.trim_end_matches('/'),
-        None if url.starts_with("https://") => {
-            return Err(format!(
-                "{url}: this CLI speaks plain HTTP only; reach a TLS listener through a \
-                 TLS-terminating tunnel on loopback"
-            ));
-        }
-        None => url.trim_end_matches('/'),
+    let (tls, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(rest), _) => (false, rest),
+        (None, Some(rest)) => (true, rest),
+        (None, None) => (false, url.as_str()),
     };
+    let addr = rest.trim_end_matches('/');
     if addr.is_empty() || addr.contains('/') || !addr.contains(':') {
-        return Err(format!("{url}: expected http://HOST:PORT"));
+        return Err(format!(
+            "{url}: expected http://HOST:PORT or https://HOST:PORT"
+        ));
     }
-    Ok((Endpoint::Tcp(addr.to_owned()), text(TOKEN_ENV)))
+    let endpoint = if tls {
+        Endpoint::Https(addr.to_owned())
+    } else {
+        Endpoint::Tcp(addr.to_owned())
+    };
+    Ok((endpoint, text(TOKEN_ENV)))
 }
 
 /// The daemon's socket: `--socket`, else `$PORTLESS_SOCKET` (when set and not empty), else

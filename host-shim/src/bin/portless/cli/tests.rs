@@ -630,3 +630,43 @@ fn text_from_guests_and_callers_is_shown_with_its_control_characters_escaped() {
     assert!(!table.contains('\u{1b}'), "{table:?}");
     assert!(table.contains("agent\\u{1b}]0;title\\u{7}"), "{table}");
 }
+
+#[test]
+fn urls_name_plain_or_tls_endpoints_and_bad_ones_are_refused() {
+    let none = |_: &str| None::<OsString>;
+    let token = |name: &str| (name == "PORTLESS_TOKEN").then(|| OsString::from("t"));
+    assert_eq!(
+        cli::resolve_endpoint(None, Some("http://127.0.0.1:7433/"), token),
+        Ok((
+            portless_api::Endpoint::Tcp("127.0.0.1:7433".into()),
+            Some("t".into())
+        ))
+    );
+    assert_eq!(
+        cli::resolve_endpoint(None, Some("https://control.example:7440"), none),
+        Ok((
+            portless_api::Endpoint::Https("control.example:7440".into()),
+            None
+        ))
+    );
+    assert_eq!(
+        cli::resolve_endpoint(None, Some("10.0.0.1:7433"), none),
+        Ok((portless_api::Endpoint::Tcp("10.0.0.1:7433".into()), None))
+    );
+    for bad in ["https://", "http://host", "https://h:1/v1", "ftp"] {
+        assert!(
+            cli::resolve_endpoint(None, Some(bad), none).is_err(),
+            "{bad}"
+        );
+    }
+    // --socket wins over a URL in the environment.
+    let url = |name: &str| (name == "PORTLESS_URL").then(|| OsString::from("https://x:1"));
+    assert!(matches!(
+        cli::resolve_endpoint(Some(Path::new("/s")), None, url),
+        Ok((portless_api::Endpoint::Unix(_), None))
+    ));
+    assert_eq!(
+        cli::resolve_endpoint(None, None, url).map(|r| r.0),
+        Ok(portless_api::Endpoint::Https("x:1".into()))
+    );
+}
