@@ -7,8 +7,9 @@
 //! One command is fanned out to every VM. Reported: the submit, the time until every
 //! invocation was claimed and until the last was final, invocations per second,
 //! PostgreSQL's CPU and bytes (WAL, and database growth) per invocation, a host's claim
-//! latency, and the latency of `GET /v1/executions/{id}` (what `portless status` asks)
-//! while the fan-out runs.
+//! latency, and, while the fan-out runs, the latency of `GET /v1/executions/{id}` (what
+//! `portless status` asks) and of the console's page of that execution (its shell and
+//! record, with a session cookie that the database resolves).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -299,6 +300,25 @@ async fn main() -> Result<()> {
     let size0 = sql("SELECT pg_database_size('fleet')")?;
     let cpu0 = postgres_cpu(postmaster);
     let client = Client::at(Endpoint::Tcp(addr.to_string())).with_token(TOKEN);
+    // A console session (kept in the database), logged in with the token as a person would.
+    let browser = Client::at(Endpoint::Tcp(addr.to_string()));
+    let origin = format!("http://{addr}");
+    let login = browser
+        .raw(
+            "POST",
+            "/console/login",
+            &[
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("origin", &origin),
+            ],
+            format!("token={TOKEN}").into_bytes(),
+        )
+        .await?;
+    let cookie = login
+        .header("set-cookie")
+        .and_then(|c| c.split(';').next())
+        .context("the console's login gave no cookie")?
+        .to_owned();
 
     let t0 = Instant::now();
     let answer = client
@@ -320,22 +340,34 @@ async fn main() -> Result<()> {
         bail!("{} invocations, not {total}", answer.executions.len());
     }
     let probe_id = answer.executions[total / 2].id.context("an id")?;
-    // `portless status` of one invocation, every 100 ms while the fan-out runs.
+    // `portless status` of one invocation, and the console's page of it (its shell and
+    // the record, with the session cookie), every 100 ms while the fan-out runs.
     let probing = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let probe = {
         let client = client.clone();
         let probing = probing.clone();
         tokio::spawn(async move {
-            let mut times = Vec::new();
+            let (mut status, mut page) = (Vec::new(), Vec::new());
+            let us = |s: Instant| u64::try_from(s.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let with_cookie = [("cookie", cookie.as_str())];
+            let record = format!("/v1/executions/{probe_id}");
             // Ordering: Relaxed: a flag; the probe only has to stop eventually.
             while probing.load(Ordering::Relaxed) {
                 let s = Instant::now();
                 if client.execution(probe_id).await.is_ok() {
-                    times.push(u64::try_from(s.elapsed().as_micros()).unwrap_or(u64::MAX));
+                    status.push(us(s));
+                }
+                let s = Instant::now();
+                let shell = browser
+                    .raw("GET", "/console/", &with_cookie, Vec::new())
+                    .await;
+                let rec = browser.raw("GET", &record, &with_cookie, Vec::new()).await;
+                if matches!((&shell, &rec), (Ok(a), Ok(b)) if a.status == 200 && b.status == 200) {
+                    page.push(us(s));
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            times
+            (status, page)
         })
     };
     let mut dispatched = None;
@@ -367,7 +399,7 @@ async fn main() -> Result<()> {
     };
     // Ordering: Relaxed: see the probe.
     probing.store(false, Ordering::Relaxed);
-    let mut status_us = probe.await?;
+    let (mut status_us, mut page_us) = probe.await?;
     let cpu = postgres_cpu(postmaster) - cpu0;
     let wal: f64 = sql(&format!("SELECT pg_current_wal_lsn() - '0/0' - {wal0}"))?
         .parse()
@@ -436,6 +468,15 @@ async fn main() -> Result<()> {
                 median(&mut status_us) as f64 / 1000.0,
                 status_us.iter().max().copied().unwrap_or(0) as f64 / 1000.0,
                 status_us.len()
+            ),
+        ),
+        (
+            "the console's execution page (shell and record, session in the database) while it ran (median, max)",
+            format!(
+                "{:.1} ms, {:.1} ms ({} samples)",
+                median(&mut page_us) as f64 / 1000.0,
+                page_us.iter().max().copied().unwrap_or(0) as f64 / 1000.0,
+                page_us.len()
             ),
         ),
     ];
