@@ -116,7 +116,37 @@ pub(crate) fn parse_seconds(args: &[String], default: u64) -> Result<u64> {
     }
 }
 
-/// Prints a step banner so that CI logs show where time goes.
+/// The steps begun so far: each one's name and when it began.
+static STEPS: std::sync::Mutex<Vec<(String, std::time::Instant)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Prints a step banner so that CI logs show where time goes; the step before it is
+/// reported with how long it took.
 pub(crate) fn step(name: &str) {
+    let now = std::time::Instant::now();
+    let mut steps = STEPS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((last, began)) = steps.last() {
+        println!("\n(`{last}` took {:.0?})", now.duration_since(*began));
+    }
+    steps.push((name.to_owned(), now));
     println!("\n==> {name}");
+}
+
+/// Prints how long each step took, slowest first (the last one ends now).
+pub(crate) fn step_times() {
+    let now = std::time::Instant::now();
+    let steps = STEPS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut took: Vec<(std::time::Duration, &str)> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, (name, began))| {
+            let end = steps.get(i + 1).map_or(now, |(_, next)| *next);
+            (end.duration_since(*began), name.as_str())
+        })
+        .collect();
+    took.sort_by(|a, b| b.0.cmp(&a.0));
+    println!("\nsteps, slowest first:");
+    for (d, name) in took {
+        println!("{:>8.1} s  {name}", d.as_secs_f64());
+    }
 }

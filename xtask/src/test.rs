@@ -131,10 +131,11 @@ pub(crate) fn run(sh: &Shell, opts: &Options) -> Result<()> {
     }
 
     if !opts.quick {
-        step("fuzzing (30 s per target)");
-        crate::fuzz::run(sh, 30)?;
+        step("fuzzing (20 s per target)");
+        crate::fuzz::run(sh, 20)?;
     }
 
+    crate::step_times();
     println!("\nall checks passed in {:.0?}", started.elapsed());
     Ok(())
 }
