@@ -29,6 +29,7 @@ mod client;
 pub mod daemon;
 pub mod events;
 pub mod executions;
+pub mod feed;
 pub mod fleet;
 pub mod session;
 pub mod stream;

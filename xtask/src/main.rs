@@ -124,7 +124,9 @@ static STEPS: std::sync::Mutex<Vec<(String, std::time::Instant)>> =
 /// reported with how long it took.
 pub(crate) fn step(name: &str) {
     let now = std::time::Instant::now();
-    let mut steps = STEPS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut steps = STEPS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some((last, began)) = steps.last() {
         println!("\n(`{last}` took {:.0?})", now.duration_since(*began));
     }
@@ -135,7 +137,9 @@ pub(crate) fn step(name: &str) {
 /// Prints how long each step took, slowest first (the last one ends now).
 pub(crate) fn step_times() {
     let now = std::time::Instant::now();
-    let steps = STEPS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let steps = STEPS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut took: Vec<(std::time::Duration, &str)> = steps
         .iter()
         .enumerate()

@@ -10,7 +10,6 @@
 //! execution it follows has ended and no VM states were asked for; otherwise when the
 //! client goes away or the daemon stops.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,11 +17,9 @@ use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
-use portless_api::events::FOLLOW_CHUNK;
+use portless_api::feed::{Feed, FeedSource, Gone};
 use portless_api::stream::{KEEP_ALIVE_S, RETRY_MS};
-use portless_api::{
-    Cursor, EventsRequest, ExecState, ExecutionId, Position, Stream, StreamEvent, VmInfo,
-};
+use portless_api::{EventsRequest, ExecutionId, ExecutionRecord, Stream, VmInfo};
 use tokio::sync::{broadcast, mpsc};
 
 use super::identify::Peer;
@@ -68,16 +65,12 @@ pub(super) async fn events(
     tokio::spawn(async move {
         // Counted against the principal for as long as the stream lives.
         let _slot = slot;
-        let mut feed = Feed {
+        let source = Source {
             app: &app,
             principal: &principal,
-            tx: &tx,
-            vms: ask.vms,
-            sent_vms: BTreeMap::new(),
-            cursor,
-            states: BTreeMap::new(),
         };
-        let _ = feed.run().await;
+        let mut feed = Feed::new(&tx, ask.vms, cursor);
+        let _ = run(&source, &mut feed).await;
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
@@ -92,9 +85,6 @@ pub(super) async fn events(
         .into_response())
 }
 
-/// The client went away (or the daemon stops): the stream ends.
-struct Gone;
-
 /// What woke a stream up.
 enum Wake {
     /// Time to compare everything with what was sent (or something was missed).
@@ -107,171 +97,93 @@ enum Wake {
     KeepAlive,
 }
 
-/// One stream's state: what was sent.
-struct Feed<'a> {
+/// The daemon's side of a stream: its VMs and records, as one principal sees them.
+struct Source<'a> {
     app: &'a Arc<App>,
     principal: &'a Principal,
-    tx: &'a mpsc::Sender<Result<Bytes, std::io::Error>>,
-    vms: bool,
-    /// The VMs as last sent, without their heartbeat age (which changes all the time).
-    sent_vms: BTreeMap<String, VmInfo>,
-    /// Where each execution is.
-    cursor: Cursor,
-    /// The state each execution was last sent in.
-    states: BTreeMap<ExecutionId, ExecState>,
 }
 
-impl Feed<'_> {
-    async fn send(&self, text: String) -> Result<(), Gone> {
-        self.tx.send(Ok(Bytes::from(text))).await.map_err(|_| Gone)
+impl FeedSource for Source<'_> {
+    async fn vms(&self) -> Result<Vec<VmInfo>, ()> {
+        Ok(super::vms::visible_vms(self.app, self.principal))
     }
 
-    async fn event(&self, event: &StreamEvent, with_cursor: bool) -> Result<(), Gone> {
-        self.send(event.to_sse(with_cursor.then_some(&self.cursor)))
+    async fn record(&self, id: ExecutionId) -> Result<Option<ExecutionRecord>, ()> {
+        read(self.app, move |r| r.execution(id))
             .await
+            .map_err(|_| ())
     }
 
-    async fn run(&mut self) -> Result<(), Gone> {
-        self.send(format!("retry: {RETRY_MS}\n\n")).await?;
-        let mut events = self.app.events.subscribe();
-        let mut stopping = self.app.stopping.clone();
-        let mut rescan = tokio::time::interval(VM_RESCAN);
-        let mut keep_alive = tokio::time::interval(Duration::from_secs(KEEP_ALIVE_S));
-        keep_alive.tick().await;
-        let mut wake = Wake::Rescan;
-        loop {
-            match wake {
-                Wake::Rescan => {
-                    if self.vms {
-                        self.send_vms(None).await?;
-                    }
-                    if !self.send_executions(None).await? && !self.vms {
-                        return Ok(());
-                    }
-                }
-                Wake::Vm(vm) => self.send_vms(Some(&vm)).await?,
-                Wake::Execution(id) => {
-                    if !self.send_executions(Some(id)).await? && !self.vms {
-                        return Ok(());
-                    }
-                }
-                Wake::KeepAlive => self.send(": keep-alive\n\n".into()).await?,
-            }
-            // Wait for news of what this stream watches; end at once when the client has
-            // gone or the daemon stops.
-            let cursor = &self.cursor;
-            let vms = self.vms;
-            let next = async {
-                loop {
-                    match events.recv().await {
-                        Ok(VmEvent::Output(e) | VmEvent::Finished(e))
-                            if cursor.0.contains_key(&e) =>
-                        {
-                            return Wake::Execution(e);
-                        }
-                        Ok(VmEvent::State(vm)) if vms => return Wake::Vm(vm),
-                        Err(broadcast::error::RecvError::Lagged(_)) => return Wake::Rescan,
-                        Err(broadcast::error::RecvError::Closed) => {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            return Wake::Rescan;
-                        }
-                        Ok(_) => {}
-                    }
-                }
-            };
-            wake = tokio::select! {
-                w = next => w,
-                _ = rescan.tick() => Wake::Rescan,
-                _ = keep_alive.tick() => Wake::KeepAlive,
-                () = self.tx.closed() => return Err(Gone),
-                _ = stopping.wait_for(|s| *s) => return Err(Gone),
-            };
-        }
+    async fn output(
+        &self,
+        id: ExecutionId,
+        stream: Stream,
+        offset: u64,
+        max: usize,
+        _stored: u64,
+    ) -> Result<Vec<u8>, ()> {
+        read(self.app, move |r| r.read_output(id, stream, offset, max))
+            .await
+            .map(|slice| slice.data)
+            .map_err(|_| ())
     }
+}
 
-    /// Sends the VMs (or VM `only`) whose state differs from what was last sent.
-    async fn send_vms(&mut self, only: Option<&str>) -> Result<(), Gone> {
-        for vm in super::vms::visible_vms(self.app, self.principal) {
-            if only.is_some_and(|o| o != vm.name) {
-                continue;
-            }
-            let compared = VmInfo {
-                heartbeat_age_ms: None,
-                ..vm.clone()
-            };
-            if self.sent_vms.get(&vm.name) == Some(&compared) && only.is_none() {
-                continue;
-            }
-            self.sent_vms.insert(vm.name.clone(), compared);
-            self.event(&StreamEvent::Vm(Box::new(vm)), false).await?;
-        }
-        Ok(())
-    }
-
-    /// Sends what is new of every execution not yet ended (or of `only`): its state, its
-    /// output, its end. Whether any is still followed.
-    async fn send_executions(&mut self, only: Option<ExecutionId>) -> Result<bool, Gone> {
-        let ids: Vec<ExecutionId> = self.cursor.0.keys().copied().collect();
-        let mut following = false;
-        for id in ids {
-            if self.cursor.position(id) == Position::Ended {
-                continue;
-            }
-            if only.is_some_and(|o| o != id) {
-                following = true;
-                continue;
-            }
-            // The state is read before the output, so that output that arrives with the
-            // end is still sent before the end.
-            let Ok(Some(rec)) = read(self.app, move |r| r.execution(id)).await else {
-                // Gone from the records (pruned): nothing more can come.
-                self.cursor.0.insert(id, Position::Ended);
-                continue;
-            };
-            if self.states.get(&id) != Some(&rec.state) && !rec.state.is_final() {
-                self.states.insert(id, rec.state);
-                self.event(&StreamEvent::Execution(Box::new(rec.clone())), false)
-                    .await?;
-            }
-            for stream in [Stream::Stdout, Stream::Stderr] {
-                loop {
-                    let from = self.cursor.position(id).offset(stream);
-                    let Ok(slice) = read(self.app, move |r| {
-                        r.read_output(id, stream, from, FOLLOW_CHUNK)
-                    })
-                    .await
-                    else {
-                        break;
-                    };
-                    if slice.data.is_empty() {
-                        break;
-                    }
-                    let len = slice.data.len() as u64;
-                    let (stdout, stderr) = match stream {
-                        Stream::Stdout => {
-                            (from + len, self.cursor.position(id).offset(Stream::Stderr))
-                        }
-                        Stream::Stderr => {
-                            (self.cursor.position(id).offset(Stream::Stdout), from + len)
-                        }
-                    };
-                    self.cursor.0.insert(id, Position::At { stdout, stderr });
-                    let event = StreamEvent::Output {
-                        execution: id,
-                        stream,
-                        offset: from,
-                        data: slice.data,
-                    };
-                    self.event(&event, true).await?;
+/// Feeds the stream until every execution has ended and no VM states were asked for, the
+/// client goes away, or the daemon stops: woken by the drivers' events, and every
+/// [`VM_RESCAN`] in case one was missed.
+async fn run(source: &Source<'_>, feed: &mut Feed<'_>) -> Result<(), Gone> {
+    let app = source.app;
+    feed.send(format!("retry: {RETRY_MS}\n\n")).await?;
+    let mut events = app.events.subscribe();
+    let mut stopping = app.stopping.clone();
+    let mut rescan = tokio::time::interval(VM_RESCAN);
+    let mut keep_alive = tokio::time::interval(Duration::from_secs(KEEP_ALIVE_S));
+    keep_alive.tick().await;
+    let mut wake = Wake::Rescan;
+    loop {
+        match wake {
+            Wake::Rescan => {
+                if feed.vms {
+                    feed.send_vms(source, None).await?;
+                }
+                if !feed.send_executions(source, None).await? && !feed.vms {
+                    return Ok(());
                 }
             }
-            if rec.state.is_final() {
-                self.cursor.0.insert(id, Position::Ended);
-                self.event(&StreamEvent::End(Box::new(rec)), true).await?;
-            } else {
-                following = true;
+            Wake::Vm(vm) => feed.send_vms(source, Some(&vm)).await?,
+            Wake::Execution(id) => {
+                if !feed.send_executions(source, Some(id)).await? && !feed.vms {
+                    return Ok(());
+                }
             }
+            Wake::KeepAlive => feed.send(": keep-alive\n\n".into()).await?,
         }
-        Ok(following)
+        // Wait for news of what this stream watches; end at once when the client has gone
+        // or the daemon stops.
+        let watched = &*feed;
+        let next = async {
+            loop {
+                match events.recv().await {
+                    Ok(VmEvent::Output(e) | VmEvent::Finished(e)) if watched.follows(e) => {
+                        return Wake::Execution(e);
+                    }
+                    Ok(VmEvent::State(vm)) if watched.vms => return Wake::Vm(vm),
+                    Err(broadcast::error::RecvError::Lagged(_)) => return Wake::Rescan,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        return Wake::Rescan;
+                    }
+                    Ok(_) => {}
+                }
+            }
+        };
+        wake = tokio::select! {
+            w = next => w,
+            _ = rescan.tick() => Wake::Rescan,
+            _ = keep_alive.tick() => Wake::KeepAlive,
+            () = watched.closed() => return Err(Gone),
+            _ = stopping.wait_for(|s| *s) => return Err(Gone),
+        };
     }
 }
