@@ -7,10 +7,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::session::Session;
 use common::stack::Stack;
 use portless_api::blocking::Client;
 use portless_api::{Cursor, Endpoint, EventsRequest, ExecutionId, Stream, StreamEvent, VmState};
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// The console listener's address in a login URL.
 fn authority(url: &str) -> String {
@@ -21,47 +22,8 @@ fn authority(url: &str) -> String {
         .to_owned()
 }
 
-struct Browser {
-    client: Client,
-    origin: String,
-    cookie: String,
-}
-
-impl Browser {
-    fn send(&self, method: &str, path: &str, extra: &[(&str, &str)], body: &str) -> (u16, Value) {
-        let mut headers = vec![("cookie", self.cookie.as_str())];
-        headers.extend_from_slice(extra);
-        let r = self
-            .client
-            .raw(method, path, &headers, body.as_bytes().to_vec())
-            .expect("request");
-        let value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
-        (r.status, value)
-    }
-
-    /// The CSRF token the shell page carries.
-    fn csrf(&self) -> String {
-        let r = self
-            .client
-            .raw(
-                "GET",
-                "/console/",
-                &[("cookie", self.cookie.as_str())],
-                Vec::new(),
-            )
-            .expect("shell");
-        assert_eq!(r.status, 200);
-        let page = String::from_utf8_lossy(&r.body).into_owned();
-        let at = page
-            .find("name=\"portless-csrf\" content=\"")
-            .expect("csrf meta")
-            + 30;
-        page[at..at + 64].to_owned()
-    }
-}
-
 /// Logs in on the console listener with a code from `portless console`'s route.
-fn log_in(s: &Stack) -> Browser {
+fn log_in(s: &Stack) -> Session {
     let unix = Client::new(&s.socket).expect("client");
     let code = unix.console_code().expect("code");
     let addr = authority(&code.url);
@@ -87,7 +49,7 @@ fn log_in(s: &Stack) -> Browser {
         .expect("again");
     assert_eq!(again.status, 403);
     assert!(again.header("set-cookie").is_none());
-    Browser {
+    Session {
         client,
         origin,
         cookie,

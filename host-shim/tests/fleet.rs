@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::fleet::{Fleet, TOKEN, VIEWER_TOKEN, free_port, local_count};
+use common::session::Session;
 use common::stack::portless_binary;
 use portless_api::blocking::Client;
 use portless_api::{
@@ -428,50 +429,12 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// A browser's side of a control plane without a browser: its cookie, and the server it
-/// talks to.
-struct Session {
-    client: Client,
-    origin: String,
-    cookie: String,
-}
-
-impl Session {
-    fn send(&self, method: &str, path: &str, extra: &[(&str, &str)], body: &str) -> (u16, Value) {
-        let mut headers = vec![("cookie", self.cookie.as_str())];
-        headers.extend_from_slice(extra);
-        let r = self
-            .client
-            .raw(method, path, &headers, body.as_bytes().to_vec())
-            .expect("request");
-        (
-            r.status,
-            serde_json::from_slice(&r.body).unwrap_or(Value::Null),
-        )
-    }
-
-    /// The same session through the other server.
-    fn on(&self, fleet: &Fleet, i: usize) -> Self {
-        Self {
-            client: Client::at(Endpoint::Tcp(fleet.addrs[i].clone())).expect("client"),
-            origin: format!("http://{}", fleet.addrs[i]),
-            cookie: self.cookie.clone(),
-        }
-    }
-
-    /// The CSRF token the shell page carries.
-    fn csrf(&self) -> String {
-        let r = self
-            .client
-            .raw("GET", "/console/", &[("cookie", &self.cookie)], Vec::new())
-            .expect("shell");
-        assert_eq!(r.status, 200);
-        let page = String::from_utf8_lossy(&r.body).into_owned();
-        let at = page
-            .find("name=\"portless-csrf\" content=\"")
-            .expect("csrf meta")
-            + 30;
-        page[at..at + 64].to_owned()
+/// The same session through server `i`.
+fn on(session: &Session, fleet: &Fleet, i: usize) -> Session {
+    Session {
+        client: Client::at(Endpoint::Tcp(fleet.addrs[i].clone())).expect("client"),
+        origin: format!("http://{}", fleet.addrs[i]),
+        cookie: session.cookie.clone(),
     }
 }
 
@@ -540,7 +503,7 @@ fn the_console_works_through_either_control_plane_server() {
     );
 
     // The session acts for its principal on both servers, as a fleet.
-    let (status, me) = b.on(&fleet, 0).send("GET", "/v1/whoami", &[], "");
+    let (status, me) = on(&b, &fleet, 0).send("GET", "/v1/whoami", &[], "");
     assert_eq!(status, 200, "{me}");
     assert_eq!(
         (me["principal"].as_str(), me["fleet"].as_bool()),
@@ -600,7 +563,7 @@ fn the_console_works_through_either_control_plane_server() {
         "3"
     );
     // With both, it runs; the other server takes the same token (one session).
-    let other = b.on(&fleet, 0);
+    let other = on(&b, &fleet, 0);
     let (status, answer) = other.send(
         "POST",
         "/v1/exec",
@@ -737,7 +700,7 @@ fn the_console_works_through_either_control_plane_server() {
         (r.status, ())
     };
     assert_eq!(status, 303);
-    let (status, body) = b.on(&fleet, 0).send("GET", "/v1/vms", &[], "");
+    let (status, body) = on(&b, &fleet, 0).send("GET", "/v1/vms", &[], "");
     assert_eq!(status, 401, "{body}");
     assert!(
         body["error"].as_str().is_some_and(|e| e.contains("ended")),

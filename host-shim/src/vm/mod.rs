@@ -323,19 +323,8 @@ impl VmHandle {
     fn new(name: &str) -> std::io::Result<(Self, mpsc::Receiver<Request>)> {
         let (tx, rx) = mpsc::channel();
         let status = VmInfo {
-            name: name.to_owned(),
-            labels: std::collections::BTreeMap::new(),
-            channel: String::new(),
             state: VmState::WaitingForAgent,
-            agent_generation: None,
-            agent_software: None,
-            config_revision: None,
-            heartbeat_age_ms: None,
-            agent_restarts: 0,
-            running: 0,
-            cutoffs: 0,
-            last_cutoff: None,
-            violations: 0,
+            ..VmInfo::unknown(name)
         };
         let handle = Self {
             tx,

@@ -6,6 +6,7 @@
 pub mod fleet;
 pub mod hostile;
 pub mod proxy;
+pub mod session;
 pub mod stack;
 pub mod tls;
 pub mod webdriver;
