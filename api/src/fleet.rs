@@ -24,7 +24,7 @@ pub struct HostInfo {
     /// Its software's name and version.
     #[serde(default)]
     pub software: String,
-    /// How many VMs it registered.
+    /// How many of its VMs the caller may see.
     #[serde(default)]
     pub vms: usize,
     /// How many times its daemon registered (started).

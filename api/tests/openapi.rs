@@ -2,19 +2,21 @@
 //! every optional field set (and again with every one unset), serialized, must match the
 //! schema the document gives it, field for field: each property the schema declares is
 //! present, nothing it does not declare is, and every type, enum, constant, bound and array
-//! length agrees. Every JSON answer and request body of every route must be covered by a
-//! type, and each enum of the document must list exactly the type's variants. So a field
-//! added, removed or renamed on either side fails here until the other follows. (That the
-//! document lists exactly the daemon's routes is `host-shim`'s `tests/openapi.rs`.)
+//! length agrees. Every JSON answer and request body of every route, the daemon's and the
+//! control plane's, must be covered by a type, and each enum of the document must list
+//! exactly the type's variants. So a field added, removed or renamed on either side fails
+//! here until the other follows. (That the document lists exactly the routes of each server
+//! is `host-shim`'s `tests/openapi.rs`.)
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use portless_api::{
     AgentCounters, AuditEntry, AuditLog, AuditRecord, CancelResponse, CommandInfo, CommandList,
     ConsoleCode, CutOff, DaemonState, Dispatched, ErrorBody, ExecRequest, ExecResponse, ExecState,
-    ExecutionId, ExecutionList, ExecutionRecord, FollowLine, Limit, Metrics, MetricsResponse,
-    OPENAPI, Param, PingResponse, PushOutcome, PushResponse, Rights, Stream, StreamEvent,
-    StreamTotals, VmInfo, VmList, VmState, Whoami,
+    ExecutionId, ExecutionList, ExecutionRecord, FleetCommand, FleetPush, FollowLine, HostInfo,
+    HostList, Invocation, Limit, Metrics, MetricsResponse, OPENAPI, Param, PingResponse,
+    ProgramInfo, PushOutcome, PushResponse, Rights, Stream, StreamEvent, StreamTotals, VmInfo,
+    VmList, VmState, Whoami,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -306,6 +308,74 @@ fn audit_record(full: bool) -> AuditRecord {
     }
 }
 
+fn host(full: bool) -> HostInfo {
+    HostInfo {
+        name: "rack4-node17".into(),
+        labels: if full {
+            BTreeMap::from([("zone".into(), "eu-1".into())])
+        } else {
+            BTreeMap::new()
+        },
+        online: full,
+        heartbeat_age_ms: 1_500,
+        software: "portless 0.1.0".into(),
+        vms: 3,
+        boots: 2,
+    }
+}
+
+fn fleet_command(full: bool) -> FleetCommand {
+    let invocation = |vm: &str, id: u64, state: ExecState| Invocation {
+        vm: vm.into(),
+        id: ExecutionId(id),
+        state,
+    };
+    FleetCommand {
+        id: 7,
+        principal: "ops".into(),
+        target: "role=web".into(),
+        command: "restart".into(),
+        args: if full {
+            vec!["nginx".into()]
+        } else {
+            Vec::new()
+        },
+        created_at_ms: 1_764_633_600_000,
+        max_concurrency: full.then_some(Limit::Count(2)),
+        max_errors: full.then_some(Limit::Count(0)),
+        active: 1,
+        errors: 1,
+        invocations: vec![
+            invocation("host1/web1", 42, ExecState::Running),
+            invocation("host2/web1", 43, ExecState::Failed),
+        ],
+        states: BTreeMap::from([("running".into(), 1), ("failed".into(), 1)]),
+    }
+}
+
+/// The answer of a control plane to an exec or a push: one invocation per VM, and its
+/// command.
+fn fleet_answer() -> ExecResponse {
+    ExecResponse {
+        executions: vec![
+            Dispatched {
+                vm: "host1/web1".into(),
+                id: Some(ExecutionId(42)),
+                state: ExecState::Pending,
+                error: None,
+            },
+            Dispatched {
+                vm: "host2/web1".into(),
+                id: Some(ExecutionId(43)),
+                state: ExecState::Delayed,
+                error: None,
+            },
+        ],
+        skipped: Vec::new(),
+        command: Some(7),
+    }
+}
+
 /// The samples of each success answer with a JSON (or NDJSON) body, by route.
 fn answers() -> BTreeMap<(&'static str, &'static str, &'static str), Vec<Sample>> {
     let exec = |full: bool| ExecResponse {
@@ -397,6 +467,42 @@ fn answers() -> BTreeMap<(&'static str, &'static str, &'static str), Vec<Sample>
             vec![
                 sample("ExecResponse", &exec(true), true),
                 sample("ExecResponse", &exec(false), false),
+                sample("ExecResponse", &fleet_answer(), true),
+            ],
+        ),
+        (
+            ("get", "/v1/hosts", "200"),
+            vec![
+                sample(
+                    "HostList",
+                    &HostList {
+                        hosts: vec![host(true), host(false)],
+                    },
+                    true,
+                ),
+                sample("HostList", &HostList::default(), true),
+            ],
+        ),
+        (
+            ("post", "/v1/programs", "201"),
+            vec![sample(
+                "ProgramInfo",
+                &ProgramInfo {
+                    sha256: "ab".repeat(32),
+                    size: 120,
+                },
+                true,
+            )],
+        ),
+        (
+            ("post", "/v1/push", "200"),
+            vec![sample("ExecResponse", &fleet_answer(), true)],
+        ),
+        (
+            ("get", "/v1/commands/{id}", "200"),
+            vec![
+                sample("FleetCommand", &fleet_command(true), true),
+                sample("FleetCommand", &fleet_command(false), false),
             ],
         ),
         (
@@ -582,7 +688,7 @@ fn every_answer_matches_its_schema() {
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     assert!(
-        covered.len() >= 13,
+        covered.len() >= 17,
         "only {} answers checked",
         covered.len()
     );
@@ -638,37 +744,77 @@ fn the_event_stream_data_matches_its_schemas() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
+/// The samples of each JSON request body, by route.
+fn bodies() -> BTreeMap<(&'static str, &'static str), Vec<Sample>> {
+    let exec = |full: bool| ExecRequest {
+        target: if full { "role=web" } else { "web1" }.into(),
+        command: "uname".into(),
+        args: if full { vec!["-a".into()] } else { Vec::new() },
+        timeout_ms: full.then_some(5000),
+        max_concurrency: full.then_some(Limit::Count(2)),
+        max_errors: full.then_some(Limit::Percent(10)),
+        idempotency_key: full.then(|| "deploy-1".into()),
+    };
+    let push = |full: bool| FleetPush {
+        target: if full { "host1/*,role=web" } else { "*" }.into(),
+        name: "fix.sh".into(),
+        sha256: "ab".repeat(32),
+        run: full,
+        timeout_ms: full.then_some(5000),
+        max_concurrency: full.then_some(Limit::Percent(25)),
+        max_errors: full.then_some(Limit::Count(1)),
+        idempotency_key: full.then(|| "fix-1".into()),
+    };
+    BTreeMap::from([
+        (
+            ("post", "/v1/exec"),
+            vec![
+                sample("ExecRequest", &exec(true), true),
+                sample("ExecRequest", &exec(false), false),
+            ],
+        ),
+        (
+            ("post", "/v1/push"),
+            vec![
+                sample("FleetPush", &push(true), true),
+                sample("FleetPush", &push(false), false),
+            ],
+        ),
+    ])
+}
+
 #[test]
-fn the_exec_body_matches_its_schema() {
+fn every_request_body_matches_its_schema() {
     let doc = document();
-    let schema =
-        &doc["paths"]["/v1/exec"]["post"]["requestBody"]["content"]["application/json"]["schema"];
-    let full = ExecRequest {
-        target: "role=web".into(),
-        command: "uname".into(),
-        args: vec!["-a".into()],
-        timeout_ms: Some(5000),
-        max_concurrency: Some(Limit::Count(2)),
-        max_errors: Some(Limit::Percent(10)),
-        idempotency_key: Some("deploy-1".into()),
-    };
-    let sparse = ExecRequest {
-        target: "web1".into(),
-        command: "uname".into(),
-        args: Vec::new(),
-        timeout_ms: None,
-        max_concurrency: None,
-        max_errors: None,
-        idempotency_key: None,
-    };
+    let mut samples = bodies();
     let mut problems = Vec::new();
-    for (s, strict) in [
-        (sample("ExecRequest", &full, true), true),
-        (sample("ExecRequest", &sparse, false), false),
-    ] {
-        problems.extend(check(&doc, schema, &s.json, "POST /v1/exec body", strict));
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("path item") {
+            let content = op["requestBody"]["content"].as_object();
+            for (media, c) in content.into_iter().flatten() {
+                if !media.contains("json") {
+                    continue;
+                }
+                let at = format!("{} {path} body ({media})", method.to_uppercase());
+                let Some(list) = samples.remove(&(method.as_str(), path.as_str())) else {
+                    problems.push(format!("{at}: no type of the crate is checked against it"));
+                    continue;
+                };
+                for s in list {
+                    let place = format!("{at} as {}", s.what);
+                    problems.extend(check(&doc, &c["schema"], &s.json, &place, s.full));
+                }
+            }
+        }
+    }
+    for key in samples.keys() {
+        problems.push(format!("{key:?}: a sample for a body the document lacks"));
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn the_bodies_read_what_their_schemas_allow() {
     // What the schema allows, the type reads: absent fields and zero fractions.
     let minimal: ExecRequest =
         serde_json::from_str(r#"{"target":"web1","command":"uname","timeout_ms":5000.0}"#)
@@ -677,6 +823,13 @@ fn the_exec_body_matches_its_schema() {
     assert!(
         serde_json::from_str::<ExecRequest>(r#"{"target":"a","command":"b","timeout_ms":1.5}"#)
             .is_err()
+    );
+    let minimal: FleetPush =
+        serde_json::from_str(r#"{"target":"*","name":"fix.sh","sha256":"ab","extra":1}"#)
+            .expect("a minimal push");
+    assert_eq!(
+        (minimal.run, minimal.timeout_ms, minimal.idempotency_key),
+        (false, None, None)
     );
 }
 

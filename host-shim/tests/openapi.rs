@@ -1,7 +1,11 @@
-//! `openapi.json` against the code: the document parses, lists exactly the (method, path)
-//! pairs that `http::router` registers (scanned from the text of `src/http/mod.rs`, so a route added,
-//! removed or renamed there fails here until the document follows), declares every path
-//! parameter of its templates, and resolves every `$ref`.
+//! `openapi.json` against the code: the document parses; every operation names the servers
+//! that serve it in `x-portless-servers` (`daemon`, `control` or both); the operations a
+//! server is named for are exactly the (method, path) pairs its router registers (the
+//! daemon's `http::router`, scanned from the text of `src/http/mod.rs`, and the control
+//! plane's `router`, scanned from the text of that function in
+//! `fleet/src/control/routes.rs`), so a route added, removed or renamed there fails here
+//! until the document follows; and the document declares every path parameter of its
+//! templates, and resolves every `$ref`.
 
 use std::collections::BTreeSet;
 
@@ -9,8 +13,31 @@ use serde_json::Value;
 
 /// The document, as `portless-api` ships it.
 const DOCUMENT: &str = portless_api::OPENAPI;
-/// The source of the router.
-const API_SOURCE: &str = include_str!("../src/http/mod.rs");
+/// The source of the daemon's router.
+const DAEMON_SOURCE: &str = include_str!("../src/http/mod.rs");
+/// The source of the control plane's router (its `router` function).
+const CONTROL_SOURCE: &str = include_str!("../../fleet/src/control/routes.rs");
+
+/// A server of the API, as `x-portless-servers` names it, and where its routes are.
+struct Server {
+    name: &'static str,
+    file: &'static str,
+    /// The text the routes are scanned from.
+    routes: fn() -> &'static str,
+}
+
+const SERVERS: [Server; 2] = [
+    Server {
+        name: "daemon",
+        file: "host-shim/src/http/mod.rs",
+        routes: || DAEMON_SOURCE,
+    },
+    Server {
+        name: "control",
+        file: "fleet/src/control/routes.rs",
+        routes: || function_text(CONTROL_SOURCE, "router"),
+    },
+];
 
 /// The HTTP methods an OpenAPI path item can hold, which are also axum's method routers.
 const METHODS: [&str; 8] = [
@@ -21,30 +48,45 @@ fn document() -> Value {
     serde_json::from_str(DOCUMENT).expect("openapi.json is JSON")
 }
 
+/// The text of the bracketed group whose opening bracket (`open_char`, closed by
+/// `close_char`) is at `open` in `s`, without the brackets.
+fn group(s: &str, open: usize, open_char: char, close_char: char) -> &str {
+    let mut depth = 0usize;
+    for (i, c) in s[open..].char_indices() {
+        if c == open_char {
+            depth += 1;
+        } else if c == close_char {
+            depth -= 1;
+            if depth == 0 {
+                return &s[open + 1..open + i];
+            }
+        }
+    }
+    panic!("unbalanced {open_char}{close_char} after byte {open}");
+}
+
 /// The text of the call whose opening parenthesis is at `open` in `s`, without the
 /// parentheses.
 fn call_args(s: &str, open: usize) -> &str {
-    let mut depth = 0usize;
-    for (i, c) in s[open..].char_indices() {
-        match c {
-            '(' => depth += 1,
-            ')' => {
-                depth -= 1;
-                if depth == 0 {
-                    return &s[open + 1..open + i];
-                }
-            }
-            _ => {}
-        }
-    }
-    panic!("unbalanced parentheses after byte {open} of http/mod.rs");
+    group(s, open, '(', ')')
 }
 
-/// The (method, path) pairs of every `.route("path", get(h).post(h2))` in `src/http/mod.rs`.
-fn routes_in_source() -> BTreeSet<(String, String)> {
+/// The body of the function `name` in `source`, without its braces.
+fn function_text(source: &'static str, name: &str) -> &'static str {
+    let at = source
+        .find(&format!("fn {name}("))
+        .unwrap_or_else(|| panic!("no function {name} in the source"));
+    let open = at + source[at..].find('{').expect("the function's body");
+    group(source, open, '{', '}')
+}
+
+/// The (method, path) pairs of every `.route("path", get(h).post(h2))` of a server's
+/// router.
+fn routes_in_source(server: &Server) -> BTreeSet<(String, String)> {
+    let source = (server.routes)();
     let mut routes = BTreeSet::new();
-    for (at, _) in API_SOURCE.match_indices(".route(") {
-        let args = call_args(API_SOURCE, at + ".route".len());
+    for (at, _) in source.match_indices(".route(") {
+        let args = call_args(source, at + ".route".len());
         let rest = args.trim_start();
         let rest = rest
             .strip_prefix('"')
@@ -71,9 +113,10 @@ fn routes_in_source() -> BTreeSet<(String, String)> {
                     if depth == 0 {
                         assert!(
                             METHODS.contains(&word.as_str()),
-                            "route {path}: method router `{word}(..)` is not one this test \
-                             knows (any, on, ...): describe it in openapi.json and teach the \
-                             test"
+                            "{}: route {path}: method router `{word}(..)` is not one this \
+                             test knows (any, on, ...): describe it in openapi.json and teach \
+                             the test",
+                            server.file
                         );
                         let pair = (word.clone(), path.to_owned());
                         assert!(routes.insert(pair), "route {word} {path} registered twice");
@@ -108,6 +151,26 @@ fn routes_in_document(doc: &Value) -> BTreeSet<(String, String)> {
     routes
 }
 
+/// The servers an operation's `x-portless-servers` names.
+fn servers_of(op: &Value) -> Vec<&str> {
+    op["x-portless-servers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|s| s.as_str().unwrap_or("(not a string)"))
+        .collect()
+}
+
+/// The (method, path) pairs of the operations that `x-portless-servers` says `server`
+/// serves.
+fn routes_of_server(doc: &Value, server: &str) -> BTreeSet<(String, String)> {
+    routes_in_document(doc)
+        .into_iter()
+        .filter(|(method, path)| servers_of(&doc["paths"][path][method]).contains(&server))
+        .collect()
+}
+
 /// What a `$ref` of this document points at.
 fn resolve<'a>(doc: &'a Value, reference: &str) -> &'a Value {
     let pointer = reference
@@ -138,17 +201,52 @@ fn the_document_is_openapi_3_1() {
 }
 
 #[test]
-fn the_document_lists_exactly_the_routes_of_the_router() {
-    let code = routes_in_source();
-    assert!(code.len() >= 10, "the scan found too few routes: {code:?}");
-    let doc = routes_in_document(&document());
-    let missing: Vec<_> = code.difference(&doc).collect();
-    let extra: Vec<_> = doc.difference(&code).collect();
-    assert!(
-        missing.is_empty() && extra.is_empty(),
-        "openapi.json is out of step with http::router: routes missing from the document: \
-         {missing:?}; routes in the document the router does not have: {extra:?}"
-    );
+fn every_operation_names_its_servers() {
+    let doc = document();
+    let known: Vec<&str> = SERVERS.iter().map(|s| s.name).collect();
+    for (method, path) in routes_in_document(&doc) {
+        let servers = servers_of(&doc["paths"][&path][&method]);
+        assert!(
+            !servers.is_empty(),
+            "{method} {path}: no x-portless-servers (an array of {known:?})"
+        );
+        for (i, s) in servers.iter().enumerate() {
+            assert!(
+                known.contains(s),
+                "{method} {path}: x-portless-servers names {s:?}, not one of {known:?}"
+            );
+            assert!(
+                !servers[..i].contains(s),
+                "{method} {path}: x-portless-servers names {s:?} twice"
+            );
+        }
+    }
+}
+
+#[test]
+fn each_server_is_named_for_exactly_the_routes_of_its_router() {
+    let doc = document();
+    let mut problems = Vec::new();
+    for server in &SERVERS {
+        let code = routes_in_source(server);
+        assert!(
+            code.len() >= 10,
+            "{}: the scan found too few routes: {code:?}",
+            server.file
+        );
+        let documented = routes_of_server(&doc, server.name);
+        let missing: Vec<_> = code.difference(&documented).collect();
+        let extra: Vec<_> = documented.difference(&code).collect();
+        if !missing.is_empty() || !extra.is_empty() {
+            problems.push(format!(
+                "openapi.json is out of step with the router of {}: routes of the router no \
+                 operation with {:?} in its x-portless-servers has: {missing:?}; operations \
+                 with {:?} that the router does not have: {extra:?}",
+                server.file, server.name, server.name
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
 #[test]
@@ -179,11 +277,16 @@ fn every_operation_declares_its_path_parameters_and_errors() {
             responses.keys().any(|s| s.starts_with('2')),
             "{method} {path}: no success response"
         );
-        // Every route authorizes its caller (and so can refuse it) and audits the decision.
-        assert!(
-            responses.contains_key("403"),
-            "{method} {path}: no 403 response"
-        );
+        // Every route identifies and authorizes its caller (and so can refuse it) and audits
+        // the decision: a daemon refuses with 403; a control plane refuses a caller it cannot
+        // identify with 401.
+        let servers = servers_of(op);
+        for (server, status) in [("daemon", "403"), ("control", "401")] {
+            assert!(
+                !servers.contains(&server) || responses.contains_key(status),
+                "{method} {path}: served by the {server} but no {status} response"
+            );
+        }
         assert!(
             op["x-portless-audit"]["action"].is_string(),
             "{method} {path}: no audit action"

@@ -148,7 +148,7 @@ pub(crate) fn step_times() {
             (end.duration_since(*began), name.as_str())
         })
         .collect();
-    took.sort_by(|a, b| b.0.cmp(&a.0));
+    took.sort_by_key(|t| std::cmp::Reverse(t.0));
     println!("\nsteps, slowest first:");
     for (d, name) in took {
         println!("{:>8.1} s  {name}", d.as_secs_f64());

@@ -86,6 +86,31 @@ fn install(sh: &Shell, root: &Path) -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// The document as a daemon serves it: the operations whose `x-portless-servers` names
+/// `daemon` (the control plane's own routes left out), as JSON text.
+fn daemon_document(text: &str) -> Result<String> {
+    let mut doc: serde_json::Value = serde_json::from_str(text).context("api/openapi.json")?;
+    let paths = doc["paths"]
+        .as_object_mut()
+        .context("api/openapi.json has no paths")?;
+    for item in paths.values_mut() {
+        if let Some(item) = item.as_object_mut() {
+            item.retain(|_, op| {
+                op.get("x-portless-servers")
+                    .and_then(serde_json::Value::as_array)
+                    .is_none_or(|servers| servers.iter().any(|s| s == "daemon"))
+            });
+        }
+    }
+    paths.retain(|_, item| {
+        item.as_object().is_some_and(|ops| {
+            ops.values()
+                .any(|op| op.get("x-portless-servers").is_some())
+        })
+    });
+    Ok(serde_json::to_string_pretty(&doc)?)
+}
+
 /// A loopback port that was free a moment ago.
 fn free_port() -> Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
@@ -202,7 +227,8 @@ pub(crate) fn run(sh: &Shell) -> Result<()> {
             .context("starting portless-agent")?,
     );
     wait_ready(port, &dir)?;
-    let document = root.join("api/openapi.json");
+    let document = dir.join("daemon-openapi.json");
+    std::fs::write(&document, daemon_document(portless_api::OPENAPI)?)?;
     let url = format!("http://127.0.0.1:{port}");
     let auth = format!("Authorization: Bearer {TOKEN}");
     let examples = MAX_EXAMPLES.to_string();

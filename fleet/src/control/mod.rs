@@ -48,6 +48,8 @@ pub struct Control {
     pub console: Arc<portless_console::Console>,
     /// The long-lived streams (follow, events) each principal holds open on this server.
     streams: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// The program bodies being taken in (`routes::MAX_UPLOADS_IN_FLIGHT` at most).
+    uploads: tokio::sync::Semaphore,
 }
 
 /// Long-lived streams (`follow`, `events`) one principal may hold open on one server: each
@@ -298,6 +300,7 @@ impl Control {
             store,
             console: Arc::new(console),
             streams: std::sync::Mutex::default(),
+            uploads: tokio::sync::Semaphore::new(routes::MAX_UPLOADS_IN_FLIGHT),
         })
     }
 }

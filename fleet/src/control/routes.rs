@@ -46,12 +46,22 @@ pub(super) fn router(control: Arc<Control>) -> axum::Router {
         .route("/v1/exec", post(exec))
         .route(
             "/v1/programs",
-            post(upload).layer(DefaultBodyLimit::max(MAX_PROGRAM + 1)),
+            post(upload)
+                .layer(DefaultBodyLimit::max(MAX_PROGRAM + 1))
+                .layer(axum::middleware::from_fn_with_state(
+                    control.clone(),
+                    upload_slot,
+                )),
         )
         .route("/v1/push", post(push))
         .route(
             "/v1/vms/{vm}/push",
-            post(push_one).layer(DefaultBodyLimit::max(MAX_PROGRAM + 1)),
+            post(push_one)
+                .layer(DefaultBodyLimit::max(MAX_PROGRAM + 1))
+                .layer(axum::middleware::from_fn_with_state(
+                    control.clone(),
+                    upload_slot,
+                )),
         )
         .route("/v1/commands/{id}", get(command))
         .route("/v1/executions", get(list_executions))
@@ -72,6 +82,30 @@ pub(super) fn router(control: Arc<Control>) -> axum::Router {
             super::console::guard,
         ))
         .with_state(control)
+}
+
+/// Programs a server takes in at once (each body is held in memory until it is stored).
+pub(super) const MAX_UPLOADS_IN_FLIGHT: usize = 4;
+
+/// Holds one of the server's [`MAX_UPLOADS_IN_FLIGHT`] upload slots while a request with a
+/// program body is read and handled; with none free, the request is refused (503) before
+/// its body is read.
+async fn upload_slot(
+    State(c): State<Arc<Control>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Ok(_permit) = c.uploads.try_acquire() else {
+        return ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{MAX_UPLOADS_IN_FLIGHT} programs are being taken in by this server: try again \
+                 shortly"
+            ),
+        )
+        .into_response();
+    };
+    next.run(request).await
 }
 
 /// A caller, identified.
@@ -582,15 +616,8 @@ async fn exec(
         )))
         .await);
     }
-    if body
-        .idempotency_key
-        .as_ref()
-        .is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_LEN)
-    {
-        return Err(deny(ApiError::bad(format!(
-            "idempotency_key: 1 to {MAX_KEY_LEN} bytes"
-        )))
-        .await);
+    if let Err(e) = check_key(body.idempotency_key.as_deref()) {
+        return Err(deny(e).await);
     }
     if let Err(e) = Target::parse(&body.target) {
         return Err(deny(ApiError::bad(format!("target: {e}"))).await);
@@ -1405,6 +1432,16 @@ async fn upload(
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
+/// An idempotency key is 1 to [`MAX_KEY_LEN`] bytes.
+fn check_key(key: Option<&str>) -> ApiResult<()> {
+    match key {
+        Some(k) if k.is_empty() || k.len() > MAX_KEY_LEN => Err(ApiError::bad(format!(
+            "idempotency_key: 1 to {MAX_KEY_LEN} bytes"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 async fn push(
     State(c): State<Arc<Control>>,
     ConnectInfo(peer): Peer,
@@ -1414,7 +1451,7 @@ async fn push(
     let caller = c.identify(peer, &headers, "push").await?;
     let audit_target = format!("{}:{}", body.target, body.name);
     c.may_push(&caller, "push", &audit_target).await?;
-    if let Err(e) = check_program_name(&body.name) {
+    if let Err(e) = check_program_name(&body.name).and(check_key(body.idempotency_key.as_deref())) {
         return Err(c.deny(&caller, "push", Some(&audit_target), e).await);
     }
     let client = c.store.client().await?;
