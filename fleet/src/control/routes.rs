@@ -353,15 +353,40 @@ impl Control {
         id: u64,
     ) -> ApiResult<ExecutionRecord> {
         let target = id.to_string();
-        let found = self.record(id).await?;
-        let visible = match &found {
-            Some(rec) => {
-                let (host, vm) = rec.vm.split_once('/').unwrap_or(("", ""));
-                caller.principal.may_read(rec)
-                    && caller.principal.may_access(&self.fleet_vm(host, vm).await?)
+        // The record and the labels its VM has now, in one round trip.
+        let found = match i64::try_from(id) {
+            Err(_) => None,
+            Ok(id) => {
+                let client = self.store.client().await?;
+                client
+                    .query_opt(
+                        &format!(
+                            "SELECT {RECORD_COLUMNS}, v.labels, h.labels FROM invocations i \
+                             LEFT JOIN vms v ON v.host = i.host AND v.name = i.vm \
+                             LEFT JOIN hosts h ON h.name = i.host WHERE i.id = $1"
+                        ),
+                        &[&id],
+                    )
+                    .await?
             }
-            None => false,
         };
+        let visible = found.as_ref().is_some_and(|r| {
+            let rec = record_of(r);
+            let vm = FleetVm {
+                host: r.get(2),
+                name: r.get(3),
+                labels: match (
+                    r.get::<_, Option<serde_json::Value>>(RECORD_FIELDS + 1),
+                    r.get::<_, Option<serde_json::Value>>(RECORD_FIELDS),
+                ) {
+                    (Some(host), Some(own)) => merged_labels(&host, &own),
+                    // A VM no longer registered has no labels.
+                    _ => BTreeMap::new(),
+                },
+            };
+            caller.principal.may_read(&rec) && caller.principal.may_access(&vm)
+        });
+        let found = found.as_ref().map(record_of);
         match found {
             Some(rec) if visible => {
                 self.allowed(caller, action, Some(&target)).await;
@@ -408,6 +433,23 @@ fn merged_labels(host: &serde_json::Value, vm: &serde_json::Value) -> BTreeMap<S
     labels.extend(own);
     labels
 }
+
+/// How many columns [`RECORD_COLUMNS`] names (checked when compiling).
+const RECORD_FIELDS: usize = 21;
+
+const fn columns(list: &str) -> usize {
+    let bytes = list.as_bytes();
+    let (mut i, mut n) = (0, 1);
+    while i < bytes.len() {
+        if bytes[i] == b',' {
+            n += 1;
+        }
+        i += 1;
+    }
+    n
+}
+
+const _: () = assert!(columns(RECORD_COLUMNS) == RECORD_FIELDS);
 
 const RECORD_COLUMNS: &str = "i.id, i.principal, i.host, i.vm, i.command, i.args, i.state, \
     i.requested_at_ms, i.started_at_ms, i.finished_at_ms, i.duration_ms, i.exit_code, \

@@ -4,7 +4,9 @@
 //!
 //! The rules are [`portless_console::Sessions`]'s: a code works once until it expires, a
 //! session ends when logged out, idle too long or too old, and secrets are kept only as
-//! their SHA-256. The budgets are kept when a code or session is added: what has lapsed is
+//! their SHA-256. One difference: a request marks its session as used only when the mark
+//! is older than a sixteenth of the idle time (30 s at most), so that a busy console does
+//! not write a row on every request. The budgets are kept when a code or session is added: what has lapsed is
 //! deleted, and past `max_codes` (`max_sessions`) the oldest code (the least recently used
 //! session) makes room, so the tables never hold more than the budget and the servers
 //! adding at that moment.
@@ -32,6 +34,13 @@ impl DbSessions {
 
     fn max_ms(&self) -> i64 {
         i64::try_from(self.settings.max.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// How stale a session's `last_seen` may be before a request marks it again: a
+    /// sixteenth of the idle time, at most 30 s (so a session in use ends at most that much
+    /// before `idle` after its last request).
+    fn touch_ms(&self) -> i64 {
+        (self.idle_ms() / 16).min(30_000)
     }
 
     /// Keeps a session or code of `budget` (at least 1) rows' worth of room.
@@ -169,23 +178,38 @@ impl SessionStore for DbSessions {
         Box::pin(async move {
             let key = digest(id).to_vec();
             let (idle, max) = (self.idle_ms(), self.max_ms());
+            let touch = self.touch_ms();
             let run = async {
                 let client = self.store.client().await?;
+                // Read first: most requests of a session find it marked as used a moment
+                // ago, and a read costs the database no write.
                 let row = client
                     .query_opt(
-                        "UPDATE console_sessions SET last_seen = now() \
-                         WHERE id_sha256 = $1 \
+                        "SELECT principal, csrf, tag, \
+                           last_seen < now() - $4::bigint * interval '1 millisecond' \
+                         FROM console_sessions WHERE id_sha256 = $1 \
                            AND last_seen > now() - $2::bigint * interval '1 millisecond' \
-                           AND opened_at > now() - $3::bigint * interval '1 millisecond' \
-                         RETURNING principal, csrf, tag",
-                        &[&key, &idle, &max],
+                           AND opened_at > now() - $3::bigint * interval '1 millisecond'",
+                        &[&key, &idle, &max, &touch],
                     )
                     .await?;
-                if row.is_none() {
-                    // Lapsed (or never was): dropped, as the memory store does.
-                    client
-                        .execute("DELETE FROM console_sessions WHERE id_sha256 = $1", &[&key])
-                        .await?;
+                match &row {
+                    Some(r) if r.get::<_, bool>(3) => {
+                        client
+                            .execute(
+                                "UPDATE console_sessions SET last_seen = now() \
+                                 WHERE id_sha256 = $1",
+                                &[&key],
+                            )
+                            .await?;
+                    }
+                    Some(_) => {}
+                    None => {
+                        // Lapsed (or never was): dropped, as the memory store does.
+                        client
+                            .execute("DELETE FROM console_sessions WHERE id_sha256 = $1", &[&key])
+                            .await?;
+                    }
                 }
                 Ok::<_, StoreError>(row.as_ref().map(active_of))
             };
