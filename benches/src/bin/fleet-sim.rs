@@ -211,6 +211,16 @@ fn args() -> Result<Args> {
     Ok(a)
 }
 
+/// `median ms, max ms (n samples)` of latencies in microseconds.
+fn median_max(v: &mut [u64]) -> String {
+    format!(
+        "{:.1} ms, {:.1} ms ({} samples)",
+        median(v) as f64 / 1000.0,
+        v.iter().max().copied().unwrap_or(0) as f64 / 1000.0,
+        v.len()
+    )
+}
+
 fn median(v: &mut [u64]) -> u64 {
     v.sort_unstable();
     v.get(v.len() / 2).copied().unwrap_or(0)
@@ -467,30 +477,15 @@ async fn main() -> Result<()> {
         ),
         (
             "GET /v1/executions/{id} while it ran (median, max)",
-            format!(
-                "{:.1} ms, {:.1} ms ({} samples)",
-                median(&mut status_us) as f64 / 1000.0,
-                status_us.iter().max().copied().unwrap_or(0) as f64 / 1000.0,
-                status_us.len()
-            ),
+            median_max(&mut status_us),
         ),
         (
             "the console's page shell, session in the database (median, max)",
-            format!(
-                "{:.1} ms, {:.1} ms ({} samples)",
-                median(&mut shell_us) as f64 / 1000.0,
-                shell_us.iter().max().copied().unwrap_or(0) as f64 / 1000.0,
-                shell_us.len()
-            ),
+            median_max(&mut shell_us),
         ),
         (
             "the console's GET /v1/executions/{id} with its session (median, max)",
-            format!(
-                "{:.1} ms, {:.1} ms ({} samples)",
-                median(&mut record_us) as f64 / 1000.0,
-                record_us.iter().max().copied().unwrap_or(0) as f64 / 1000.0,
-                record_us.len()
-            ),
+            median_max(&mut record_us),
         ),
     ];
     println!("| fleet-sim | |\n| --- | --- |");
