@@ -295,6 +295,16 @@ impl EventsRequest {
         ))
     }
 
+    /// [`start`](Self::start) with the `Last-Event-ID` of a request's `headers`.
+    pub fn start_at(&self, headers: &hyper::HeaderMap) -> Result<Cursor, String> {
+        let last_id = headers
+            .get("last-event-id")
+            .map(|v| v.to_str())
+            .transpose()
+            .map_err(|_| "Last-Event-ID is not text".to_owned())?;
+        self.start(last_id)
+    }
+
     /// The route with its query string.
     pub fn path(&self) -> String {
         let mut q = Vec::new();

@@ -49,12 +49,7 @@ pub(super) async fn events(
     for id in &ask.executions {
         c.readable(&caller, "read_execution", id.0).await?;
     }
-    let last_id = headers
-        .get("last-event-id")
-        .map(|v| v.to_str())
-        .transpose()
-        .map_err(|_| ApiError::bad("Last-Event-ID is not text"))?;
-    let cursor = ask.start(last_id).map_err(ApiError::bad)?;
+    let cursor = ask.start_at(&headers).map_err(ApiError::bad)?;
     let slot = c.stream_slot(&caller.principal.name)?;
     let principal = caller.principal.clone();
     let (tx, rx) = mpsc::channel(16);

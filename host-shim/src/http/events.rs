@@ -53,12 +53,7 @@ pub(super) async fn events(
         app.authorize_execution(&peer, &headers, &Action::ReadExecution, id.0)
             .await?;
     }
-    let last_id = headers
-        .get("last-event-id")
-        .map(|v| v.to_str())
-        .transpose()
-        .map_err(|_| ApiError::bad("Last-Event-ID is not text"))?;
-    let cursor = ask.start(last_id).map_err(ApiError::bad)?;
+    let cursor = ask.start_at(&headers).map_err(ApiError::bad)?;
     let slot = app.follow_slot(principal)?;
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let principal = principal.clone();
